@@ -1,0 +1,202 @@
+"""Text generation with a preallocated KV cache, and the `python -m minigptq.generate` command.
+
+Prefill the (left-padded) prompts once, then one token per step; greedy, temperature, top-k, top-p; stop at EOS or
+max tokens. Timing follows the paper's latency protocol: per-step wall time, synchronised on a GPU, median reported.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .cli import add_debug_flag, run
+from .transformer import KVCache, Transformer
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0                               # time to process the prompts and give the first token
+    step_s: list[float] = field(default_factory=list)    # wall time of every later decode step
+    kv_cache_bytes: int = 0
+
+    @property
+    def median_ms(self) -> float:
+        return 1000 * statistics.median(self.step_s) if self.step_s else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return 1000 / self.median_ms if self.step_s else float("nan")
+
+
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None) -> Tensor:
+    """logits (B, V) -> next tokens (B,). temperature 0 is greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
+             seed: int | None = None, on_step: Callable[[Tensor], None] | None = None
+             ) -> tuple[list[list[int]], GenerationStats]:
+    """Generate up to max_new_tokens for each prompt (token id lists) -> (new tokens per prompt, stats).
+
+    Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output).
+    on_step(tokens (B,)) is called with each new token, e.g. to stream text.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    ctx_len = model.cfg.max_positions
+    T0 = max(len(p) for p in prompts)
+    if T0 >= ctx_len:
+        raise ValueError(f"the prompt has {T0} tokens but the model's context is {ctx_len}; shorten it")
+    if T0 + max_new_tokens > ctx_len:
+        print(f"note: max_new_tokens lowered from {max_new_tokens} to {ctx_len - T0} to fit the context of "
+              f"{ctx_len}", file=sys.stderr)
+        max_new_tokens = ctx_len - T0
+    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    B, S = len(prompts), T0 + max_new_tokens
+    tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S): real tokens, False for left padding
+    for b, p in enumerate(prompts):
+        tokens[b, T0 - len(p):] = torch.tensor(p, device=device)
+        valid[b, T0 - len(p):] = True
+    padded = not bool(valid[:, :T0].all())
+    cache = KVCache(model.cfg, B, S, dtype, device)
+    gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    stats = GenerationStats(kv_cache_bytes=cache.nbytes)
+
+    sync()
+    t = time.perf_counter()
+    logits = model(tokens, cache, 0, valid[:, :T0] if padded else None, last_only=True)  # (B, 1, V)
+    nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+    sync()
+    stats.prefill_s = time.perf_counter() - t
+
+    out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    eos = torch.tensor(eos_ids or [-1], device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        out[:, i] = nxt
+        done |= torch.isin(nxt, eos)
+        if on_step is not None:
+            on_step(nxt)
+        if i == max_new_tokens - 1 or bool(done.all()):
+            break
+        t = time.perf_counter()
+        logits = model(nxt[:, None], cache, T0 + i, valid[:, :T0 + i + 1] if padded else None)  # (B, 1, V)
+        nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        sync()
+        stats.step_s.append(time.perf_counter() - t)
+    result = []
+    for row in out[:, :i + 1].tolist():
+        cut = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
+        result.append(row[:cut])
+    return result, stats
+
+
+class TextStream:
+    """Prints the text of new tokens as they come (batch 1), holding back incomplete UTF-8 characters."""
+
+    def __init__(self, tokenizer, prompt: list[int], eos_ids, file=sys.stdout):
+        self.tok, self.anchor, self.eos, self.file = tokenizer, prompt[-4:], set(eos_ids), file
+        self.ids: list[int] = []
+        self.shown = 0
+        self.base = len(tokenizer.decode(self.anchor))  # decode with context so leading spaces survive
+
+    def __call__(self, nxt: Tensor) -> None:
+        tok = int(nxt[0])
+        if tok in self.eos:
+            self.eos = set()  # nothing after EOS
+            self.ids.append(None)
+            return
+        if None in self.ids:
+            return
+        self.ids.append(tok)
+        text = self.tok.decode(self.anchor + self.ids)[self.base:]
+        if not text.endswith("\ufffd"):
+            print(text[self.shown:], end="", flush=True, file=self.file)
+            self.shown = len(text)
+
+
+def main(args: argparse.Namespace) -> None:
+    from .loader import load_model, weight_bytes
+    from .tokenizer import load_tokenizer
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
+    dtype = args.dtype or ("fp32" if device.type == "cpu" else "fp16")
+    model = load_model(args.model, dtype=dtype, device=device)
+    tok = load_tokenizer(args.model)
+    prompts = [tok.encode(p) for p in args.prompt]
+    eos = tuple(dict.fromkeys(tok.eos_ids + model.cfg.eos_token_ids))
+    stream = TextStream(tok, prompts[0], eos) if len(prompts) == 1 and not args.quiet else None
+    if stream:
+        print(args.prompt[0], end="", flush=True)
+    new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                          eos, tok.pad_id, args.seed, on_step=stream)
+    if stream:
+        print()
+    else:
+        for p, n in zip(args.prompt, new):
+            print(p + tok.decode(n))
+    n_tok = sum(len(n) for n in new)
+    print(f"\n[{type(model.layers[0].attn.o).__name__}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
+          f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
+          f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
+          f" ({stats.tokens_per_s:.1f} tokens/s per sequence)", file=sys.stderr)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigptq.generate",
+                                description="Generate text from a Hugging Face checkpoint folder (full precision or "
+                                            "GPTQ) with minigptq's own model code and a KV cache.")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer)")
+    p.add_argument("--prompt", required=True, action="append",
+                   help="prompt text; repeat the flag for a batch of prompts (left-padded)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="activation / full-precision weight dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
+    add_debug_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    run(main, parser())

@@ -1,0 +1,303 @@
+"""Load Hugging Face checkpoint folders into minigptq's own transformer, with no transformers dependency.
+
+- config.json -> ModelConfig through the architecture registry (minigptq/arch).
+- Weights from model.safetensors or a sharded model.safetensors.index.json, memory-mapped by a small reader that
+  validates the header (sizes, offsets, dtypes) before trusting it; pytorch_model.bin only through
+  torch.load(weights_only=True), which never runs pickled code.
+- The model is built on the meta device and the checkpoint's tensors are assigned in place: no random init.
+- GPTQ checkpoints: every linear whose `<prefix>.qweight` is present becomes a QuantLinear.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .arch import Arch, get_arch
+from .config import ModelConfig, read_json
+from .transformer import Transformer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+# safetensors dtype tags -> (torch dtype, bytes per element)
+ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+             "BOOL": torch.bool}
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec's own limit on the JSON header
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; valid: fp32, fp16, bf16")
+    return DTYPES[name]
+
+
+class SafetensorsFile:
+    """One .safetensors file: header validated up front, tensors memory-mapped (copy-on-write) on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+            n = int.from_bytes(head, "little")
+            if n > min(MAX_HEADER, size - 8):
+                raise ValueError(f"{path}: header length {n} exceeds the file ({size} bytes); truncated or corrupt")
+            try:
+                header = json.loads(f.read(n).decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{path}: safetensors header is not valid JSON ({e}); corrupt file") from None
+            if not isinstance(header, dict):
+                raise ValueError(f"{path}: safetensors header is not a JSON object; corrupt file")
+            self.metadata = header.pop("__metadata__", None) or {}
+            self.entries = {name: self._check(name, info, size - 8 - n) for name, info in header.items()}
+            spans = sorted((b, e, name) for name, (_, _, b, e) in self.entries.items() if e > b)
+            for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
+                if b1 < e0:
+                    raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file; corrupt file")
+            self.base = 8 + n
+            self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
+
+    def _check(self, name, info, data_len):
+        ok = isinstance(info, dict) and info.get("dtype") in ST_DTYPES and isinstance(info.get("shape"), list) \
+            and all(isinstance(s, int) and s >= 0 for s in info["shape"]) \
+            and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
+            and all(isinstance(o, int) for o in info["data_offsets"])
+        if not ok:
+            raise ValueError(f"{self.path}: bad header entry for tensor {name!r}: {str(info)[:200]}")
+        dtype, shape = ST_DTYPES[info["dtype"]], info["shape"]
+        b, e = info["data_offsets"]
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        if not 0 <= b <= e <= data_len or e - b != nbytes:
+            raise ValueError(f"{self.path}: tensor {name!r} {info['dtype']}{shape} claims bytes [{b}, {e}) but "
+                             f"needs {nbytes} within a data section of {data_len} bytes; truncated or corrupt")
+        return dtype, tuple(shape), b, e
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get(self, name: str) -> Tensor:
+        dtype, shape, b, e = self.entries[name]
+        if e == b:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(self.mm, dtype=dtype, count=math.prod(shape), offset=self.base + b).view(shape)
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint folder: its config, quantization config and (lazily read) tensors."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"model folder {str(path)!r} does not exist (expected a folder with config.json "
+                                    f"and model.safetensors)")
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path}/config.json not found: is {str(path)!r} a Hugging Face checkpoint?")
+        self.hf_config = read_json(self.path / "config.json")
+        if "model_type" not in self.hf_config:
+            raise ValueError(f"{self.path}/config.json has no 'model_type'")
+        self.arch: Arch = get_arch(self.hf_config["model_type"])
+        try:
+            self.cfg: ModelConfig = self.arch.config_from_hf(self.hf_config)
+        except KeyError as e:
+            raise ValueError(f"{self.path}/config.json lacks the field {e.args[0]!r} that "
+                             f"{self.hf_config['model_type']} needs") from None
+        self.quant = read_quant_config(self.path)
+        self._opened: dict[str, object] = {}  # file name -> SafetensorsFile / _DictFile
+        self._where = self._index()  # tensor name -> file name
+
+    def _index(self) -> dict[str, str]:
+        p = self.path
+        for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            if (p / index_name).is_file():
+                weight_map = read_json(p / index_name).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise ValueError(f"{p / index_name} has no 'weight_map' object")
+                return weight_map
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (p / name).is_file():
+                return {k: name for k in self._open(name).keys()}
+        raise FileNotFoundError(f"no weights in {p}: expected model.safetensors, model.safetensors.index.json, "
+                                f"or pytorch_model.bin")
+
+    def _open(self, fname: str):
+        files = self._opened
+        if fname not in files:
+            f = self.path / fname
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} (named in the checkpoint's index) does not exist")
+            if fname.endswith(".safetensors"):
+                files[fname] = SafetensorsFile(f)
+            else:  # weights_only: tensors only, never arbitrary pickled objects (no code runs on load)
+                try:
+                    sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as e:  # torch raises several types for bad pickles; report them all the same way
+                    raise ValueError(f"{f}: not a loadable weights-only PyTorch file ({type(e).__name__}: "
+                                     f"{str(e)[:200]})") from None
+                files[fname] = _DictFile(sd)
+        return files[fname]
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> Tensor:
+        return self._open(self._where[name]).get(name)
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+
+class _DictFile:
+    def __init__(self, sd: dict):
+        self.sd = {k: v for k, v in sd.items() if isinstance(v, Tensor)}
+
+    def keys(self):
+        return self.sd.keys()
+
+    def get(self, name):
+        return self.sd[name]
+
+
+def read_quant_config(path: Path) -> dict | None:
+    """The GPTQ settings of a checkpoint, or None if it is not quantized (gptq-format.md lists where they live)."""
+    for name in ("quantize_config.json", "quant_config.json"):
+        if (path / name).is_file():
+            q = read_json(path / name)
+            break
+    else:
+        q = read_json(path / "config.json").get("quantization_config")
+        if q is None:
+            return None
+    method = q.get("quant_method", "gptq")
+    if method != "gptq":
+        raise ValueError(f"{path}: quantization method {method!r} is not supported; only GPTQ checkpoints are")
+    fmt = q.get("checkpoint_format", q.get("format", "gptq"))
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"{path}: checkpoint_format {fmt!r} is not supported; valid: gptq, gptq_v2")
+    bits = q.get("bits")
+    if bits not in (2, 3, 4, 8):
+        raise ValueError(f"{path}: quantization bits={bits!r} is not supported; valid: 2, 3, 4, 8")
+    gs = q.get("group_size", -1)
+    if not isinstance(gs, int) or gs == 0 or gs < -1:
+        raise ValueError(f"{path}: group_size={gs!r} is invalid; valid: -1 or a positive integer")
+    return dict(q, bits=bits, group_size=gs, sym=q.get("sym", True), desc_act=q.get("desc_act", False),
+                checkpoint_format=fmt)
+
+
+# -- building the model ---------------------------------------------------------------------------------------------
+
+def internal_to_hf(ckpt: Checkpoint) -> dict[str, str]:
+    """Internal module path -> HF module path for this checkpoint's architecture and depth."""
+    return {ours: hf for hf, ours in ckpt.arch.module_map(ckpt.cfg.num_layers).items()}
+
+
+def build_empty(ckpt: Checkpoint) -> Transformer:
+    """The model on the meta device, with QuantLinear where the checkpoint holds packed weights."""
+    with torch.device("meta"):
+        model = Transformer(ckpt.cfg)
+    if ckpt.quant is not None:
+        to_hf = internal_to_hf(ckpt)
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, nn.Linear) and ckpt.has(to_hf.get(name, "?") + ".qweight"):
+                set_module(model, name, quant_linear_like(mod, ckpt, to_hf[name] + ".scales"))
+    return model
+
+
+def quant_linear_like(linear: nn.Linear, ckpt: Checkpoint, scales_name: str) -> nn.Module:
+    from .qlinear import QuantLinear
+    q = ckpt.quant
+    with torch.device("meta"):
+        ql = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
+                         bias=linear.bias is not None, dtype=ckpt.get(scales_name).dtype)
+    ql.checkpoint_format = q["checkpoint_format"]
+    return ql
+
+
+def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, leaf = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, new)
+
+
+def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: torch.dtype | None = None,
+              device="cpu") -> None:
+    """Assign the checkpoint's tensors to every parameter/buffer of `model` whose internal name starts with `prefix`.
+
+    Floating tensors are cast to `dtype` (None: keep the checkpoint's); packed GPTQ tensors keep theirs, and
+    scales follow `dtype` only for non-quantized tensors. Missing, unexpected or misshapen tensors raise ValueError.
+    """
+    if ckpt.quant is not None:
+        from .qlinear import QuantLinear
+    else:
+        QuantLinear = ()  # isinstance(x, ()) is always False
+    to_hf = internal_to_hf(ckpt)
+    expected = {}  # internal tensor name -> (module, leaf, shape)
+    for mname, mod in model.named_modules():
+        for leaf, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            full = f"{mname}.{leaf}" if mname else leaf
+            if full.startswith(prefix) and not (full == "lm_head.weight" and ckpt.cfg.tie_word_embeddings):
+                expected[full] = (mod, leaf, tuple(t.shape))
+    wanted_hf = {to_hf[n.rpartition(".")[0]] + "." + n.rpartition(".")[2]: n for n in expected}
+    missing = [hf for hf in wanted_hf if not ckpt.has(hf)]
+    if missing:
+        raise ValueError(f"{ckpt.path}: {len(missing)} tensor(s) missing from the checkpoint: "
+                         f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    hf_prefixes = tuple(h + "." for o, h in to_hf.items() if (o + ".").startswith(prefix) or not prefix)
+    unexpected = [n for n in ckpt.names() if n.startswith(hf_prefixes) and n not in wanted_hf
+                  and not n.endswith(("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias"))
+                  and not (n == "lm_head.weight" and ckpt.cfg.tie_word_embeddings)]
+    if not prefix:
+        unexpected += [n for n in ckpt.names() if not n.startswith(tuple(h + "." for h in to_hf.values()))]
+    if unexpected:
+        raise ValueError(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) in the checkpoint: "
+                         f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    for hf, ours in wanted_hf.items():
+        mod, leaf, shape = expected[ours]
+        t = ckpt.get(hf)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(t.shape)}, expected {list(shape)} "
+                             f"from config.json")
+        keep = isinstance(mod, QuantLinear) and leaf != "bias"
+        if t.is_floating_point() and dtype is not None and not keep:
+            t = t.to(dtype)
+        t = t.to(device)
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+        else:
+            mod._buffers[leaf] = t
+    if ckpt.cfg.tie_word_embeddings and "lm_head.weight".startswith(prefix):
+        model.lm_head.weight = model.embed.weight
+    for name, mod in model.named_modules():
+        if isinstance(mod, QuantLinear) and name.startswith(prefix.rstrip(".")):
+            mod.post_load()
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu") -> Transformer:
+    """Load a checkpoint folder (full precision or GPTQ) -> Transformer in eval mode, on `device`.
+
+    dtype: fp32/fp16/bf16 for the floating tensors, or None for the checkpoint's own dtype.
+    """
+    ckpt = Checkpoint(path)
+    model = build_empty(ckpt)
+    load_into(model, ckpt, "", parse_dtype(dtype), device)
+    model.checkpoint = ckpt  # keeps the memory maps alive as long as the model
+    return model.eval()
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's tensors (parameters and buffers; shared tensors counted once)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        key = (t.data_ptr(), t.numel())
+        if key not in seen and t.device.type != "meta":
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total

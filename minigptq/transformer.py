@@ -1,0 +1,245 @@
+"""The one decoder-only transformer that Llama, OPT and BLOOM share: block, attention with KV cache, positions.
+
+Architectures differ only through ModelConfig (minigptq/config.py): the norm (RMSNorm / LayerNorm), the positions
+(rotate-half RoPE / learned with OPT's offset of 2 / ALiBi), the MLP (SwiGLU / one activation), biases, fused qkv,
+pre- or post-norm. Module names are the internal ones listed in minigptq/arch/__init__.py.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()  # normalise in fp32 as Llama does, whatever the activation dtype
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+
+
+ACTIVATIONS = {
+    "silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+class KVCache:
+    """Preallocated keys and values of every layer: k, v (layers, B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, kv_heads, T, hd) at slots start..start+T; return all keys/values up to there."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+@dataclass
+class Context:
+    """What every block needs besides its input: built once per forward by Transformer.context()."""
+    mask: Tensor | None       # additive attention bias (B, 1|heads, T, S), or None
+    causal: bool              # let SDPA apply the causal mask itself (full sequence, no padding, no cache prefix)
+    cos: Tensor | None        # RoPE (B, 1, T, head_dim), or None
+    sin: Tensor | None
+    cache: KVCache | None
+    start: int                # cache slot of the first of the T new tokens
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def alibi_slopes(heads: int) -> Tensor:
+    """ALiBi's per-head slopes (Press et al. 2022), with BLOOM's rule for head counts that are not a power of 2."""
+    p = 2 ** math.floor(math.log2(heads))
+    base = 2.0 ** (-8.0 / p)
+    slopes = [base ** (i + 1) for i in range(p)]
+    if p < heads:
+        extra = 2.0 ** (-4.0 / p)  # the interleaved slopes of a model with 2p heads
+        slopes += [extra ** (2 * i + 1) for i in range(heads - p)]
+    return torch.tensor(slopes)  # (heads,)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.h, self.kvh, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d = cfg.hidden_size
+        if cfg.fused_qkv:
+            self.qkv = nn.Linear(d, 3 * self.h * self.hd, bias=cfg.qkv_bias)
+        else:
+            self.q = nn.Linear(d, self.h * self.hd, bias=cfg.qkv_bias)
+            self.k = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
+            self.v = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
+        self.o = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias)
+
+    def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
+        B, T, _ = x.shape
+        if hasattr(self, "qkv"):
+            q, k, v = self.qkv(x).view(B, T, self.h, 3, self.hd).unbind(3)  # BLOOM: per head [q; k; v]
+        else:
+            q = self.q(x).view(B, T, self.h, self.hd)
+            k = self.k(x).view(B, T, self.kvh, self.hd)
+            v = self.v(x).view(B, T, self.kvh, self.hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if ctx.cos is not None:
+            q = q * ctx.cos + rotate_half(q) * ctx.sin
+            k = k * ctx.cos + rotate_half(k) * ctx.sin
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(layer, k, v, ctx.start)  # (B, kv_heads, S, hd)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
+                                           enable_gqa=self.kvh != self.h)  # (B, heads, T, hd)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        if cfg.gated_mlp:
+            self.gate = nn.Linear(d, f, bias=bias)
+        self.up = nn.Linear(d, f, bias=bias)
+        self.down = nn.Linear(f, d, bias=bias)
+        self.act = ACTIVATIONS[cfg.activation]
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(self.gate(x)) * self.up(x) if hasattr(self, "gate") else self.act(self.up(x))
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.pre_norm, self.residual_from_norm = layer, cfg.pre_norm, cfg.residual_from_norm
+        self.attn_norm = make_norm(cfg, cfg.hidden_size)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg, cfg.hidden_size)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, ctx: Context) -> Tensor:
+        # Pre-norm (Llama, BLOOM, most OPT): x + f(norm(x)). Post-norm (OPT-350M): norm(x + f(x)).
+        h = self.attn_norm(x) if self.pre_norm else x
+        x = (h if self.residual_from_norm else x) + self.attn(h, ctx, self.layer)
+        if not self.pre_norm:
+            x = self.attn_norm(x)
+        h = self.mlp_norm(x) if self.pre_norm else x
+        x = (h if self.residual_from_norm else x) + self.mlp(h)
+        if not self.pre_norm:
+            x = self.mlp_norm(x)
+        return x
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, e = cfg.hidden_size, cfg.token_dim
+        self.embed = nn.Embedding(cfg.vocab_size, e)
+        if cfg.positions == "learned":
+            self.embed_pos = nn.Embedding(cfg.max_positions + 2, d)  # OPT reserves positions 0 and 1
+        if cfg.embed_norm:
+            self.embed_norm = make_norm(cfg, e)
+        if e != d:
+            self.proj_in = nn.Linear(e, d, bias=False)
+            self.proj_out = nn.Linear(d, e, bias=False)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        if cfg.final_norm:
+            self.norm = make_norm(cfg, d)
+        self.lm_head = nn.Linear(e, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    # -- pieces the quantization driver calls one at a time ------------------------------------------------------
+    def embed_tokens(self, tokens: Tensor, pos: Tensor) -> Tensor:
+        """tokens, pos (B, T) -> block-0 input (B, T, hidden)."""
+        x = self.embed(tokens)
+        if hasattr(self, "embed_norm"):
+            x = self.embed_norm(x)
+        if hasattr(self, "proj_in"):
+            x = self.proj_in(x)
+        if hasattr(self, "embed_pos"):
+            x = x + self.embed_pos(pos + 2)
+        return x
+
+    def head(self, x: Tensor) -> Tensor:
+        """Last block's output (B, T, hidden) -> logits (B, T, vocab)."""
+        if hasattr(self, "norm"):
+            x = self.norm(x)
+        if hasattr(self, "proj_out"):
+            x = self.proj_out(x)
+        return self.lm_head(x)
+
+    def context(self, B: int, T: int, device, dtype, key_valid: Tensor | None = None,
+                cache: KVCache | None = None, start: int = 0) -> tuple[Context, Tensor]:
+        """Masks and positions for T new tokens at cache slots start..start+T -> (Context, pos (B, T)).
+
+        key_valid (B, start+T) marks real tokens (False = left padding); None means all real.
+        """
+        S = start + T
+        if key_valid is None:
+            kpos = torch.arange(S, device=device).expand(B, S)  # (B, S)
+        else:
+            kpos = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # positions skip the padding
+        pos = kpos[:, start:]  # (B, T)
+        cos = sin = mask = None
+        if self.cfg.positions == "rope":
+            hd = self.cfg.head_dim
+            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
+            freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
+            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
+            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        needs_mask = key_valid is not None or self.cfg.positions == "alibi" or (T > 1 and start > 0)
+        if needs_mask:
+            slot = torch.arange(S, device=device)
+            allowed = slot[None, :] <= (start + torch.arange(T, device=device))[:, None]  # (T, S) causal
+            allowed = allowed[None, None].expand(B, 1, T, S)
+            if key_valid is not None:
+                itself = slot[None, :] == (start + torch.arange(T, device=device))[:, None]
+                allowed = allowed & (key_valid[:, None, None, :] | itself)  # padding rows still see themselves
+            mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+            if self.cfg.positions == "alibi":
+                slopes = alibi_slopes(self.cfg.num_heads).to(device)
+                mask = mask + (slopes[None, :, None, None] * kpos[:, None, None, :]).to(dtype)  # (B, H, T, S)
+        causal = mask is None and T > 1
+        return Context(mask, causal, cos, sin, cache, start), pos
+
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, start: int = 0,
+                key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """tokens (B, T) at cache slots start..start+T -> logits (B, T, vocab), or (B, 1, vocab) if last_only."""
+        B, T = tokens.shape
+        dtype = self.embed.weight.dtype
+        ctx, pos = self.context(B, T, tokens.device, dtype, key_valid, cache, start)
+        x = self.embed_tokens(tokens, pos)
+        for block in self.layers:
+            x = block(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)
