@@ -3,9 +3,10 @@
 Public API (imported lazily so that `python -m minigptq.<command>` starts fast):
     load_model(path, dtype=None, device="cpu") -> Transformer   (full precision or GPTQ checkpoints)
     load_tokenizer(path) -> Tokenizer
-    generate(model, prompts, ...) -> (new tokens per prompt, GenerationStats)
+    minigptq.generate.generate(model, prompts, ...) -> (new tokens per prompt, GenerationStats)
+(`minigptq.generate` is also the generation command's module, so import the function from there.)
 """
-__all__ = ["load_model", "load_tokenizer", "generate"]
+__all__ = ["load_model", "load_tokenizer"]
 __version__ = "0.1.0"
 
 
@@ -16,7 +17,4 @@ def __getattr__(name):
     if name == "load_tokenizer":
         from .tokenizer import load_tokenizer
         return load_tokenizer
-    if name == "generate":
-        from .generate import generate
-        return generate
     raise AttributeError(f"module 'minigptq' has no attribute {name!r}")

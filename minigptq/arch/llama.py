@@ -8,9 +8,11 @@ MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 def config_from_hf(d: dict) -> ModelConfig:
-    scaling = d.get("rope_scaling")
-    if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-        raise ValueError(f"rope_scaling {scaling!r} is not supported; only plain RoPE (rope_scaling null) is")
+    # RoPE settings: "rope_theta"/"rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        raise ValueError(f"RoPE scaling {rope!r} is not supported; only plain RoPE (rope_type 'default') is")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
     if d.get("sliding_window") and d.get("use_sliding_window", True) and \
             d["sliding_window"] < d.get("max_position_embeddings", 0) and d["model_type"] == "mistral":
         raise ValueError(f"sliding-window attention (sliding_window={d['sliding_window']}) is not supported")
@@ -29,7 +31,7 @@ def config_from_hf(d: dict) -> ModelConfig:
         norm="rms",
         norm_eps=d.get("rms_norm_eps", 1e-6),
         positions="rope",
-        rope_theta=float(d.get("rope_theta", 10000.0)),
+        rope_theta=float(theta),
         activation=d.get("hidden_act", "silu"),
         gated_mlp=True,
         qkv_bias=qwen2 or bool(d.get("attention_bias", False)),

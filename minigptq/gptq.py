@@ -1,0 +1,186 @@
+"""The GPTQ solver (Frantar et al. 2022, arXiv:2210.17323, Algorithm 1) and the Hessian it needs.
+
+For one linear layer with weight W [N, K] and calibration inputs X, GPTQ looks for quantized Q minimizing
+||WX - QX||^2. Its Hessian is H = 2 X X^T [K, K]. It quantizes the columns of W one at a time, and after each
+one spreads the rounding error over the columns not yet quantized (the OBS update), using rows of the upper
+Cholesky factor of H^-1. Lazy batching applies that update to far-away columns only once per block of B columns.
+
+`gptq(W, H, cfg)` is a pure function: it knows nothing of modules and changes neither W nor H.
+The grid (scale / zero per row and group) comes from minigptq.quantizer. The checkpoint layout of the result
+is in docs/gptq-format.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+from minigptq.quantizer import QuantConfig, QuantResult, dequantize, dequantize_groups, find_params, quantize
+
+__all__ = ["Hessian", "QuantResult", "gptq"]
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    """Full fp32 matmuls: TF32's 10-bit mantissa visibly hurts H and the lazy updates (reference sets this too)."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+class Hessian:
+    """Running H = 2/n * sum over tokens of x x^T [K, K] in fp32; n = tokens seen.
+
+    The 2/n scale does not change the solution; it keeps H's magnitude independent of the amount of data.
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str) -> None:
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [K, K]
+        self.n = 0
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        """Accumulate activations x [..., K] (any leading dims, any float dtype)."""
+        K = self.H.shape[0]
+        if x.shape[-1] != K:
+            raise ValueError(f"activations have {x.shape[-1]} features in the last dim, expected in_features={K}")
+        x = x.detach().reshape(-1, K).to(device=self.H.device, dtype=torch.float32)  # [b, K], b = tokens
+        b = x.shape[0]
+        if b == 0:
+            return
+        self.H *= self.n / (self.n + b)  # rescale the old mean to the new count
+        self.n += b
+        x = math.sqrt(2 / self.n) * x  # [b, K]
+        with _no_tf32():
+            self.H.addmm_(x.T, x)  # H += x^T x  [K, K]
+
+
+def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], None]) -> tuple[Tensor, float]:
+    """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping up to 1.0."""
+    mean_diag = torch.diag(H).mean()
+    while True:
+        Hd = H.clone()  # [K, K]
+        Hd.diagonal().add_(percdamp * mean_diag)  # H[i, i] += percdamp * mean(diag H)   (paper, Step 3)
+        L, info = torch.linalg.cholesky_ex(Hd)  # H = L L^T
+        if info.item() == 0:
+            # H^-1 from L, then its upper factor U (H^-1 = U^T U): row i of U, divided by U[i, i], is the OBS
+            # update for column i given all later columns -- Algorithm 1's Hinv.
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [K, K]
+            if info.item() == 0 and torch.isfinite(U).all():
+                return U, percdamp
+        if percdamp >= 1.0:
+            raise ValueError(
+                "Hessian not positive definite even at percdamp=1.0; the calibration activations may contain "
+                "NaN/Inf, or H was not built as a sum of x x^T"
+            )
+        new = min(percdamp * 10, 1.0)
+        log(f"gptq: Cholesky failed with percdamp={percdamp:g}; retrying with percdamp={new:g}")
+        percdamp = new
+
+
+@torch.no_grad()
+@_no_tf32()
+def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = print) -> QuantResult:
+    """Quantize W [N, K] given its Hessian H [K, K]. Returns codes, grids and the dequantized W.
+
+    Pure: W and H are copied, never modified. Computed on W's device in float32 (float64 if W is float64, which
+    the tests use to compare against a plain reference without rounding noise); results are float32 / int32.
+    `log` receives a message when the damping had to be raised.
+
+    Algorithm 1 of the paper (line numbers ours; the comments below point at them):
+      1  Q <- 0 [N, K];  E <- 0 [N, B]
+      2  Hinv <- Cholesky(H^-1)^T                      (upper factor, of the damped H)
+      3  for i = 0, B, 2B, ...:
+      4      for j = i, ..., i + B - 1:
+      5          Q[:, j] <- quant(W[:, j])
+      6          E[:, j - i] <- (W[:, j] - Q[:, j]) / Hinv[j, j]
+      7          W[:, j:i+B] <- W[:, j:i+B] - E[:, j - i] Hinv[j, j:i+B]
+      8      W[:, i+B:] <- W[:, i+B:] - E Hinv[i:i+B, i+B:]
+    """
+    if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"need W [N, K] and H [K, K]; got W {tuple(W.shape)} and H {tuple(H.shape)}")
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype=dtype, copy=True)  # [N, K] updated in place below
+    H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K]
+    if not torch.isfinite(W).all():
+        raise ValueError("W contains NaN or Inf; cannot quantize")
+    if not torch.isfinite(H).all():
+        raise ValueError("H contains NaN or Inf; the calibration activations may contain NaN/Inf")
+    N, K = W.shape
+    maxq = 2**cfg.bits - 1
+    gs = K if cfg.group_size == -1 else cfg.group_size
+    G = cfg.num_groups(K)
+
+    # Dead inputs (always zero in the calibration data): their weights cannot matter, so set them to 0 and
+    # give H a unit diagonal there, which keeps it invertible.
+    dead = torch.diag(H) == 0  # [K]
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    # Grids computed up front: static_groups (every group on the unpermuted W), and group_size = -1 (one grid
+    # per row over all of W, as in the reference). Otherwise each group's grid is found when the solver reaches it.
+    scales = torch.zeros(G, N, dtype=dtype, device=W.device)  # [G, N]
+    zeros = torch.zeros(G, N, dtype=dtype, device=W.device)  # [G, N]
+    upfront = cfg.static_groups or cfg.group_size == -1
+    if upfront:
+        for g in range(G):
+            scales[g], zeros[g] = find_params(W[:, g * gs : (g + 1) * gs], cfg.bits, cfg.sym, cfg.mse)
+
+    # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
+    # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
+    if cfg.act_order:
+        perm = torch.sort(torch.diag(H), descending=True, stable=True).indices  # [K]
+    else:
+        perm = torch.arange(K, device=W.device)  # [K]
+    invperm = torch.argsort(perm)  # [K]
+    W = W[:, perm]  # [N, K] in processing order
+    H = H[perm][:, perm]  # [K, K]
+    # group_of[j]: group of the j-th processed column. Dynamic groups are consecutive in processing order;
+    # static groups belong to the original column.
+    group_of = (perm // gs).tolist() if upfront else [j // gs for j in range(K)]
+
+    Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
+    codes = torch.zeros_like(W)  # [N, K] integer codes (as floats), processing order
+    loss = torch.zeros((), dtype=dtype, device=W.device)
+
+    # Block boundaries (line 3: i = 0, B, 2B, ...), plus every dynamic group start: after a
+    # block's lazy update all later columns are up to date, so a group's grid is then found from the fully
+    # error-compensated W[:, c:c+gs]. (The reference instead reads stale columns for groups starting mid-block,
+    # which makes its result depend on B.)
+    starts = set(range(0, K, cfg.blocksize)) | (set() if upfront else set(range(0, K, gs)))
+    bounds = sorted(starts) + [K]
+    for i1, i2 in zip(bounds[:-1], bounds[1:]):
+        if not upfront and i1 % gs == 0:
+            scales[i1 // gs], zeros[i1 // gs] = find_params(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.mse)
+        W1 = W[:, i1:i2].clone()  # [N, b] the block, updated column by column
+        Err1 = torch.zeros_like(W1)  # [N, b] E: scaled quantization errors of the block (line 1)
+        Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
+        for i in range(i2 - i1):  # line 4 (j = i1 + i)
+            w = W1[:, i]  # [N] current column, already error-compensated
+            d = Hinv1[i, i]
+            g = group_of[i1 + i]
+            q = quantize(w, scales[g], zeros[g], maxq)  # [N] codes (line 5)
+            codes[:, i1 + i] = q
+            err = (w - dequantize(q, scales[g], zeros[g])) / d  # [N] (line 6)
+            W1[:, i + 1 :] -= err[:, None] * Hinv1[None, i, i + 1 :]  # update the rest of the block (line 7)
+            Err1[:, i] = err
+        # Lazy batch update of all later columns at once (line 8): W[:, i2:] -= E Hinv[block, i2:].
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # [N, K - i2]
+        # The paper's objective: sum (w - q)^2 / d^2 / 2 = 1/2 ||E||^2. Summed over the layer it equals
+        # 1/2 tr((W-Q) H (W-Q)^T) for the damped H exactly, since W - Q = E Hinv and Hinv H Hinv^T = I.
+        loss += Err1.square().sum() / 2
+
+    # Back to the original column order; weight is rebuilt from what is returned, so the two agree bit for bit.
+    qweight = codes[:, invperm].to(torch.int32)  # [N, K]
+    g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)[invperm]  # [K]
+    scales = scales.to(torch.float32)  # [G, N]
+    zeros = zeros.to(torch.int32)  # [G, N]
+    weight = dequantize_groups(qweight, scales, zeros, g_idx)  # [N, K]
+    return QuantResult(qweight, scales, zeros, g_idx, weight, float(loss), percdamp)
