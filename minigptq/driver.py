@@ -1,0 +1,172 @@
+"""The layer-by-layer quantization driver: one loop for every architecture (GPTQ paper, section 4 and Algorithm 1's
+outer loop; shared/docs/algorithm-notes.md "Sequential driver").
+
+    inputs of block 0 <- embeddings of the calibration windows
+    for each block:
+        load its full-precision weights (only this block's; freed after)
+        for each true-sequential group of linears (arch.sequential), e.g. [q,k,v] -> [o] -> [up,gate] -> [down]:
+            run the block on every window, accumulating H = 2/n sum X X^T at the group's input
+            (the forward stops right there: nothing after the group is needed yet)
+            solve each linear of the group with GPTQ (minigptq/gptq.py) or RTN, pack it (QuantLinear),
+            and put the *packed* weights back so later groups and blocks see exactly what the checkpoint holds
+        run the block with its quantized weights -> inputs of the next block
+The finished block's tensors go to the resumable work folder (minigptq/checkpoint.py).
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import PartialRun
+from .gptq import Hessian, gptq
+from .loader import Checkpoint, build_empty, internal_to_hf, load_into
+from .pack import can_pack
+from .qlinear import QuantLinear
+from .quantizer import QuantConfig, rtn
+
+
+class _StopForward(Exception):
+    """Raised by the Hessian hook: the rest of the block is not needed for this group."""
+
+
+def _hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], ctx) -> Hessian:
+    """Run the block on every window until the group's input is seen; accumulate its Hessian."""
+    H = Hessian(linears[0].in_features, xs[0].device)
+
+    def hook(_mod, args):
+        H.add(args[0])
+        raise _StopForward
+
+    handles = [lin.register_forward_pre_hook(hook) for lin in linears]  # members share their input: first one wins
+    try:
+        for x in xs:
+            try:
+                block(x, ctx)
+            except _StopForward:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return H
+
+
+def _block_tensors(block: nn.Module, prefix_map: dict[str, str], i: int, skip: set[str], dtype) -> dict[str, Tensor]:
+    """Full-precision tensors of block i that are not quantized, under their HF names, in the output dtype."""
+    out = {}
+    for name, t in list(block.named_parameters()) + list(block.named_buffers()):
+        module, _, leaf = name.rpartition(".")
+        if module in skip:
+            continue
+        out[f"{prefix_map[f'layers.{i}.{module}']}.{leaf}"] = t.detach().to(dtype)
+    return out
+
+
+def _progress(text: str) -> None:
+    end = "\r" if sys.stderr.isatty() else "\n"
+    print(f"\x1b[2K{text}" if sys.stderr.isatty() else text, end=end, file=sys.stderr, flush=True)
+
+
+@torch.inference_mode()
+def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
+                        device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print) -> dict:
+    """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
+
+    Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
+    (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
+    """
+    if ckpt.quant is not None:
+        raise ValueError(f"{ckpt.path} is already a GPTQ checkpoint; quantize the full-precision model instead")
+    device = torch.device(device)
+    model = build_empty(ckpt)
+    to_hf = internal_to_hf(ckpt)
+    for name, _ in model.named_children():  # everything outside the blocks, in fp32 for the computation
+        if name != "layers":
+            load_into(model, ckpt, name, torch.float32, device)
+    n, T = calib.shape
+    ctx, pos = model.context(1, T, device, torch.float32)
+    xs = [model.embed_tokens(calib[j:j + 1].to(device), pos) for j in range(n)]  # n x (1, T, hidden)
+    done = run.done_blocks()
+    L = ckpt.cfg.num_layers
+    t_start = time.perf_counter()
+    for i in range(L):
+        load_into(model, ckpt, f"layers.{i}.", torch.float32, device)
+        block = model.layers[i]
+        if i in done:
+            skip = _replay_block(block, run.load_block(i), to_hf, i, qcfg)
+            log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
+        else:
+            tensors, records, skip = {}, [], set()
+            for group in ckpt.arch.sequential:
+                linears = {name: block.get_submodule(name) for name in group}
+                H = _hessian_pass(block, list(linears.values()), xs, ctx)
+                for name, lin in linears.items():
+                    hf = to_hf[f"layers.{i}.{name}"]
+                    t0 = time.perf_counter()
+                    reason = can_pack(lin.in_features, lin.out_features, qcfg.bits)
+                    if reason:
+                        records.append(dict(block=i, module=hf, method="kept fp16", error=0.0, percdamp=0.0,
+                                            seconds=0.0, reason=reason))
+                        log(f"  {hf}: kept in full precision ({reason})")
+                        continue
+                    res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
+                    ql = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx,
+                                                None if lin.bias is None else lin.bias.to(torch.float16),
+                                                qcfg.bits, qcfg.group_size, dtype=torch.float16)
+                    _use_packed(lin, ql)
+                    tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
+                    skip.add(name)
+                    records.append(dict(block=i, module=hf, method=method, error=float(res.loss),
+                                        percdamp=float(res.percdamp), seconds=time.perf_counter() - t0))
+                    _progress(f"block {i + 1}/{L} {name:<8} err {res.loss:10.4g}  damp {res.percdamp:g}  "
+                              f"{time.perf_counter() - t_start:6.0f}s")
+            tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))
+        nxt = [block(x, ctx) for x in xs]
+        bad = next((j for j, y in enumerate(nxt) if not torch.isfinite(y).all()), None)
+        if bad is not None:
+            raise ValueError(f"non-finite activations (NaN/Inf) at the output of block {i} "
+                             f"({to_hf[f'layers.{i}'] if f'layers.{i}' in to_hf else i}) for calibration window "
+                             f"{bad}; the checkpoint's weights or the chosen dtype overflow")
+        xs = nxt
+        if i not in done:
+            run.save_block(i, tensors, records)
+            errs = [r["error"] for r in records if r["method"] == method]
+            _progress(f"block {i + 1}/{L} done: mean error {sum(errs) / max(len(errs), 1):.4g}, "
+                      f"{time.perf_counter() - t_start:.0f}s")
+            if sys.stderr.isatty():
+                print(file=sys.stderr)
+        model.layers[i] = block.to("meta")  # free this block's weights before loading the next
+    top = {}
+    for name, mod in model.named_children():
+        if name != "layers":
+            for leaf, t in mod.named_parameters():
+                top[f"{to_hf[name]}.{leaf}"] = t.detach().to(out_dtype)
+    if ckpt.cfg.tie_word_embeddings:
+        top.pop("lm_head.weight", None)
+    return top
+
+
+def _use_packed(lin: nn.Linear, ql: QuantLinear) -> None:
+    """Make the fp32 linear compute with exactly the packed checkpoint's weight and (fp16) bias."""
+    lin.weight.copy_(ql.dequantized_weight().to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(ql.bias.to(lin.bias.dtype))
+
+
+def _replay_block(block: nn.Module, saved: dict[str, Tensor], to_hf: dict[str, str], i: int,
+                  qcfg: QuantConfig) -> set[str]:
+    """Put a finished block's saved quantized weights back into its fp32 linears (resume)."""
+    quantized = set()
+    for name, lin in block.named_modules():
+        hf = to_hf.get(f"layers.{i}.{name}")
+        if isinstance(lin, nn.Linear) and f"{hf}.qweight" in saved:
+            ql = QuantLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
+                             bias=lin.bias is not None, dtype=torch.float16)
+            ql.load_state_dict({k[len(hf) + 1:]: v for k, v in saved.items() if k.startswith(hf + ".")})
+            ql.post_load()
+            _use_packed(lin, ql)
+            quantized.add(name)
+    return quantized

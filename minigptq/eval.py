@@ -1,0 +1,73 @@
+"""Perplexity with the paper's protocol, and the `python -m minigptq.eval` command.
+
+Test text joined with "\\n\\n", tokenized once, non-overlapping windows of `seqlen` tokens (2048 or the model's
+context if smaller); ppl = exp(mean negative log-likelihood over every predicted token of every window).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .cli import add_debug_flag, run
+from .data import eval_windows, tokenize_file
+
+
+@torch.inference_mode()
+def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
+    """windows (n, seqlen) of token ids -> perplexity of the model on them."""
+    device = model.embed.weight.device
+    nll, count = 0.0, 0
+    t0 = time.perf_counter()
+    for i, w in enumerate(windows):
+        w = w[None].to(device)  # (1, seqlen)
+        logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
+        nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        count += w.shape[1] - 1
+        if progress:
+            print(f"\r  window {i + 1}/{len(windows)}  ppl {math.exp(nll / count):.3f}  "
+                  f"{time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return math.exp(nll / count)
+
+
+def main(args: argparse.Namespace) -> None:
+    from .loader import load_model
+    from .tokenizer import load_tokenizer
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
+    model = load_model(args.model, dtype=args.dtype or ("fp32" if device.type == "cpu" else "fp16"), device=device)
+    seqlen = min(args.seqlen, model.cfg.max_positions)
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    windows = eval_windows(tokenize_file(args.dataset, load_tokenizer(args.model)), seqlen, args.max_windows)
+    print(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {args.dataset}", file=sys.stderr)
+    ppl = perplexity(model, windows, progress=not args.quiet)
+    print(f"perplexity {ppl:.4f}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigptq.eval",
+                                description="Perplexity of a checkpoint (full precision or GPTQ) on a text file, with "
+                                            "the GPTQ paper's protocol (non-overlapping windows).")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--dataset", required=True, help="test text: a .txt file (lines joined with blank lines, e.g. "
+                                                    "wiki.test.raw) or a .jsonl file with a \"text\" field")
+    p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048, capped at the context)")
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="activation dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_debug_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    run(main, parser())

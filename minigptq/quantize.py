@@ -1,0 +1,147 @@
+"""`python -m minigptq.quantize`: quantize a full-precision checkpoint folder with GPTQ (or RTN) into a GPTQ checkpoint.
+
+See minigptq/driver.py for the layer-by-layer loop and minigptq/gptq.py for the solver.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import PartialRun
+from .cli import add_debug_flag, run
+from .quantizer import QuantConfig
+
+__version__ = "0.1.0"
+
+
+def calibration(args, ckpt, seqlen: int, log) -> torch.Tensor:
+    """Calibration windows (nsamples, seqlen): from --dataset, or sampled from the model itself (data-free)."""
+    from .data import calibration_windows, sample_from_model, tokenize_file
+    from .tokenizer import load_tokenizer
+    tok = load_tokenizer(args.model)
+    if args.dataset:
+        windows = calibration_windows(tokenize_file(args.dataset, tok), args.nsamples, seqlen, args.seed,
+                                      source=str(args.dataset))
+        log(f"calibration: {args.nsamples} random windows of {seqlen} tokens from {args.dataset} (seed {args.seed})")
+        return windows
+    from .loader import load_model
+    log(f"calibration: no --dataset given, so using data-free calibration: sampling {args.nsamples} sequences of "
+        f"{seqlen} tokens from the model itself (seed {args.seed}); this loads the whole model once")
+    model = load_model(args.model, dtype="fp32", device=args.device)
+    torch.manual_seed(args.seed)
+    windows = sample_from_model(model, args.nsamples, seqlen, args.seed, tok.bos_id)
+    del model
+    return windows
+
+
+def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str) -> dict:
+    """quantize_config.json, understood by transformers/optimum, GPTQModel and vLLM (gptq-format.md)."""
+    q = dict(bits=qcfg.bits, group_size=qcfg.group_size, damp_percent=qcfg.percdamp, desc_act=qcfg.act_order,
+             static_groups=qcfg.static_groups, sym=qcfg.sym, true_sequential=True, quant_method="gptq",
+             checkpoint_format="gptq", pack_dtype="int32", lm_head=False,
+             meta=dict(quantizer=[f"minigptq:{__version__}"], method=method, mse=qcfg.mse, blocksize=qcfg.blocksize,
+                       calibration=calib_note))
+    kept = sorted({r["module"] for r in records if r["method"].startswith("kept")})
+    if kept:
+        # Layers the format cannot pack stay nn.Linear. optimum/transformers read modules_in_block_to_quantize
+        # (suffixes of the quantized names); GPTQModel reads "dynamic" rules where "-:regex" means "do not quantize".
+        prefix = re.compile(re.escape(ckpt.arch.layer_prefix).replace(r"\{i\}", r"\d+"))
+        kept_suffix = {prefix.sub("", k, count=1) for k in kept}
+        groups = [[h for h in (_hf(ckpt, n) for n in g) if h not in kept_suffix] for g in ckpt.arch.sequential]
+        q["modules_in_block_to_quantize"] = [g for g in groups if g]
+        q["dynamic"] = {f"-:^{re.escape(k)}$": {} for k in kept}
+    return q
+
+
+def _hf(ckpt, internal: str) -> str:
+    return next(hf for hf, ours in ckpt.arch.layer_names.items() if ours == internal)
+
+
+def main(args: argparse.Namespace) -> None:
+    from .driver import quantize_checkpoint
+    from .loader import Checkpoint, parse_dtype
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    qcfg = QuantConfig(bits=args.bits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
+                       static_groups=args.static_groups, percdamp=args.percdamp, blocksize=args.blocksize,
+                       mse=args.mse)
+    if args.nsamples < 1:
+        raise ValueError(f"--nsamples must be >= 1, got {args.nsamples}")
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
+    ckpt = Checkpoint(args.model)
+    if ckpt.quant is not None:
+        raise ValueError(f"{args.model} is already a GPTQ checkpoint; quantize the full-precision model instead")
+    seqlen = min(args.seqlen, ckpt.cfg.max_positions)
+    out = Path(args.out) if args.out else Path(f"{str(args.model).rstrip('/')}-{args.method}-{args.bits}bit"
+                                               f"{'' if args.groupsize == -1 else f'-g{args.groupsize}'}")
+    settings = dict(model=str(Path(args.model).resolve()), method=args.method, **vars(qcfg),
+                    dataset=str(Path(args.dataset).resolve()) if args.dataset else None, nsamples=args.nsamples,
+                    seqlen=seqlen, seed=args.seed, dtype=args.dtype)
+    partial = PartialRun(out, settings, resume=args.resume, overwrite=args.overwrite)
+    if args.dataset and not Path(args.dataset).is_file():
+        raise FileNotFoundError(f"dataset file {args.dataset!r} does not exist")
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    windows = calibration(args, ckpt, seqlen, log)
+    log(f"quantizing {args.model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {args.method.upper()} "
+        f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
+        f"{', act-order' if qcfg.act_order else ''} on {device}")
+    top = quantize_checkpoint(ckpt, windows, qcfg, partial, args.method, device, parse_dtype(args.dtype), log)
+    records = [r for i in sorted(partial.done_blocks()) for r in partial.state["blocks"][str(i)]]
+    calib_note = f"{args.dataset or 'data-free (model samples)'}, {args.nsamples}x{seqlen}, seed {args.seed}"
+    qjson = quant_config_json(qcfg, args.method, ckpt, records, calib_note)
+    partial.finish(top, ckpt.path, ckpt.hf_config, qjson, args.overwrite)
+    kept = [r["module"] for r in records if r["method"].startswith("kept")]
+    if kept:
+        log(f"{len(kept)} linear layer(s) kept in full precision (shape not packable): {', '.join(kept[:6])}"
+            f"{' ...' if len(kept) > 6 else ''}")
+    log(f"wrote {out} in {time.perf_counter() - t0:.1f}s (per-layer log: {out / 'quant_log.tsv'})")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m minigptq.quantize",
+                                description="Quantize a Hugging Face Llama/OPT/BLOOM checkpoint with GPTQ into the "
+                                            "standard GPTQ checkpoint format.")
+    p.add_argument("--model", required=True, help="full-precision checkpoint folder")
+    p.add_argument("--out", default=None, help="output folder (default: <model>-<method>-<bits>bit-g<groupsize>)")
+    p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
+    p.add_argument("--groupsize", type=int, default=128,
+                   help="inputs per quantization group; -1 = one group per output row (default 128)")
+    p.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                   help="symmetric grid (default); --no-sym for asymmetric")
+    p.add_argument("--act-order", action="store_true",
+                   help="quantize columns in order of decreasing Hessian diagonal (desc_act)")
+    p.add_argument("--static-groups", action="store_true",
+                   help="compute group grids up front on the unpermuted weight (with --act-order)")
+    p.add_argument("--percdamp", type=float, default=0.01,
+                   help="Hessian damping as a fraction of its mean diagonal (default 0.01; raised automatically "
+                        "if Cholesky fails)")
+    p.add_argument("--blocksize", type=int, default=128, help="columns per lazy batch update (default 128)")
+    p.add_argument("--mse", action="store_true", help="search the grid range that minimises the error (slower)")
+    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
+                   help="gptq (default) or rtn: round-to-nearest baseline with the same grid")
+    p.add_argument("--dataset", default=None,
+                   help="calibration text: .txt or .jsonl with a \"text\" field (default: data-free, sampled "
+                        "from the model)")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, capped at the context)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                   help="dtype of the parts left unquantized (embeddings, norms, lm_head; default fp16)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and any interrupted run)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    add_debug_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    run(main, parser())
