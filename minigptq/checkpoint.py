@@ -85,7 +85,8 @@ class PartialRun:
         f = SafetensorsFile(self.block_file(i))
         return {k: f.get(k).clone() for k in f.keys()}
 
-    def finish(self, top: dict[str, Tensor], src: Path, config: dict, quant_config: dict, overwrite: bool) -> None:
+    def finish(self, top: dict[str, Tensor], src: Path, config: dict, quant_config: dict, overwrite: bool,
+               dtype: torch.dtype = torch.float16) -> None:
         """Assemble the checkpoint in a temporary folder, then rename it into place and drop the work folder."""
         from .loader import SafetensorsFile
         tmp = self.out.parent / f".{self.out.name}.tmp"
@@ -100,7 +101,7 @@ class PartialRun:
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
-        write_json(tmp / "config.json", dict(config, quantization_config=quant_config, torch_dtype="float16"))
+        write_json(tmp / "config.json", dict(config, quantization_config=quant_config, torch_dtype=str(dtype).removeprefix("torch.")))
         write_json(tmp / "quantize_config.json", quant_config)
         rows = [r for i in sorted(self.done_blocks()) for r in self.state["blocks"][str(i)]]
         (tmp / "quant_log.tsv").write_text("block\tmodule\tmethod\terror\tpercdamp\tseconds\n" + "".join(

@@ -19,24 +19,20 @@ from .quantizer import QuantConfig
 __version__ = "0.1.0"
 
 
-def calibration(args, ckpt, seqlen: int, log) -> torch.Tensor:
-    """Calibration windows (nsamples, seqlen): from --dataset, or sampled from the model itself (data-free)."""
+def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int, device, log) -> torch.Tensor:
+    """Calibration windows (nsamples, seqlen): from `dataset`, or sampled from the model itself (data-free)."""
     from .data import calibration_windows, sample_from_model, tokenize_file
     from .tokenizer import load_tokenizer
-    tok = load_tokenizer(args.model)
-    if args.dataset:
-        windows = calibration_windows(tokenize_file(args.dataset, tok), args.nsamples, seqlen, args.seed,
-                                      source=str(args.dataset))
-        log(f"calibration: {args.nsamples} random windows of {seqlen} tokens from {args.dataset} (seed {args.seed})")
+    tok = load_tokenizer(model_path)
+    if dataset:
+        windows = calibration_windows(tokenize_file(dataset, tok), nsamples, seqlen, seed, source=str(dataset))
+        log(f"calibration: {nsamples} random windows of {seqlen} tokens from {dataset} (seed {seed})")
         return windows
     from .loader import load_model
-    log(f"calibration: no --dataset given, so using data-free calibration: sampling {args.nsamples} sequences of "
-        f"{seqlen} tokens from the model itself (seed {args.seed}); this loads the whole model once")
-    model = load_model(args.model, dtype="fp32", device=args.device)
-    torch.manual_seed(args.seed)
-    windows = sample_from_model(model, args.nsamples, seqlen, args.seed, tok.bos_id)
-    del model
-    return windows
+    log(f"calibration: no --dataset given, so using data-free calibration: sampling {nsamples} sequences of "
+        f"{seqlen} tokens from the model itself (seed {seed}); this loads the whole model once")
+    model = load_model(model_path, dtype="fp32", device=device)
+    return sample_from_model(model, nsamples, seqlen, seed, tok.bos_id)
 
 
 def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str) -> dict:
@@ -62,48 +58,62 @@ def _hf(ckpt, internal: str) -> str:
     return next(hf for hf, ours in ckpt.arch.layer_names.items() if ours == internal)
 
 
-def main(args: argparse.Namespace) -> None:
+def default_out(model: str | Path, method: str, bits: int, group_size: int) -> Path:
+    return Path(f"{str(model).rstrip('/')}-{method}-{bits}bit{'' if group_size == -1 else f'-g{group_size}'}")
+
+
+def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
+                   method: str = "gptq", dataset: str | Path | None = None, nsamples: int = 128, seqlen: int = 2048,
+                   seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
+                   resume: bool = False, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+    """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`."""
     from .driver import quantize_checkpoint
     from .loader import Checkpoint, parse_dtype
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    qcfg = QuantConfig(bits=args.bits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
-                       static_groups=args.static_groups, percdamp=args.percdamp, blocksize=args.blocksize,
-                       mse=args.mse)
-    if args.nsamples < 1:
-        raise ValueError(f"--nsamples must be >= 1, got {args.nsamples}")
-    if args.seqlen < 2:
-        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
-    device = torch.device(args.device)
+    if method not in ("gptq", "rtn"):
+        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if nsamples < 1:
+        raise ValueError(f"--nsamples must be >= 1, got {nsamples}")
+    if seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {seqlen}")
+    device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
-    ckpt = Checkpoint(args.model)
+    ckpt = Checkpoint(model)
     if ckpt.quant is not None:
-        raise ValueError(f"{args.model} is already a GPTQ checkpoint; quantize the full-precision model instead")
-    seqlen = min(args.seqlen, ckpt.cfg.max_positions)
-    out = Path(args.out) if args.out else Path(f"{str(args.model).rstrip('/')}-{args.method}-{args.bits}bit"
-                                               f"{'' if args.groupsize == -1 else f'-g{args.groupsize}'}")
-    settings = dict(model=str(Path(args.model).resolve()), method=args.method, **vars(qcfg),
-                    dataset=str(Path(args.dataset).resolve()) if args.dataset else None, nsamples=args.nsamples,
-                    seqlen=seqlen, seed=args.seed, dtype=args.dtype)
-    partial = PartialRun(out, settings, resume=args.resume, overwrite=args.overwrite)
-    if args.dataset and not Path(args.dataset).is_file():
-        raise FileNotFoundError(f"dataset file {args.dataset!r} does not exist")
+        raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
+    if dataset and not Path(dataset).is_file():
+        raise FileNotFoundError(f"dataset file {str(dataset)!r} does not exist")
+    seqlen = min(seqlen, ckpt.cfg.max_positions)
+    out = Path(out) if out else default_out(model, method, qcfg.bits, qcfg.group_size)
+    settings = dict(model=str(Path(model).resolve()), method=method, **vars(qcfg),
+                    dataset=str(Path(dataset).resolve()) if dataset else None, nsamples=nsamples, seqlen=seqlen,
+                    seed=seed, dtype=dtype)
+    partial = PartialRun(out, settings, resume=resume, overwrite=overwrite)
     t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    windows = calibration(args, ckpt, seqlen, log)
-    log(f"quantizing {args.model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {args.method.upper()} "
+    windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
+    log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
         f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
         f"{', act-order' if qcfg.act_order else ''} on {device}")
-    top = quantize_checkpoint(ckpt, windows, qcfg, partial, args.method, device, parse_dtype(args.dtype), log)
+    top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log)
     records = [r for i in sorted(partial.done_blocks()) for r in partial.state["blocks"][str(i)]]
-    calib_note = f"{args.dataset or 'data-free (model samples)'}, {args.nsamples}x{seqlen}, seed {args.seed}"
-    qjson = quant_config_json(qcfg, args.method, ckpt, records, calib_note)
-    partial.finish(top, ckpt.path, ckpt.hf_config, qjson, args.overwrite)
+    calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
+    partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note),
+                   overwrite, parse_dtype(dtype))
     kept = [r["module"] for r in records if r["method"].startswith("kept")]
     if kept:
         log(f"{len(kept)} linear layer(s) kept in full precision (shape not packable): {', '.join(kept[:6])}"
             f"{' ...' if len(kept) > 6 else ''}")
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s (per-layer log: {out / 'quant_log.tsv'})")
+    return out
+
+
+def main(args: argparse.Namespace) -> None:
+    qcfg = QuantConfig(bits=args.bits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
+                       static_groups=args.static_groups, percdamp=args.percdamp, blocksize=args.blocksize,
+                       mse=args.mse)
+    quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
+                   nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
+                   overwrite=args.overwrite, resume=args.resume)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -40,11 +40,11 @@ class QuantConfig:
     """Settings of one quantization run (names as in quantize_config.json where one exists)."""
 
     bits: int = 4  # bits per weight, one of VALID_BITS; codes lie in [0, 2^bits - 1]
-    group_size: int = 128  # input columns sharing one (scale, zero); -1 = one group per row; last group may be partial
+    group_size: int = 128  # input columns per (scale, zero); -1 = one group per row; last group may be partial
     sym: bool = True  # symmetric grid with fixed zero = 2^(bits-1); False = asymmetric, zero from the row's min
     act_order: bool = False  # "desc_act": process columns by decreasing Hessian diagonal
     static_groups: bool = False  # compute every group's grid up front on the unpermuted W (g_idx = k // gs)
-    percdamp: float = 0.01  # damping: H[i, i] += percdamp * mean(diag H), in (0, 1]; raised x10 on Cholesky failure
+    percdamp: float = 0.01  # H[i, i] += percdamp * mean(diag H), in (0, 1]; raised x10 if Cholesky fails
     blocksize: int = 128  # B, columns per lazy batch update (paper, Step 2); does not change the result
     mse: bool = False  # shrink each grid by an MSE search (grid 100, maxshrink 0.8, norm 2.4)
 
@@ -62,7 +62,8 @@ class QuantConfig:
         for name in ("sym", "act_order", "static_groups", "mse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
-        if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not (0 < self.percdamp <= 1):
+        p = self.percdamp
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:  # also rejects NaN
             raise ValueError(f"percdamp={self.percdamp!r} must be a number in (0, 1], e.g. 0.01")
         if not is_int(self.blocksize) or self.blocksize < 1:
             raise ValueError(f"blocksize={self.blocksize!r} must be an integer >= 1, e.g. 128")
@@ -159,7 +160,7 @@ class QuantResult:
     zeros: Tensor  # int32 [G, N] raw zero points ("v2" meaning: W ~ scale * (q - zero)); asym zeros are >= 1
     g_idx: Tensor  # int32 [K] group of each input column (k // gs, or through the act-order permutation)
     weight: Tensor  # float32 [N, K] the dequantized weight
-    loss: float  # layer objective 1/2 sum_n (W-Q)_n H' (W-Q)_n^T, see proxy_loss (GPTQ: the paper's sum of (w-q)^2/d^2/2)
+    loss: float  # 1/2 sum_n (W-Q)_n H' (W-Q)_n^T, see proxy_loss (GPTQ: the paper's sum of (w-q)^2/d^2/2)
     percdamp: float  # damping used in H' (GPTQ: after any Cholesky retries; RTN without H: 0.0)
 
 
