@@ -33,7 +33,9 @@ def read_text(path: str | Path) -> str:
             rows.append(row["text"])
         raw = "\n\n".join(rows)
     else:
-        raw = "\n\n".join(raw.splitlines())  # the paper's convention: dataset rows joined with "\n\n"
+        # The paper's convention: the Hugging Face dataset's rows joined with "\n\n". Those rows are the file's
+        # lines with their trailing newline kept, and whitespace-only lines as "" (this reproduces published ppl).
+        raw = "\n\n".join(line if line.strip() else "" for line in raw.splitlines(keepends=True))
     if not raw.strip():
         raise ValueError(f"dataset file {path} is empty")
     return raw

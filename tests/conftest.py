@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,19 +18,19 @@ PEER_PY = ROOT / ".venv-peer" / "bin" / "python"
 # Small configs exercising every branch the issue names. Dimensions are multiples of 32 so 3-bit packing works.
 TINY = {
     "llama-gqa-tied": ("llama", dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, vocab_size=96, max_position_embeddings=128,
+                                     num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
                                      tie_word_embeddings=True, rope_theta=10000.0)),
     "llama-untied-bias": ("llama", dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=96,
+                                        num_attention_heads=4, num_key_value_heads=4, vocab_size=512,
                                         max_position_embeddings=128, tie_word_embeddings=False, rope_theta=5e5,
                                         attention_bias=True, mlp_bias=True)),
-    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=96,
+    "opt": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
                         max_position_embeddings=128, word_embed_proj_dim=64, do_layer_norm_before=True)),
     "opt-350m-style": ("opt", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                   vocab_size=96, max_position_embeddings=128, word_embed_proj_dim=32,
+                                   vocab_size=512, max_position_embeddings=128, word_embed_proj_dim=32,
                                    do_layer_norm_before=False)),
-    "bloom": ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=96)),
-    "bloom-6heads": ("bloom", dict(hidden_size=96, n_layer=2, n_head=6, vocab_size=96)),
+    "bloom": ("bloom", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=512)),
+    "bloom-6heads": ("bloom", dict(hidden_size=96, n_layer=2, n_head=6, vocab_size=512)),
 }
 
 
@@ -49,6 +50,8 @@ def make_hf_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
     model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.model", "tokenizer_config.json"):  # a real tokenizer (vocab 512) for the CLIs
+        shutil.copyfile(STORIES / name, out / name)
     return out
 
 

@@ -25,7 +25,7 @@ def hf_logits(path, tokens, attention_mask=None):
 @pytest.mark.parametrize("kind", list(TINY))
 def test_full_forward_matches_transformers(hf_checkpoints, kind):
     path = hf_checkpoints(kind)
-    tokens = torch.randint(3, 96, (2, 24), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     ours = load_model(path, dtype="fp32")
     with torch.inference_mode():
         got = ours(tokens)
@@ -37,7 +37,7 @@ def test_full_forward_matches_transformers(hf_checkpoints, kind):
 @pytest.mark.parametrize("kind", list(TINY))
 def test_kv_cache_decoding_matches_transformers(hf_checkpoints, kind):
     path = hf_checkpoints(kind)
-    tokens = torch.randint(3, 96, (1, 20), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(3, 512, (1, 20), generator=torch.Generator().manual_seed(2))
     ours = load_model(path, dtype="fp32")
     cache = KVCache(ours.cfg, 1, 32, torch.float32, "cpu")
     with torch.inference_mode():
@@ -52,7 +52,7 @@ def test_kv_cache_decoding_matches_transformers(hf_checkpoints, kind):
 def test_left_padded_batch_matches_transformers(hf_checkpoints, kind):
     """A left-padded batch gives each prompt the same logits at real positions as transformers with a mask."""
     path = hf_checkpoints(kind)
-    tokens = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(2, 12, dtype=torch.long)
     mask[1, :5] = 0
     tokens[1, :5] = 0
