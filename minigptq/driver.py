@@ -112,7 +112,10 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                                             seconds=0.0, reason=reason))
                         log(f"  {hf}: kept in full precision ({reason})")
                         continue
-                    res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
+                    try:
+                        res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
+                    except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
+                        raise ValueError(f"{hf}: {e}") from None
                     ql = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx,
                                                 None if lin.bias is None else lin.bias.to(torch.float16),
                                                 qcfg.bits, qcfg.group_size, dtype=torch.float16)

@@ -263,6 +263,11 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
         mod, leaf, shape = expected[ours]
         t = ckpt.get(hf)
         if tuple(t.shape) != shape:
+            if isinstance(mod, QuantLinear):
+                q = ckpt.quant
+                raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(t.shape)}, but the quantize_config "
+                                 f"(bits={q['bits']}, group_size={q['group_size']}) and config.json imply "
+                                 f"{list(shape)}; the quantization config disagrees with the tensors")
             raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(t.shape)}, expected {list(shape)} "
                              f"from config.json")
         keep = isinstance(mod, QuantLinear) and leaf != "bias"
