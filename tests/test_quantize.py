@@ -92,18 +92,20 @@ def test_gptq_beats_rtn_on_stories260k(tmp_path):
 
 
 def test_unpackable_layers_kept_and_recorded(tmp_path):
-    """stories260k's down_proj has 172 inputs: not packable, so it stays fp16 and the config says so."""
+    """stories260k's MLP has 172 hidden units (down_proj inputs, up/gate outputs): not packable, so those layers
+    stay fp16 and the config says so in the peers' terms."""
     out = quantize_model(STORIES, tmp_path / "q", qcfg=QuantConfig(bits=4, group_size=-1), nsamples=4, seqlen=64,
                          **QUIET)
     qc = json.loads((out / "quantize_config.json").read_text())
     assert qc["modules_in_block_to_quantize"] == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                                                  ["self_attn.o_proj"], ["mlp.up_proj", "mlp.gate_proj"]]
-    assert "-:^model\\.layers\\.0\\.mlp\\.down_proj$" in qc["dynamic"]
+                                                  ["self_attn.o_proj"]]
+    assert "-:^model\\.layers\\.0\\.mlp\\.down_proj$" in qc["dynamic"] and len(qc["dynamic"]) == 5 * 3
     f = SafetensorsFile(out / "model.safetensors")
     assert f.get("model.layers.0.mlp.down_proj.weight").dtype == torch.float16
     model = load_model(out, dtype="fp32")
     assert isinstance(model.layers[0].mlp.down, torch.nn.Linear)
-    assert isinstance(model.layers[0].mlp.up, QuantLinear)
+    assert isinstance(model.layers[0].mlp.up, torch.nn.Linear)
+    assert isinstance(model.layers[0].attn.q, QuantLinear)
     tok = load_tokenizer(out)
     new, _ = generate(model, [tok.encode("Once upon a time")], max_new_tokens=12, eos_ids=(2,))
     assert len(tok.decode(new[0]).split()) >= 3
