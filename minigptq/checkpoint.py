@@ -66,8 +66,14 @@ class PartialRun:
                                  f"({old['settings']}); rerun with those or use --overwrite")
             else:
                 self.state = old
+        self.resumed = bool(self.state["blocks"])
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json(self.dir / "state.json", self.state)
+
+    def discard_if_fresh(self) -> None:
+        """Remove the work folder unless it holds blocks from an earlier, interrupted run (kept for --resume)."""
+        if not self.resumed:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def done_blocks(self) -> set[int]:
         return {int(i) for i in self.state["blocks"]}

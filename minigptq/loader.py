@@ -227,17 +227,13 @@ def set_module(root: nn.Module, path: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, new)
 
 
-def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: torch.dtype | None = None,
-              device="cpu") -> None:
-    """Assign the checkpoint's tensors to every parameter/buffer of `model` whose internal name starts with `prefix`.
+def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, nn.Module, str]]:
+    """Match the model's tensors under `prefix` with the checkpoint's -> [(HF name, module, leaf)].
 
-    Floating tensors are cast to `dtype` (None: keep the checkpoint's); packed GPTQ tensors keep theirs, and
-    scales follow `dtype` only for non-quantized tensors. Missing, unexpected or misshapen tensors raise ValueError.
+    Checks names and shapes only (the safetensors headers), so it is cheap: missing, unexpected or misshapen
+    tensors raise ValueError naming them before any data is read.
     """
-    if ckpt.quant is not None:
-        from .qlinear import QuantLinear
-    else:
-        QuantLinear = ()  # isinstance(x, ()) is always False
+    from .qlinear import QuantLinear
     to_hf = internal_to_hf(ckpt)
     expected = {}  # internal tensor name -> (module, leaf, shape)
     for mname, mod in model.named_modules():
@@ -259,17 +255,37 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
     if unexpected:
         raise ValueError(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) in the checkpoint: "
                          f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    plan = []
     for hf, ours in wanted_hf.items():
         mod, leaf, shape = expected[ours]
-        t = ckpt.get(hf)
-        if tuple(t.shape) != shape:
+        got = tuple(ckpt.get(hf).shape)
+        if got != shape:
             if isinstance(mod, QuantLinear):
                 q = ckpt.quant
-                raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(t.shape)}, but the quantize_config "
+                raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(got)}, but the quantize_config "
                                  f"(bits={q['bits']}, group_size={q['group_size']}) and config.json imply "
                                  f"{list(shape)}; the quantization config disagrees with the tensors")
-            raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(t.shape)}, expected {list(shape)} "
+            raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(got)}, expected {list(shape)} "
                              f"from config.json")
+        plan.append((hf, mod, leaf))
+    return plan
+
+
+def check_checkpoint(ckpt: Checkpoint) -> None:
+    """Validate every tensor name and shape of a checkpoint against its config, reading headers only."""
+    _plan(build_empty(ckpt), ckpt, "")
+
+
+def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: torch.dtype | None = None,
+              device="cpu") -> None:
+    """Assign the checkpoint's tensors to every parameter/buffer of `model` whose internal name starts with `prefix`.
+
+    Floating tensors are cast to `dtype` (None: keep the checkpoint's), except the packed layers' own tensors
+    (QuantLinear keeps fp16 scales whatever the activation dtype). Name or shape problems raise ValueError.
+    """
+    from .qlinear import QuantLinear
+    for hf, mod, leaf in _plan(model, ckpt, prefix):
+        t = ckpt.get(hf)
         keep = isinstance(mod, QuantLinear) and leaf != "bias"
         if t.is_floating_point() and dtype is not None and not keep:
             t = t.to(dtype)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import PartialRun
-from .cli import add_debug_flag, run
+from .cli import USER_ERRORS, add_debug_flag, run
 from .quantizer import QuantConfig
 
 __version__ = "0.1.0"
@@ -68,7 +68,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                    resume: bool = False, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`."""
     from .driver import quantize_checkpoint
-    from .loader import Checkpoint, parse_dtype
+    from .loader import Checkpoint, check_checkpoint, parse_dtype
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
     if nsamples < 1:
@@ -81,20 +81,25 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
         raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
-    if dataset and not Path(dataset).is_file():
-        raise FileNotFoundError(f"dataset file {str(dataset)!r} does not exist")
+    check_checkpoint(ckpt)  # every tensor's name and shape, before anything is computed or written
     seqlen = min(seqlen, ckpt.cfg.max_positions)
     out = Path(out) if out else default_out(model, method, qcfg.bits, qcfg.group_size)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    t0 = time.perf_counter()
+    windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     settings = dict(model=str(Path(model).resolve()), method=method, **vars(qcfg),
                     dataset=str(Path(dataset).resolve()) if dataset else None, nsamples=nsamples, seqlen=seqlen,
                     seed=seed, dtype=dtype)
     partial = PartialRun(out, settings, resume=resume, overwrite=overwrite)
-    t0 = time.perf_counter()
-    windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
         f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
         f"{', act-order' if qcfg.act_order else ''} on {device}")
-    top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log)
+    try:
+        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log)
+    except USER_ERRORS:
+        partial.discard_if_fresh()  # a bad input (e.g. NaN weights) must not leave a work folder behind
+        raise
     records = [r for i in sorted(partial.done_blocks()) for r in partial.state["blocks"][str(i)]]
     calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
     partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note),

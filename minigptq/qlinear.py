@@ -1,0 +1,169 @@
+"""QuantLinear: an inference-only linear layer stored in the GPTQ checkpoint format (minigptq/pack.py).
+
+Its buffers are exactly the checkpoint tensors (qweight, qzeros, scales, g_idx, bias), so state_dict() is what
+goes to disk. post_load() builds, once, the layout the compiled kernels read (minigptq/kernels.py:make_layout:
+rows sorted by group for act-order, fp32 scales, unpacked int16 zeros); it is a plain attribute, not a buffer,
+so loaders that enumerate buffers and state_dict() never see it. forward() picks the fastest path for the input:
+
+    CPU,  M <= 16 rows   fused C++ kernel (AVX-512 / AVX2, OpenMP threads = torch.get_num_threads())
+    CPU,  M > 16         C++ dequantize to fp32/bf16, then torch.matmul
+    CUDA, M <= 16        fused CUDA kernel on the current stream
+    CUDA, M > 16         CUDA dequantize to x.dtype, then torch.matmul
+    otherwise            torch reference: pack.dequantize, then matmul (warns once that it is the slow path)
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from . import kernels
+from .pack import ZERO_OFFSET, can_pack, dequantize, pack_cols, pack_rows
+
+_warned: set[str] = set()  # device types for which the slow-path warning was given
+
+
+def _warn_once(device_type: str, reason: str) -> None:
+    if device_type not in _warned:
+        _warned.add(device_type)
+        warnings.warn(f"minigptq: no compiled {device_type} kernel ({reason}); QuantLinear uses the torch reference "
+                      f"(dequantize + matmul), which is much slower", RuntimeWarning, stacklevel=3)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + b with W [N, K] stored as `bits`-bit GPTQ codes; K = in_features, N = out_features."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool,
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        reason = can_pack(in_features, out_features, bits)
+        if reason is not None:
+            raise ValueError(f"QuantLinear({in_features}, {out_features}): {reason}")
+        if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+            raise ValueError(f"group_size={group_size!r} must be -1 (one group) or a positive integer")
+        K, N = in_features, out_features
+        G = 1 if group_size == -1 else math.ceil(K / group_size)
+        self.in_features, self.out_features, self.bits, self.group_size = K, N, bits, group_size
+        self.checkpoint_format = "gptq"  # how qzeros is read: "gptq" (v1, stores zero - 1) or "gptq_v2" (raw zero)
+        self.register_buffer("qweight", torch.zeros(K * bits // 32, N, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(G, N * bits // 32, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(G, N, dtype=dtype, device=device))
+        g_idx = torch.arange(K, dtype=torch.int32, device=device) // (K if group_size == -1 else group_size)
+        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
+        self._layout: kernels.KernelLayout | None = None  # built by post_load()
+
+    @classmethod
+    def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bias: Tensor | None,
+                   bits: int, group_size: int, dtype: torch.dtype = torch.float16) -> "QuantLinear":
+        """Pack a solver result: codes int [N, K], scales [G, N], zeros int [G, N] (raw, W = s * (q - z)), g_idx [K].
+
+        qzeros are stored in the v1 form zero - 1 (checkpoint_format "gptq"), so every zero must be >= 1.
+        """
+        N, K = codes.shape
+        mod = cls(K, N, bits, group_size, bias is not None, dtype=dtype, device=codes.device)
+        G = mod.scales.shape[0]
+        for name, t, shape in (("scales", scales, [G, N]), ("zeros", zeros, [G, N]), ("g_idx", g_idx, [K])):
+            if list(t.shape) != shape:
+                raise ValueError(f"{name} must have shape {shape} for codes [N={N}, K={K}] and group_size="
+                                 f"{group_size}, got {list(t.shape)}")
+        zeros = zeros.round().to(torch.int64) if zeros.is_floating_point() else zeros.to(torch.int64)
+        if zeros.numel() and (int(zeros.min()) < 1 or int(zeros.max()) > 2**bits - 1):
+            raise ValueError(f"zero points must lie in [1, {2**bits - 1}] to be stored in the v1 'gptq' format "
+                             f"(zero - 1 in {bits} bits), got [{int(zeros.min())}, {int(zeros.max())}]; clamp them")
+        mod.qweight = pack_rows(codes.T, bits)  # (K*bits/32, N)
+        mod.qzeros = pack_cols(zeros - 1, bits)  # (G, N*bits/32)
+        mod.scales = scales.to(dtype).contiguous()
+        mod.g_idx = g_idx.to(torch.int32).contiguous()
+        if bias is not None:
+            mod.bias = bias.to(dtype).contiguous()
+        mod.post_load()
+        return mod
+
+    @property
+    def zero_offset(self) -> int:
+        if self.checkpoint_format not in ZERO_OFFSET:
+            raise ValueError(f"checkpoint_format={self.checkpoint_format!r} is not supported; valid: "
+                             f"{list(ZERO_OFFSET)}")
+        return ZERO_OFFSET[self.checkpoint_format]
+
+    def post_load(self) -> None:
+        """Check the loaded buffers against each other and build the kernel layout (call once after loading)."""
+        K, N, bits = self.in_features, self.out_features, self.bits
+        G = self.scales.shape[0] if self.scales.dim() == 2 else -1
+        expect = {"qweight": (torch.int32, [K * bits // 32, N]), "qzeros": (torch.int32, [G, N * bits // 32]),
+                  "scales": (None, [G, N]), "g_idx": (None, [K])}
+        if self.bias is not None:
+            expect["bias"] = (None, [N])
+        for name, (dtype, shape) in expect.items():
+            t = getattr(self, name)
+            if list(t.shape) != shape or (dtype is not None and t.dtype != dtype) or t.device != self.qweight.device:
+                raise ValueError(f"{name} must be {'' if dtype is None else str(dtype) + ' '}{shape} on "
+                                 f"{self.qweight.device} for in_features={K}, out_features={N}, bits={bits}, "
+                                 f"{G} groups; got {t.dtype} {list(t.shape)} on {t.device}")
+        if not self.scales.is_floating_point() or self.g_idx.is_floating_point():
+            raise ValueError(f"scales must be floating point and g_idx integer, got {self.scales.dtype}, "
+                             f"{self.g_idx.dtype}")
+        if self.qweight.device.type == "meta":
+            raise ValueError("post_load() needs the loaded tensors; the buffers are still on the meta device")
+        if G < 1 or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G:
+            raise ValueError(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
+                             f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
+        self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits, self.zero_offset)
+
+    def _apply(self, fn, recurse=True):  # .to(device) / .half() / ...: rebuild the layout from the moved buffers
+        super()._apply(fn, recurse)
+        if self._layout is not None:
+            if self.qweight.device.type == "meta":
+                self._layout = None
+            else:
+                self.post_load()
+        return self
+
+    def path_for(self, x: Tensor) -> str:
+        """Which implementation forward(x) uses: cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or reference."""
+        rows = x.numel() // max(x.shape[-1], 1)
+        size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
+        if x.device.type == "cpu" and kernels.cpu_available():
+            return f"cpu-{size}"
+        if x.device.type == "cuda" and kernels.cuda_available():
+            return f"cuda-{size}"
+        return "reference"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._layout is None:
+            raise RuntimeError("QuantLinear.post_load() must be called after its state is loaded")
+        K, N = self.in_features, self.out_features
+        if x.shape[-1] != K or x.device != self.qweight.device or not x.is_floating_point():
+            raise ValueError(f"x must be a floating tensor [..., {K}] on {self.qweight.device}, got {x.dtype} "
+                             f"{list(x.shape)} on {x.device}")
+        x2 = x.reshape(-1, K)  # (M, K)
+        path = self.path_for(x2)
+        L = self._layout
+        if path.startswith("cpu"):
+            xc = (x2 if x2.dtype in kernels.CPU_DTYPES else x2.float()).contiguous()
+            y = kernels.cpu_qgemm(xc, L) if path == "cpu-fused" else xc @ kernels.cpu_dequantize(L, xc.dtype)
+        elif path.startswith("cuda"):
+            xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
+            y = kernels.cuda_qgemm(xc, L) if path == "cuda-fused" else xc @ kernels.cuda_dequantize(L, xc.dtype)
+        else:
+            reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
+            _warn_once(x.device.type, reason or f"no kernel for {x.device.type}")
+            half = x.device.type == "cuda" and x2.dtype in (torch.float16, torch.bfloat16)
+            W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
+            y = x2.to(x2.dtype if half else torch.float32) @ W.to(x2.dtype if half else torch.float32)  # (M, N)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], N)
+
+    def dequantized_weight(self) -> Tensor:
+        """W [N, K] in float32, from the checkpoint buffers via the torch reference."""
+        W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)  # (K, N)
+        return W.T.contiguous()  # (N, K)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}")
