@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .checkpoint import PartialRun
 from .gptq import Hessian, gptq
 from .loader import Checkpoint, build_empty, internal_to_hf, load_into
-from .pack import can_pack
+from .pack import can_pack, pack_cols, unpack_cols
 from .qlinear import QuantLinear
 from .quantizer import QuantConfig, rtn
 
@@ -72,9 +72,11 @@ def _progress(text: str) -> None:
 
 @torch.inference_mode()
 def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
-                        device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print) -> dict:
+                        device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print,
+                        fmt: str = "gptq") -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
+    fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
     """
@@ -96,7 +98,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
         load_into(model, ckpt, f"layers.{i}.", torch.float32, device)
         block = model.layers[i]
         if i in done:
-            skip = _replay_block(block, run.load_block(i), to_hf, i, qcfg)
+            skip = _replay_block(block, run.load_block(i), to_hf, i, qcfg, fmt)
             log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
         else:
             tensors, records, skip = {}, [], set()
@@ -119,6 +121,8 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     ql = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx,
                                                 None if lin.bias is None else lin.bias.to(torch.float16),
                                                 qcfg.bits, qcfg.group_size, dtype=torch.float16)
+                    if fmt == "gptq_v2":
+                        _to_v2(ql)
                     _use_packed(lin, ql)
                     tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
                     skip.add(name)
@@ -159,8 +163,15 @@ def _use_packed(lin: nn.Linear, ql: QuantLinear) -> None:
         lin.bias.copy_(ql.bias.to(lin.bias.dtype))
 
 
+def _to_v2(ql: QuantLinear) -> None:
+    """Store raw zero points (GPTQModel's "gptq_v2") instead of v1's zero - 1."""
+    ql.qzeros = pack_cols(unpack_cols(ql.qzeros, ql.bits, ql.out_features) + 1, ql.bits)
+    ql.checkpoint_format = "gptq_v2"
+    ql.post_load()
+
+
 def _replay_block(block: nn.Module, saved: dict[str, Tensor], to_hf: dict[str, str], i: int,
-                  qcfg: QuantConfig) -> set[str]:
+                  qcfg: QuantConfig, fmt: str) -> set[str]:
     """Put a finished block's saved quantized weights back into its fp32 linears (resume)."""
     quantized = set()
     for name, lin in block.named_modules():
@@ -168,6 +179,7 @@ def _replay_block(block: nn.Module, saved: dict[str, Tensor], to_hf: dict[str, s
         if isinstance(lin, nn.Linear) and f"{hf}.qweight" in saved:
             ql = QuantLinear(lin.in_features, lin.out_features, qcfg.bits, qcfg.group_size,
                              bias=lin.bias is not None, dtype=torch.float16)
+            ql.checkpoint_format = fmt
             ql.load_state_dict({k[len(hf) + 1:]: v for k, v in saved.items() if k.startswith(hf + ".")})
             ql.post_load()
             _use_packed(lin, ql)

@@ -222,6 +222,7 @@ def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) ->
     out = torch.empty(K, N, dtype=dtype, device=dev)
     qw, sc, ze, rg, pm = _layout_ptrs(layout)
     with torch.cuda.device(dev):
-        _cuda.dequantize(qw, sc, ze, rg, pm, K, N, layout.scales.shape[0], layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
+        _cuda.dequantize(qw, sc, ze, rg, pm, K, N, layout.scales.shape[0], layout.bits, out.data_ptr(),
+                         DTYPE_CODES[dtype],
                          torch.cuda.current_stream(dev).cuda_stream)
     return out

@@ -54,6 +54,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("bias", torch.zeros(N, dtype=dtype, device=device) if bias else None)
         self._layout: kernels.KernelLayout | None = None  # built by post_load()
+        self.register_load_state_dict_post_hook(QuantLinear._after_load_state_dict)
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bias: Tensor | None,
@@ -113,6 +114,11 @@ class QuantLinear(nn.Module):
                              f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
         self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits, self.zero_offset)
 
+    @staticmethod
+    def _after_load_state_dict(module: "QuantLinear", incompatible_keys) -> None:
+        if module._layout is not None:  # new buffers under an existing layout: rebuild it so it cannot go stale
+            module.post_load()
+
     def _apply(self, fn, recurse=True):  # .to(device) / .half() / ...: rebuild the layout from the moved buffers
         super()._apply(fn, recurse)
         if self._layout is not None:
@@ -123,7 +129,12 @@ class QuantLinear(nn.Module):
         return self
 
     def path_for(self, x: Tensor) -> str:
-        """Which implementation forward(x) uses: cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or reference."""
+        """Which implementation forward(x) uses: cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or reference.
+
+        The kernels are inference-only: an x that requires grad (with grad mode on) takes the differentiable reference.
+        """
+        if x.requires_grad and torch.is_grad_enabled():
+            return "reference"
         rows = x.numel() // max(x.shape[-1], 1)
         size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
         if x.device.type == "cpu" and kernels.cpu_available():
@@ -149,8 +160,9 @@ class QuantLinear(nn.Module):
             xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
             y = kernels.cuda_qgemm(xc, L) if path == "cuda-fused" else xc @ kernels.cuda_dequantize(L, xc.dtype)
         else:
-            reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
-            _warn_once(x.device.type, reason or f"no kernel for {x.device.type}")
+            if not x.requires_grad:
+                reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
+                _warn_once(x.device.type, reason or f"no kernel for {x.device.type}")
             half = x.device.type == "cuda" and x2.dtype in (torch.float16, torch.bfloat16)
             W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
             y = x2.to(x2.dtype if half else torch.float32) @ W.to(x2.dtype if half else torch.float32)  # (M, N)
@@ -161,8 +173,8 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """W [N, K] in float32, from the checkpoint buffers via the torch reference."""
-        W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)  # (K, N)
-        return W.T.contiguous()  # (N, K)
+        W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
+        return W.T.contiguous()  # (K, N) -> (N, K)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

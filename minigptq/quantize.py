@@ -35,11 +35,12 @@ def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int
     return sample_from_model(model, nsamples, seqlen, seed, tok.bos_id)
 
 
-def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str) -> dict:
+def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str,
+                      fmt: str = "gptq") -> dict:
     """quantize_config.json, understood by transformers/optimum, GPTQModel and vLLM (gptq-format.md)."""
     q = dict(bits=qcfg.bits, group_size=qcfg.group_size, damp_percent=qcfg.percdamp, desc_act=qcfg.act_order,
              static_groups=qcfg.static_groups, sym=qcfg.sym, true_sequential=True, quant_method="gptq",
-             checkpoint_format="gptq", pack_dtype="int32", lm_head=False,
+             checkpoint_format=fmt, format=fmt, pack_dtype="int32", lm_head=False,
              meta=dict(quantizer=[f"minigptq:{__version__}"], method=method, mse=qcfg.mse, blocksize=qcfg.blocksize,
                        calibration=calib_note))
     kept = sorted({r["module"] for r in records if r["method"].startswith("kept")})
@@ -65,10 +66,17 @@ def default_out(model: str | Path, method: str, bits: int, group_size: int) -> P
 def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
                    method: str = "gptq", dataset: str | Path | None = None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
-                   resume: bool = False, log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
-    """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`."""
+                   resume: bool = False, fmt: str = "gptq",
+                   log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+    """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
+
+    fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
+    "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
+    """
     from .driver import quantize_checkpoint
     from .loader import Checkpoint, check_checkpoint, parse_dtype
+    if fmt not in ("gptq", "gptq_v2"):
+        raise ValueError(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
     if nsamples < 1:
@@ -90,19 +98,19 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     settings = dict(model=str(Path(model).resolve()), method=method, **vars(qcfg),
                     dataset=str(Path(dataset).resolve()) if dataset else None, nsamples=nsamples, seqlen=seqlen,
-                    seed=seed, dtype=dtype)
+                    seed=seed, dtype=dtype, fmt=fmt)
     partial = PartialRun(out, settings, resume=resume, overwrite=overwrite)
     log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
         f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
         f"{', act-order' if qcfg.act_order else ''} on {device}")
     try:
-        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log)
+        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log, fmt)
     except USER_ERRORS:
         partial.discard_if_fresh()  # a bad input (e.g. NaN weights) must not leave a work folder behind
         raise
     records = [r for i in sorted(partial.done_blocks()) for r in partial.state["blocks"][str(i)]]
     calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
-    partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note),
+    partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
                    overwrite, parse_dtype(dtype))
     kept = [r["module"] for r in records if r["method"].startswith("kept")]
     if kept:
@@ -118,7 +126,7 @@ def main(args: argparse.Namespace) -> None:
                        mse=args.mse)
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
-                   overwrite=args.overwrite, resume=args.resume)
+                   overwrite=args.overwrite, resume=args.resume, fmt=args.format)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -152,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the parts left unquantized (embeddings, norms, lm_head; default fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq",
+                   help="checkpoint format: gptq (v1, default, widest compatibility) or gptq_v2 (raw zero points; "
+                        "GPTQModel loads other tools' asymmetric checkpoints only in this form)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and any interrupted run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     add_debug_flag(p)

@@ -31,8 +31,9 @@ def logits(job):
     with torch.no_grad():
         out = model(input_ids=tokens).logits.float()
     torch.save(out, job["out"])
-    kinds = sorted({type(m).__name__ for m in model.modules() if "QuantLinear" in type(m).__name__})
-    print(f"peer {job['loader']} loaded {job['model']}: {kinds}", flush=True)
+    packed = [type(m).__name__ for m in model.modules() if hasattr(m, "qweight")]
+    print(f"peer {job['loader']} loaded {job['model']}: packed_layers={len(packed)} {sorted(set(packed))}",
+          flush=True)
 
 
 def quantize(job):

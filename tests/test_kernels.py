@@ -1,0 +1,282 @@
+"""Compiled kernels (minigptq/kernels.py) against the torch reference (pack.dequantize + matmul in float64).
+
+Random layers with fresh seeds: every bit width, odd and Llama-like shapes, groups with a partial last group, groups
+not aligned to the packing unit, group_size -1, and act-order g_idx. CPU tests run every instruction set the CPU
+has (scalar, avx2, avx512); CUDA tests are marked gpu and skip without a usable GPU.
+"""
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigptq import kernels
+from minigptq.pack import dequantize, pack_cols, pack_rows
+
+# Largest |y - y_ref| allowed, relative to max |y_ref|, per output dtype: fp32 accumulation in another order,
+# or the final rounding to a 16-bit float.
+TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+# (K, N, group_size, act_order): small odd shapes, unaligned / partial groups, one group, act-order, Llama-like.
+CASES = [
+    (256, 96, 64, False),
+    (384, 160, 128, False),    # 3 groups, N not a multiple of the 64-column tile
+    (128, 40, 32, False),      # N not a multiple of the 16 (AVX-512) / 8 (AVX2) lanes (4- and 8-bit only)
+    (320, 64, 48, False),      # groups cross packing units (48 % 32), partial last group (320 = 6*48 + 32)
+    (160, 32, 20, True),       # act-order, tiny unaligned groups (only for bits where 160 is whole units)
+    (512, 128, -1, False),     # one group
+    (1024, 288, 128, True),    # act-order
+    (4096, 1024, 128, False),  # Llama-like K
+]
+CPU_ISAS = kernels.cpu_isas()
+needs_cpu = pytest.mark.skipif(not kernels.cpu_available(), reason=f"no CPU kernels: {kernels.CPU_IMPORT_ERROR}")
+needs_gpu = pytest.mark.skipif(not kernels.cuda_available(), reason="CUDA kernels cannot run here")
+
+
+def random_layer(K, N, group_size, act_order, bits, seed):
+    """Checkpoint tensors (qweight, qzeros, scales, g_idx) of a random layer, qzeros stored raw (zero_offset 0)."""
+    g = torch.Generator().manual_seed(seed)
+    G = 1 if group_size == -1 else -(-K // group_size)
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    zeros = torch.randint(0, 2**bits, (G, N), generator=g)
+    scales = (torch.rand(G, N, generator=g) * 0.02 + 0.001).half()
+    g_idx = torch.arange(K) // (K if group_size == -1 else group_size)
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=g)]
+    return pack_rows(q, bits), pack_cols(zeros, bits), scales, g_idx.to(torch.int32)
+
+
+def cases(bits):
+    unit = 32 if bits == 3 else 32 // bits
+    return [c for c in CASES if c[0] % unit == 0 and c[1] % unit == 0]
+
+
+def rel_err(y, ref):
+    return ((y.double() - ref).abs().max() / ref.abs().max()).item()
+
+
+@pytest.fixture(scope="module")
+def layers():
+    """bits -> list of (case, layout, W fp32 [K, N] reference), built once (packing 4096 x 1024 takes a moment)."""
+    out = {}
+    for bits in (2, 3, 4, 8):
+        out[bits] = []
+        for i, case in enumerate(cases(bits)):
+            qw, qz, s, g_idx = random_layer(*case, bits, seed=100 * bits + i)
+            W = dequantize(qw, qz, s.float(), g_idx, bits, 0)  # exact fp32 values of s * (q - z)
+            out[bits].append((case, kernels.make_layout(qw, qz, s, g_idx, bits, 0), W))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------- CPU
+@needs_cpu
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_qgemm_matches_reference(layers, bits, isa):
+    seed = torch.seed()  # fresh activations every run; printed on failure
+    for case, layout, W in layers[bits]:
+        if isa == "scalar" and case[0] * case[1] > 2**20:
+            continue  # the portable build is slow; the big shape runs on the SIMD builds
+        for M in (1, 3, 16):
+            for dtype in (torch.float32, torch.bfloat16):
+                x = torch.randn(M, case[0]).to(dtype)
+                y = kernels.cpu_qgemm(x, layout, isa=isa)
+                assert y.dtype == dtype and y.shape == (M, case[1])
+                err = rel_err(y, x.double() @ W.double())
+                assert err < TOL[dtype], f"{case=} {M=} {dtype=} {isa=} seed={seed}: rel err {err:.2e}"
+
+
+@needs_cpu
+@pytest.mark.parametrize("bits", [3, 4])
+def test_cpu_qgemm_llama_shape(bits):
+    qw, qz, s, g_idx = random_layer(4096, 4096, 128, True, bits, seed=torch.seed() % 2**31)
+    layout = kernels.make_layout(qw, qz, s, g_idx, bits, 0)
+    W = dequantize(qw, qz, s.float(), g_idx, bits, 0)
+    x = torch.randn(2, 4096)
+    assert rel_err(kernels.cpu_qgemm(x, layout), x.double() @ W.double()) < TOL[torch.float32]
+
+
+@needs_cpu
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cpu_dequantize_is_exact(layers, bits, isa):
+    for case, layout, W in layers[bits][:4]:
+        assert torch.equal(kernels.cpu_dequantize(layout, torch.float32, isa=isa), W), case
+        assert torch.equal(kernels.cpu_dequantize(layout, torch.bfloat16, isa=isa), W.bfloat16()), case
+
+
+@needs_cpu
+def test_cpu_thread_count_does_not_change_the_result(layers):
+    _, layout, _ = layers[4][-1]
+    x = torch.randn(5, layout.shape[0])
+    ys = [kernels.cpu_qgemm(x, layout, threads=t) for t in (1, 2, 3)]
+    assert torch.equal(ys[0], ys[1]) and torch.equal(ys[0], ys[2])
+
+
+@needs_cpu
+def test_cpu_wrapper_errors(layers):
+    _, layout, _ = layers[4][0]  # K=256, N=96
+    msg = r"x must be a float32 or bfloat16 contiguous CPU tensor \[M, K=256\].*float16"
+    with pytest.raises(ValueError, match=msg):
+        kernels.cpu_qgemm(torch.randn(1, 256).half(), layout)
+    with pytest.raises(ValueError, match=r"\[M, K=256\].*\[2, 128\]"):
+        kernels.cpu_qgemm(torch.randn(2, 128), layout)
+    with pytest.raises(ValueError, match="non-contiguous"):
+        kernels.cpu_qgemm(torch.randn(256, 2).T, layout)
+    with pytest.raises(ValueError, match="on meta"):
+        kernels.cpu_qgemm(torch.randn(1, 256, device="meta"), layout)
+    with pytest.raises(ValueError, match="threads=0"):
+        kernels.cpu_qgemm(torch.randn(1, 256), layout, threads=0)
+    with pytest.raises(ValueError, match="isa='sse'"):
+        kernels.cpu_qgemm(torch.randn(1, 256), layout, isa="sse")
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        kernels.cpu_dequantize(layout, torch.float16)
+
+
+def test_layout_errors():
+    qw, qz, s, g_idx = random_layer(96, 64, 32, False, 4, seed=0)
+    good = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    fields = dict(qweight=good.qweight, scales=good.scales, zeros=good.zeros, row_group=good.row_group, perm=None,
+                  bits=4)
+    with pytest.raises(ValueError, match=r"qweight must be int32 contiguous \[K\*bits/32, N\]=\[12, 64\] on cpu, "
+                                         r"got int64 \[12, 64\]"):
+        kernels.KernelLayout(**{**fields, "qweight": good.qweight.long()})
+    with pytest.raises(ValueError, match=r"qweight .*got int32 non-contiguous \[12, 64\]"):
+        kernels.KernelLayout(**{**fields, "qweight": good.qweight.T.contiguous().T})
+    with pytest.raises(ValueError, match=r"scales must be float32 contiguous \[G, N\]=\[3, 64\].*got float16"):
+        kernels.KernelLayout(**{**fields, "scales": good.scales.half()})
+    with pytest.raises(ValueError, match=r"zeros must be int16 contiguous \[G, N\]=\[3, 64\].*\[3, 32\]"):
+        kernels.KernelLayout(**{**fields, "zeros": good.zeros[:, :32].contiguous()})
+    with pytest.raises(ValueError, match="row_group must be nondecreasing"):
+        kernels.KernelLayout(**{**fields, "row_group": good.row_group.flip(0).contiguous()})
+    with pytest.raises(ValueError, match=r"perm must be int32 contiguous \[K\]=\[96\]"):
+        kernels.KernelLayout(**{**fields, "perm": torch.arange(96)})
+    with pytest.raises(ValueError, match="bits=5"):
+        kernels.KernelLayout(**{**fields, "bits": 5})
+
+
+@needs_cpu
+def test_compiled_module_checks_indices_itself():
+    """The C++ side re-checks the values that index memory (row_group, perm) and raises ValueError."""
+    qw, qz, s, g_idx = random_layer(64, 32, 32, False, 4, seed=0)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    x, out = torch.randn(1, 64), torch.empty(1, 32)
+    bad_group = torch.full((64,), 5, dtype=torch.int32)
+    bad_perm = torch.full((64,), 64, dtype=torch.int32)
+    for rg, pm, msg in ((bad_group, 0, r"row_group\[0\]=5"), (L.row_group, bad_perm.data_ptr(), r"perm\[0\]=64")):
+        with pytest.raises(ValueError, match=msg):
+            kernels._cpu.qgemm(x.data_ptr(), 0, 1, L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(),
+                               rg.data_ptr(), pm, 64, 32, 2, 4, out.data_ptr(), 1, 0)
+
+
+def test_act_order_layout_sorts_rows_and_keeps_inputs():
+    qw, qz, s, g_idx = random_layer(128, 32, 32, True, 4, seed=1)
+    before = qw.clone()
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    assert torch.equal(qw, before)  # the checkpoint tensor is untouched
+    assert L.perm is not None and bool((L.row_group[1:] >= L.row_group[:-1]).all())
+    assert torch.equal(L.row_group, g_idx[L.perm.long()])
+    plain = kernels.make_layout(*random_layer(128, 32, 32, False, 4, seed=1), 4, 1)
+    assert plain.perm is None
+
+
+# --------------------------------------------------------------------------------------------------------- CUDA
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cuda_qgemm_matches_reference(bits):
+    seed = torch.seed()  # fresh layers and activations every run; printed on failure
+    for i, case in enumerate(cases(bits)):
+        qw, qz, s, g_idx = random_layer(*case, bits, seed=(seed + i) % 2**31)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, 0).cuda()
+        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, 0)
+        for M in (1, 2, 5, 16, 20):
+            for dtype in (torch.float16, torch.bfloat16, torch.float32):
+                x = torch.randn(M, case[0], device="cuda").to(dtype)
+                y = kernels.cuda_qgemm(x, L)
+                assert y.dtype == dtype and y.shape == (M, case[1])
+                err = rel_err(y, x.double() @ W.double())
+                assert err < TOL[dtype], f"{case=} {M=} {dtype=} seed={seed}: rel err {err:.2e}"
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cuda_dequantize_is_exact(bits):
+    for i, case in enumerate(cases(bits)):
+        qw, qz, s, g_idx = random_layer(*case, bits, seed=i)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, 0).cuda()
+        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, 0)
+        assert torch.equal(kernels.cuda_dequantize(L, torch.float32), W), case
+        assert torch.equal(kernels.cuda_dequantize(L, torch.float16), W.half()), case
+        assert torch.equal(kernels.cuda_dequantize(L, torch.bfloat16), W.bfloat16()), case
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_cuda_wrapper_errors():
+    qw, qz, s, g_idx = random_layer(256, 96, 64, False, 4, seed=0)
+    L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), 4, 0)
+    with pytest.raises(ValueError, match=r"x must be a float16, bfloat16 or float32 contiguous tensor \[M, K=256\]"):
+        kernels.cuda_qgemm(torch.randn(1, 256), L)  # on the CPU
+    with pytest.raises(ValueError, match="non-contiguous"):
+        kernels.cuda_qgemm(torch.randn(256, 2, device="cuda").T, L)
+    with pytest.raises(ValueError, match="layout must be on a CUDA device"):
+        kernels.cuda_qgemm(torch.randn(1, 256, device="cuda"), kernels.make_layout(qw, qz, s, g_idx, 4, 0))
+
+
+# ------------------------------------------------------------------------------------ CUDA logic, host-emulated
+@pytest.fixture(scope="module")
+def emulated_cuda(tmp_path_factory):
+    """cuda/cuda_qgemm.cu compiled for the host against cuda/emu_cuda.h (EMU_SMS=2: K split over few blocks)."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not found")
+    pybind11 = pytest.importorskip("pybind11")
+    root, out = Path(__file__).resolve().parents[1] / "cuda", tmp_path_factory.mktemp("emu")
+    src = (root / "cuda_qgemm.cu").read_text()
+    cuda_headers = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda_runtime.h>\n"
+    assert cuda_headers in src
+    src = src.replace(cuda_headers, '#include "emu_cuda.h"\n')
+    launch = re.compile(r"([\w:]+(?:<[^<>;]*>)?)<<<([^,]+),\s*([^,]+),\s*[^,]+,\s*[^>]+>>>\((.*?)\);", re.S)
+    src, n = launch.subn(lambda m: f"emu_launch({m[2]}, {m[3]}, [&] {{ {m[1]}({m[4]}); }});", src)
+    assert n == 3, f"expected 3 kernel launches in cuda_qgemm.cu, rewrote {n}"
+    (out / "cuda_qgemm_emu.cpp").write_text(src)
+    so = out / ("_cuda_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-DEMU_SMS=2", f"-I{root}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", str(out / "cuda_qgemm_emu.cpp"), str(root / "cuda_bindings.cpp"),
+           "-o", str(so), "-lpthread"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    spec = importlib.util.spec_from_file_location("emu._cuda_kernels", so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_cuda_kernels_in_host_emulation(emulated_cuda, bits):
+    """The CUDA kernels' logic (not their speed) against the reference, on any machine with g++ >= 11."""
+    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+    seed = torch.seed()
+    for i, case in enumerate(c for c in cases(bits) if c[0] * c[1] <= 2**17):
+        qw, qz, s, g_idx = random_layer(*case, bits, seed=(seed + i) % 2**31)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, 0)
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, 0)
+        (K, N), G = L.shape, L.scales.shape[0]
+        ptrs = (L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(), L.row_group.data_ptr(),
+                0 if L.perm is None else L.perm.data_ptr())
+        for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (5, torch.float32), (18, torch.float16)):
+            x = torch.randn(M, K).to(dtype)
+            y, work = torch.empty(M, N, dtype=dtype), torch.empty(M, N)
+            emulated_cuda.qgemm(x.data_ptr(), codes[dtype], M, *ptrs, K, N, G, bits, work.data_ptr(), y.data_ptr(), 0)
+            err = rel_err(y, x.double() @ W.double())
+            assert err < TOL[dtype], f"{case=} {M=} {dtype=} seed={seed}: rel err {err:.2e}"
+        for dtype in codes:
+            out = torch.empty(K, N, dtype=dtype)
+            emulated_cuda.dequantize(*ptrs, K, N, G, bits, out.data_ptr(), codes[dtype], 0)
+            assert torch.equal(out, W.to(dtype)), (case, dtype)
