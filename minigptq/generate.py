@@ -83,7 +83,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         print(f"note: max_new_tokens lowered from {max_new_tokens} to {ctx_len - T0} to fit the context of "
               f"{ctx_len}", file=sys.stderr)
         max_new_tokens = ctx_len - T0
-    device, dtype = model.embed.weight.device, model.embed.weight.dtype
+    device, dtype = model.embed.weight.device, model.act_dtype
     B, S = len(prompts), T0 + max_new_tokens
     tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S): real tokens, False for left padding
@@ -157,7 +157,7 @@ def main(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
     dtype = args.dtype or ("fp32" if device.type == "cpu" else "fp16")
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype)
     tok = load_tokenizer(args.model)
     prompts = [tok.encode(p) for p in args.prompt]
     eos = tuple(dict.fromkeys(tok.eos_ids + model.cfg.eos_token_ids))
@@ -192,6 +192,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="activation / full-precision weight dtype (default fp32 on CPU, fp16 on CUDA)")
+    p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="store the embedding and lm_head in this dtype (e.g. bf16: half the bytes per token of "
+                        "an fp32 head; default: --dtype)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
     add_debug_flag(p)

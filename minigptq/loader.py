@@ -301,14 +301,23 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
             mod.post_load()
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu") -> Transformer:
+def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
+               head_dtype: str | torch.dtype | None = None) -> Transformer:
     """Load a checkpoint folder (full precision or GPTQ) -> Transformer in eval mode, on `device`.
 
     dtype: fp32/fp16/bf16 for the floating tensors, or None for the checkpoint's own dtype.
+    head_dtype: store the token embedding and lm_head in this dtype instead (e.g. bf16 with fp32 activations:
+    in small models they are most of the bytes read per token); None = dtype.
     """
     ckpt = Checkpoint(path)
     model = build_empty(ckpt)
     load_into(model, ckpt, "", parse_dtype(dtype), device)
+    head_dtype = parse_dtype(head_dtype)
+    if head_dtype is not None:
+        for mod in (model.embed, model.lm_head):
+            mod.weight = nn.Parameter(mod.weight.to(head_dtype), requires_grad=False)
+        if ckpt.cfg.tie_word_embeddings:
+            model.lm_head.weight = model.embed.weight
     model.checkpoint = ckpt  # keeps the memory maps alive as long as the model
     return model.eval()
 

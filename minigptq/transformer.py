@@ -177,10 +177,15 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    @property
+    def act_dtype(self) -> torch.dtype:
+        """Activation dtype: that of the norms (embeddings and lm_head may be stored narrower)."""
+        return self.layers[0].attn_norm.weight.dtype
+
     # -- pieces the quantization driver calls one at a time ------------------------------------------------------
     def embed_tokens(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """tokens, pos (B, T) -> block-0 input (B, T, hidden)."""
-        x = self.embed(tokens)
+        x = self.embed(tokens).to(self.act_dtype)  # the table may be stored narrower (head_dtype in the loader)
         if hasattr(self, "embed_norm"):
             x = self.embed_norm(x)
         if hasattr(self, "proj_in"):
@@ -195,7 +200,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if hasattr(self, "proj_out"):
             x = self.proj_out(x)
-        return self.lm_head(x)
+        w = self.lm_head.weight
+        return self.lm_head(x.to(w.dtype)).to(self.act_dtype)  # (B, T, vocab)
 
     def context(self, B: int, T: int, device, dtype, key_valid: Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0) -> tuple[Context, Tensor]:
@@ -235,7 +241,7 @@ class Transformer(nn.Module):
                 key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:
         """tokens (B, T) at cache slots start..start+T -> logits (B, T, vocab), or (B, 1, vocab) if last_only."""
         B, T = tokens.shape
-        dtype = self.embed.weight.dtype
+        dtype = self.act_dtype
         ctx, pos = self.context(B, T, tokens.device, dtype, key_valid, cache, start)
         x = self.embed_tokens(tokens, pos)
         for block in self.layers:

@@ -1,0 +1,189 @@
+"""Decode benchmark in the paper's way: batch 1, greedy, one token per step with the KV cache, per-step wall time
+(synchronised on a GPU), median over a fixed number of steps; plus weight, KV-cache and peak memory.
+
+Each variant runs in its own process (clean peak-memory figures, no cache warmed by another variant), one after the
+other in the same invocation, so ratios between variants are measured side by side.
+
+CPU, real weights (SmolLM2-135M-Instruct full precision and its GPTQ checkpoints):
+    .venv/bin/python tools/bench_generate.py --q4 models/bench_quality/minigptq-gptq-4bit-g128 \
+        --q3 models/bench_quality/minigptq-gptq-3bit-g128
+GPU, synthetic weights with real shapes (latency does not depend on the values):
+    python tools/bench_generate.py --device cuda --synthetic llama2-7b
+Results: bench/results/generate_<device>_<model>.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from minigptq.config import ModelConfig  # noqa: E402
+from minigptq.generate import generate  # noqa: E402
+from minigptq.loader import load_model, weight_bytes  # noqa: E402
+from minigptq.qlinear import QuantLinear  # noqa: E402
+from minigptq.transformer import Transformer  # noqa: E402
+
+SYNTHETIC = {  # real shapes; OPT-175B is projected from a few of its 96 layers
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, num_layers=32, num_heads=32,
+                      num_kv_heads=32, head_dim=128, intermediate_size=11008, max_positions=4096, norm="rms",
+                      norm_eps=1e-5, positions="rope", activation="silu", gated_mlp=True, qkv_bias=False,
+                      o_bias=False, mlp_bias=False, tie_word_embeddings=False),
+    "opt-175b": dict(model_type="opt", vocab_size=50272, hidden_size=12288, num_layers=96, num_heads=96,
+                     num_kv_heads=96, head_dim=128, intermediate_size=49152, max_positions=2048, norm="layer",
+                     norm_eps=1e-5, positions="learned", activation="relu", gated_mlp=False, qkv_bias=True,
+                     o_bias=True, mlp_bias=True, tie_word_embeddings=True),
+}
+
+
+def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | None) -> Transformer:
+    """A model of real shapes with random weights; linears replaced by random packed QuantLinear if bits."""
+    kw = dict(SYNTHETIC[name])
+    if layers:
+        kw["num_layers"] = layers
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**kw)).to(device=device, dtype=dtype)
+    if bits:
+        for block in model.layers:
+            for mname, lin in list(block.named_modules()):
+                if isinstance(lin, torch.nn.Linear):
+                    ql = QuantLinear(lin.in_features, lin.out_features, bits, 128, lin.bias is not None,
+                                     dtype=torch.float16, device=device)
+                    ql.qweight.random_(-2**31, 2**31 - 1)
+                    ql.qzeros.random_(-2**31, 2**31 - 1)
+                    ql.scales.uniform_(1e-3, 2e-3)
+                    ql.post_load()
+                    parent, _, leaf = mname.rpartition(".")
+                    setattr(block.get_submodule(parent), leaf, ql)
+    return model.eval()
+
+
+def measure(args) -> dict:
+    """One variant in this process -> its figures."""
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.act]
+    if args.synthetic:
+        model = synthetic_model(args.synthetic, args.bits, dtype, device, args.layers)
+    else:
+        model = load_model(args.path, dtype=args.act, device=device, head_dtype=args.head_dtype)
+    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    lin = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    layer_bytes = sum(sum(b.numel() * b.element_size() for b in m.buffers()) for m in quant) + \
+        sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in lin)
+    head = model.lm_head.weight
+    out = {"weight_bytes": weight_bytes(model), "block_linear_bytes": layer_bytes,
+           "head_bytes": head.numel() * head.element_size(), "threads": torch.get_num_threads(), "contexts": {}}
+    out["head_share"] = round(out["head_bytes"] / out["weight_bytes"], 3)
+    g = torch.Generator().manual_seed(0)
+    for ctx in args.contexts:
+        prompt = torch.randint(3, model.cfg.vocab_size, (ctx,), generator=g).tolist()
+        generate(model, [prompt[:16]], max_new_tokens=4)  # warm-up (allocator, kernels, threads)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        _, stats = generate(model, [prompt], max_new_tokens=args.steps + 1)
+        out["contexts"][ctx] = {"prefill_ms": round(stats.prefill_s * 1000, 2),
+                                "median_ms_per_token": round(stats.median_ms, 3),
+                                "p90_ms_per_token": round(1000 * statistics.quantiles(stats.step_s, n=10)[-1], 3),
+                                "kv_cache_bytes": stats.kv_cache_bytes}
+        if device.type == "cuda":
+            out["contexts"][ctx]["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cpu (default) or cuda")
+    p.add_argument("--model", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"), help="full-precision checkpoint")
+    p.add_argument("--q4", default=None, help="4-bit GPTQ checkpoint of --model")
+    p.add_argument("--q3", default=None, help="3-bit GPTQ checkpoint of --model")
+    p.add_argument("--synthetic", choices=sorted(SYNTHETIC), default=None,
+                   help="random weights with this model's real shapes instead of checkpoints (GPU)")
+    p.add_argument("--layers", type=int, default=None, help="with --synthetic: build only this many blocks and "
+                                                            "project the per-token time to the full depth")
+    p.add_argument("--contexts", default="128,512,1024", help="prompt lengths before decoding (default 128,512,1024)")
+    p.add_argument("--steps", type=int, default=32, help="decode steps timed per context (default 32)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
+    p.add_argument("--head-dtype", default="bf16", choices=["fp32", "fp16", "bf16"],
+                   help="dtype of the embedding/lm_head for the quantized variants on CPU (default bf16)")
+    p.add_argument("--out", default=None, help="result JSON (default bench/results/generate_<device>_<model>.json)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
+    args = p.parse_args(argv)
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    if args.one:
+        spec = json.loads(args.one)
+        for k, v in spec.items():
+            setattr(args, k, v)
+        print("RESULT " + json.dumps(measure(args)), flush=True)
+        return
+    if args.device == "cpu":
+        variants = {"fp32": dict(act="fp32", path=args.model, bits=None, head_dtype=None),
+                    "bf16": dict(act="bf16", path=args.model, bits=None, head_dtype=None)}
+        for bits, path in ((4, args.q4), (3, args.q3)):
+            if path or args.synthetic:
+                variants[f"gptq {bits}-bit"] = dict(act="fp32", path=path, bits=bits, head_dtype=args.head_dtype)
+    else:
+        variants = {"fp16": dict(act="fp16", path=args.model, bits=None, head_dtype=None)}
+        for bits, path in ((4, args.q4), (3, args.q3)):
+            if path or args.synthetic:
+                variants[f"gptq {bits}-bit"] = dict(act="fp16", path=path, bits=bits, head_dtype=None)
+    results = {}
+    for name, spec in variants.items():
+        cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
+               str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads", str(args.threads)]
+        if args.synthetic:
+            cmd += ["--synthetic", args.synthetic] + (["--layers", str(args.layers)] if args.layers else [])
+        t = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            raise SystemExit(f"variant {name} failed:\n{r.stderr[-3000:]}")
+        results[name] = json.loads(line[7:])
+        print(f"{name:>12}: " + ", ".join(f"ctx {c}: {v['median_ms_per_token']:.2f} ms/token"
+                                          for c, v in results[name]["contexts"].items())
+              + f" | weights {results[name]['weight_bytes'] / 2**20:.1f} MiB ({time.perf_counter() - t:.0f}s)",
+              flush=True)
+    base = "fp32" if args.device == "cpu" else "fp16"
+    for name, r in results.items():
+        r["speedup_vs_" + base] = {c: round(results[base]["contexts"][c]["median_ms_per_token"] /
+                                            v["median_ms_per_token"], 2) for c, v in r["contexts"].items()}
+        r["block_linear_bytes_ratio_vs_" + base] = round(results[base]["block_linear_bytes"] /
+                                                          r["block_linear_bytes"], 2)
+    if args.synthetic and args.layers:
+        full = SYNTHETIC[args.synthetic]["num_layers"]
+        note = (f"built {args.layers} of {full} blocks; the full model's per-token time is projected as "
+                f"t(layers) * {full}/{args.layers} (embedding/head time included once, a slight overestimate)")
+        for r in results.values():
+            for v in r["contexts"].values():
+                v["projected_full_ms_per_token"] = round(v["median_ms_per_token"] * full / args.layers, 2)
+    else:
+        note = None
+    model_name = args.synthetic or Path(args.model).name
+    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
+    doc = {"benchmark": "generate", "model": model_name, "device": args.device, "date": date.today().isoformat(),
+           "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                       "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+           "versions": {"python": platform.python_version(), "torch": torch.__version__},
+           "protocol": f"batch 1, greedy, prompt of each context length prefilled, then {args.steps} decode steps "
+                       f"timed one by one (synchronised on GPU), median reported", "projection": note,
+           "results": results}
+    out = Path(args.out or ROOT / "bench" / "results" / f"generate_{args.device}_{model_name}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
