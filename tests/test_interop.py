@@ -26,7 +26,7 @@ def run_peer(jobs, tmp_path):
     f = tmp_path / f"jobs-{len(list(tmp_path.glob('jobs-*')))}.json"
     f.write_text(json.dumps(jobs))
     r = subprocess.run([str(PEER_PY), str(ROOT / "tests" / "peer_check.py"), str(f)], capture_output=True, text=True,
-                       timeout=1200, env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"))
+                       timeout=1200, cwd=tmp_path, env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r.stdout
 

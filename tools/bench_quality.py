@@ -30,10 +30,10 @@ from minigptq.data import calibration_windows, eval_windows, tokenize_file  # no
 from minigptq.eval import perplexity  # noqa: E402
 
 
-def run_measured(cmd: list[str], env=None) -> tuple[float, float]:
+def run_measured(cmd: list[str], env=None, cwd=ROOT) -> tuple[float, float]:
     """Run a command -> (wall seconds, peak RSS in MiB of that process)."""
     t = time.perf_counter()
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    p = subprocess.Popen(cmd, cwd=cwd, env=env)
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     if p.returncode != 0:
@@ -92,7 +92,7 @@ def main(argv=None) -> None:
                 import shutil
                 shutil.rmtree(out)
             wall, rss = run_measured([str(peer), str(ROOT / "tests" / "peer_check.py"), str(jobs)],
-                                     env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"))
+                                     env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"), cwd=work)
             results[f"gptqmodel gptq {tag}"] = {"ppl": ppl(out), "quant_s": round(wall, 1),
                                                 "peak_rss_mib": round(rss)}
     peer_version = subprocess.run([str(peer), "-c", "import gptqmodel; print(gptqmodel.__version__)"],
