@@ -60,11 +60,6 @@ def can_pack(in_features: int, out_features: int, bits: int) -> str | None:
     return None
 
 
-def _to_int32(words: Tensor) -> Tensor:
-    """uint32 values held in int64 -> the same bit patterns as int32."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def pack_rows(q: Tensor, bits: int) -> Tensor:
     """Integer codes [K, N] in [0, 2^bits - 1] -> int32 [K*bits/32, N] packed along K (the qweight layout)."""
     values, words = _block(bits)
@@ -77,15 +72,14 @@ def pack_rows(q: Tensor, bits: int) -> Tensor:
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > maxq):
         raise ValueError(f"{bits}-bit codes must lie in [0, {maxq}], got [{int(q.min())}, {int(q.max())}]")
     K, N = q.shape
-    q = q.to(torch.int64).reshape(K // values, values, N)  # (blocks, values per block, N)
-    out = torch.zeros(K // values, words, N, dtype=torch.int64, device=q.device)
-    for j in range(values):
-        bit = bits * j
-        w, shift = divmod(bit, 32)
-        out[:, w] |= (q[:, j] << shift) & 0xFFFFFFFF
+    q = q.to(torch.int32).reshape(K // values, values, N)  # (blocks, values per block, N)
+    out = torch.zeros(K // values, words, N, dtype=torch.int32, device=q.device)
+    for j in range(values):  # int32 shifts wrap like uint32 ones: the bit patterns are what is stored
+        w, shift = divmod(bits * j, 32)
+        out[:, w] |= q[:, j] << shift
         if shift + bits > 32:  # 3-bit v10 / v21: the high part goes to the low bits of the next word
             out[:, w + 1] |= q[:, j] >> (32 - shift)
-    return _to_int32(out.reshape(K // values * words, N))  # (K*bits/32, N)
+    return out.reshape(K // values * words, N)  # (K*bits/32, N)
 
 
 def unpack_rows(packed: Tensor, bits: int, K: int) -> Tensor:
@@ -95,16 +89,17 @@ def unpack_rows(packed: Tensor, bits: int, K: int) -> Tensor:
         raise ValueError(f"packed {bits}-bit rows for K={K} must have shape [{K * bits // 32}, N] with K divisible "
                          f"by {values}, got {list(packed.shape)}")
     N = packed.shape[1]
-    w = (packed.to(torch.int64) & 0xFFFFFFFF).reshape(K // values, words, N)  # uint32 values, no sign extension
+    w = packed.to(torch.int32).reshape(K // values, words, N)
     mask = 2**bits - 1
-    out = []
+    out = torch.empty(K // values, values, N, dtype=torch.int32, device=packed.device)
     for j in range(values):
         wi, shift = divmod(bits * j, 32)
-        v = w[:, wi] >> shift
-        if shift + bits > 32:
-            v = v | (w[:, wi + 1] << (32 - shift))
-        out.append(v & mask)
-    return torch.stack(out, dim=1).reshape(K, N).to(torch.int32)  # (K/values, values, N) -> (K, N)
+        if shift + bits <= 32:
+            out[:, j] = (w[:, wi] >> shift) & mask  # mask after the (sign-extending) shift
+        else:  # low bits from the top of word wi (masked: >> sign-extends), high bits from word wi + 1
+            low = (w[:, wi] >> shift) & (2 ** (32 - shift) - 1)
+            out[:, j] = (low | (w[:, wi + 1] << (32 - shift))) & mask
+    return out.reshape(K, N)  # (K/values, values, N) -> (K, N)
 
 
 def pack_cols(z: Tensor, bits: int) -> Tensor:

@@ -1,0 +1,57 @@
+// pybind11 module minigptq._cpu_kernels: raw pointers (tensor.data_ptr()) and sizes in, nothing allocated here.
+// minigptq/kernels.py checks dtypes, shapes and contiguity before calling; C++ exceptions of type
+// std::invalid_argument arrive in Python as ValueError. The GIL is released while a kernel runs.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+
+#include "cpu_qgemm.h"
+
+namespace py = pybind11;
+using namespace minigptq;
+
+namespace {
+QWeight make_weight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm,
+                    int64_t K, int64_t N, int64_t G, int bits) {
+  return QWeight{reinterpret_cast<const uint32_t*>(qweight), reinterpret_cast<const float*>(scales),
+                 reinterpret_cast<const int16_t*>(zeros),    reinterpret_cast<const int32_t*>(row_group),
+                 reinterpret_cast<const int32_t*>(perm),     K, N, G, bits};
+}
+}  // namespace
+
+PYBIND11_MODULE(_cpu_kernels, m) {
+  m.doc() = "GPTQ CPU kernels (fused dequantize + matmul, dequantize); use minigptq.kernels, not this module.";
+  m.def(
+      "qgemm",
+      [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         uintptr_t row_group, uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits, uintptr_t out,
+         int threads, int isa) {
+        qgemm(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<const void*>(x),
+              DType(dtype), M, reinterpret_cast<void*>(out), threads, Isa(isa));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("row_group"), py::arg("perm"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("bits"),
+      py::arg("out"), py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
+      "out[M, N] = x[M, K] @ W (dtype 0 = fp32, 2 = bf16 for x and out); perm = 0 for none; isa 0 = auto.");
+  m.def(
+      "dequantize",
+      [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm, int64_t K,
+         int64_t N, int64_t G, int bits, uintptr_t out, int dtype, int threads, int isa) {
+        dequantize(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<void*>(out),
+                   DType(dtype), threads, Isa(isa));
+      },
+      py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("row_group"), py::arg("perm"), py::arg("K"),
+      py::arg("N"), py::arg("G"), py::arg("bits"), py::arg("out"), py::arg("dtype"), py::arg("threads"),
+      py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
+      "out[K, N] = the dequantized weight in checkpoint row order (dtype 0 = fp32, 2 = bf16).");
+  m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
+  m.def(
+      "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },
+      "Name of the instruction set a request (0 auto, 1 scalar, 2 avx2, 3 avx512) runs; ValueError if unavailable.");
+#ifdef _OPENMP
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+}

@@ -1,0 +1,228 @@
+// The instruction-set-neutral part of the CPU kernels: argument checks, staging of x (dtype conversion and the
+// act-order permutation), the split of rows into chunks and of columns into per-thread panels, and the portable
+// scalar build of the hot loop. The hot loop itself is cpu_qgemm_simd.inc.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "cpu_qgemm.h"
+#include "cpu_qgemm_detail.h"
+
+namespace minigptq {
+
+// ---------------------------------------------------------------------------- portable scalar build (1 lane)
+namespace detail::scalar {
+struct V {
+  using f = float;
+  using i = uint32_t;
+  using m = bool;
+  static constexpr int L = 1, TW = 4, MB = 4;
+  static inline m mask(int valid) { return valid > 0; }
+  static inline i load_w(const uint32_t* p, m k) { return k ? *p : 0u; }
+  static inline f load_f(const float* p, m k) { return k ? *p : 0.f; }
+  static inline void store_f(float* p, f v, m k) { if (k) *p = v; }
+  static inline f load_z(const int16_t* p, m k, int) { return k ? float(*p) : 0.f; }
+  static inline f zero() { return 0.f; }
+  static inline f set1(float a) { return a; }
+  static inline f fmadd(f a, f b, f c) { return a * b + c; }
+  static inline f fnmadd(f a, f b, f c) { return c - a * b; }
+  static inline f mul(f a, f b) { return a * b; }
+  template <int S> static inline i srli(i v) { return v >> S; }
+  template <int S> static inline i slli(i v) { return v << S; }
+  static inline i srl(i v, int s) { return v >> s; }
+  static inline i sll(i v, int s) { return v << s; }
+  static inline i or_(i a, i b) { return a | b; }
+  template <int BITS> static inline f codes(i v) { return float(v & ((1u << BITS) - 1)); }
+};
+#include "cpu_qgemm_simd.inc"
+}  // namespace detail::scalar
+
+#if !(defined(__x86_64__) || defined(_M_X64))
+namespace detail::avx2 { Kernels kernels() { return scalar::kernels(); } }
+namespace detail::avx512 { Kernels kernels() { return scalar::kernels(); } }
+#endif
+
+namespace {
+
+using detail::Chunk;
+
+inline float bf16_to_f32(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, like torch's .to(torch.bfloat16)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // NaN stays a (quiet) NaN
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+bool cpu_has(Isa isa) {
+#if defined(__x86_64__) || defined(_M_X64)
+  __builtin_cpu_init();
+  if (isa == Isa::Avx2) return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::Avx512)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+#endif
+  return isa == Isa::Scalar;
+}
+
+const detail::Kernels& kernels_for(Isa isa) {
+  static const detail::Kernels scalar = detail::scalar::kernels(), avx2 = detail::avx2::kernels(),
+                               avx512 = detail::avx512::kernels();
+  return isa == Isa::Avx512 ? avx512 : isa == Isa::Avx2 ? avx2 : scalar;
+}
+
+void invalid(const std::string& what) { throw std::invalid_argument(what); }
+
+// Sizes, then one pass over row_group / perm: their values index memory, so they are checked on every call
+// (O(K), negligible next to the O(K*N) kernel). Returns the chunks of the sorted rows.
+std::vector<Chunk> check_and_chunk(const QWeight& w) {
+  if (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8)
+    invalid("bits=" + std::to_string(w.bits) + " is not supported; valid: 2, 3, 4, 8");
+  const int64_t unit = w.bits == 3 ? 32 : 32 / w.bits;
+  if (w.K <= 0 || w.N <= 0 || w.G <= 0 || w.K % unit)
+    invalid("K=" + std::to_string(w.K) + ", N=" + std::to_string(w.N) + ", G=" + std::to_string(w.G) +
+            ": K must be a positive multiple of " + std::to_string(unit) + " for " + std::to_string(w.bits) +
+            "-bit, N and G positive");
+  std::vector<Chunk> chunks;
+  int32_t prev = 0;
+  for (int64_t r = 0; r < w.K; ++r) {
+    const int32_t g = w.row_group[r];
+    if (g < prev || g >= w.G)
+      invalid("row_group[" + std::to_string(r) + "]=" + std::to_string(g) + " must be nondecreasing and in [0, " +
+              std::to_string(w.G) + ")");
+    if (w.perm && (w.perm[r] < 0 || w.perm[r] >= w.K))
+      invalid("perm[" + std::to_string(r) + "]=" + std::to_string(w.perm[r]) + " is outside [0, " +
+              std::to_string(w.K) + ")");
+    if (r == 0 || g != prev || r % detail::kChunkRows == 0) chunks.push_back({int32_t(r), int32_t(r), g});
+    chunks.back().r1 = int32_t(r + 1);
+    prev = g;
+  }
+  return chunks;
+}
+
+int clamp_threads(int threads, int64_t work_items) {
+#ifdef _OPENMP
+  return int(std::max<int64_t>(1, std::min<int64_t>(threads, work_items)));
+#else
+  (void)threads, (void)work_items;
+  return 1;
+#endif
+}
+
+void check_dtype(DType dtype) {
+  if (dtype != DType::F32 && dtype != DType::BF16)
+    invalid("dtype code " + std::to_string(int(dtype)) + " is not supported on the CPU; valid: 0 (fp32), 2 (bf16)");
+}
+
+}  // namespace
+
+std::string isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+    default: return "auto";
+  }
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+    if (cpu_has(isa)) out.push_back(isa_name(isa));
+  return out;
+}
+
+Isa resolve_isa(Isa requested) {
+  if (requested == Isa::Auto) return cpu_has(Isa::Avx512) ? Isa::Avx512 : cpu_has(Isa::Avx2) ? Isa::Avx2 : Isa::Scalar;
+  if (!cpu_has(requested)) invalid("instruction set " + isa_name(requested) + " is not available on this CPU");
+  return requested;
+}
+
+void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa) {
+  check_dtype(dtype);
+  if (M <= 0) invalid("M=" + std::to_string(M) + " must be positive");
+  const std::vector<Chunk> chunks = check_and_chunk(w);
+  const detail::Kernels& kern = kernels_for(resolve_isa(isa));
+  const int64_t K = w.K, N = w.N, C = int64_t(chunks.size());
+
+  // Stage x: fp32, sorted row order, and its sum over each chunk (for the zero-point term).
+  thread_local std::vector<float> xs, xsum, ytmp;
+  xs.resize(M * K);
+  xsum.assign(M * C, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    float* dst = xs.data() + m * K;
+    for (int64_t r = 0; r < K; ++r) {
+      const int64_t src = m * K + (w.perm ? w.perm[r] : r);
+      dst[r] = dtype == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[src])
+                                    : static_cast<const float*>(x)[src];
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      float s = 0.f;
+      for (int32_t r = chunks[c].r0; r < chunks[c].r1; ++r) s += dst[r];
+      xsum[m * C + c] = s;
+    }
+  }
+  const detail::Problem p{&w, xs.data(), xsum.data(), chunks.data(), C, M};
+
+  // Columns -> panels of whole register tiles, a multiple of the thread count, at most ~kPanelCols wide.
+  constexpr int64_t kPanelCols = 1024;
+  const int64_t tile = kern.tile_cols, tiles = (N + tile - 1) / tile;
+  const int nt = clamp_threads(threads, tiles);
+  int64_t panels = std::max<int64_t>(nt, (tiles * tile + kPanelCols - 1) / kPanelCols);
+  panels = std::min(tiles, (panels + nt - 1) / nt * nt);
+  const int64_t panel_cols = (tiles + panels - 1) / panels * tile;
+  panels = (N + panel_cols - 1) / panel_cols;
+
+  float* y = static_cast<float*>(out);
+  if (dtype == DType::BF16) {
+    ytmp.resize(M * N);
+    y = ytmp.data();
+  }
+  const detail::PanelFn panel = kern.panel[w.bits];
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < panels; ++i) panel(p, i * panel_cols, std::min(N, (i + 1) * panel_cols), y);
+
+  if (dtype == DType::BF16) {
+    uint16_t* o = static_cast<uint16_t*>(out);
+    for (int64_t i = 0; i < M * N; ++i) o[i] = f32_to_bf16(y[i]);
+  }
+}
+
+void dequantize(const QWeight& w, void* out, DType dtype, int threads, Isa isa) {
+  check_dtype(dtype);
+  check_and_chunk(w);
+  const detail::DequantRowFn row_fn = kernels_for(resolve_isa(isa)).dequant[w.bits];
+  const int64_t K = w.K, N = w.N;
+  const int nt = clamp_threads(threads, K);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> row(dtype == DType::BF16 ? N : 0);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < K; ++r) {
+      const int64_t dst = w.perm ? w.perm[r] : r;  // back to checkpoint row order
+      if (dtype == DType::F32) {
+        row_fn(w, r, static_cast<float*>(out) + dst * N);
+      } else {
+        row_fn(w, r, row.data());
+        uint16_t* o = static_cast<uint16_t*>(out) + dst * N;
+        for (int64_t n = 0; n < N; ++n) o[n] = f32_to_bf16(row[n]);
+      }
+    }
+  }
+}
+
+}  // namespace minigptq

@@ -1,0 +1,130 @@
+// The x86 builds of the hot loop (cpu_qgemm_simd.inc): AVX2+FMA (8 lanes) and AVX-512 (16 lanes).
+// Each is compiled under a target pragma, so the file builds with the baseline -march and the driver picks one at
+// run time with __builtin_cpu_supports: a wheel built here also runs on CPUs without AVX-512.
+// Only code defined between push and pop gets the instruction set; all headers are included before.
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+#include <utility>
+
+#include "cpu_qgemm_detail.h"
+
+namespace minigptq::detail {
+
+// ---------------------------------------------------------------------------------------------- AVX2 + FMA
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+namespace avx2 {
+struct V {
+  using f = __m256;
+  using i = __m256i;
+  struct m {  // lane mask and the number of valid lanes (full vectors take the plain load)
+    __m256i v;
+    int n;
+  };
+  static constexpr int L = 8, TW = 2, MB = 2;  // 16 ymm registers: 4 accumulators + words + codes
+
+  static inline m mask(int valid) {
+    return {_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), valid};
+  }
+  static inline i load_w(const uint32_t* p, m k) {
+    return k.n == L ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                    : _mm256_maskload_epi32(reinterpret_cast<const int*>(p), k.v);
+  }
+  static inline f load_f(const float* p, m k) { return k.n == L ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, k.v); }
+  static inline void store_f(float* p, f v, m k) {
+    if (k.n == L) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, k.v, v);
+  }
+  static inline f load_z(const int16_t* p, m k, int valid) {
+    alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const int16_t* src = p;
+    if (k.n != L) {
+      std::memcpy(tmp, p, sizeof(int16_t) * valid);
+      src = tmp;
+    }
+    const __m128i z16 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(z16));
+  }
+  static inline f zero() { return _mm256_setzero_ps(); }
+  static inline f set1(float a) { return _mm256_set1_ps(a); }
+  static inline f fmadd(f a, f b, f c) { return _mm256_fmadd_ps(a, b, c); }
+  static inline f fnmadd(f a, f b, f c) { return _mm256_fnmadd_ps(a, b, c); }
+  static inline f mul(f a, f b) { return _mm256_mul_ps(a, b); }
+  template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
+  template <int S> static inline i slli(i v) { return _mm256_slli_epi32(v, S); }
+  static inline i srl(i v, int s) { return _mm256_srl_epi32(v, _mm_cvtsi32_si128(s)); }
+  static inline i sll(i v, int s) { return _mm256_sll_epi32(v, _mm_cvtsi32_si128(s)); }
+  static inline i or_(i a, i b) { return _mm256_or_si256(a, b); }
+  template <int BITS> static inline f codes(i v) {
+    if constexpr (BITS <= 3) {  // vpermps reads the low 3 bits of each lane: a table lookup is mask + convert
+      constexpr int M = (1 << BITS) - 1;
+      return _mm256_permutevar8x32_ps(_mm256_setr_ps(0 & M, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M), v);
+    } else {
+      return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32((1 << BITS) - 1)));
+    }
+  }
+};
+#include "cpu_qgemm_simd.inc"
+}  // namespace avx2
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ------------------------------------------------------------------------------------------- AVX-512 F/BW/VL
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#endif
+namespace avx512 {
+struct V {
+  using f = __m512;
+  using i = __m512i;
+  using m = __mmask16;
+  static constexpr int L = 16, TW = 4, MB = 4;  // 32 zmm registers: 16 accumulators + words + codes
+
+  static inline m mask(int valid) { return valid >= L ? m(0xFFFF) : m((1u << valid) - 1); }
+  static inline i load_w(const uint32_t* p, m k) { return _mm512_maskz_loadu_epi32(k, p); }
+  static inline f load_f(const float* p, m k) { return _mm512_maskz_loadu_ps(k, p); }
+  static inline void store_f(float* p, f v, m k) { _mm512_mask_storeu_ps(p, k, v); }
+  static inline f load_z(const int16_t* p, m k, int) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, p)));
+  }
+  static inline f zero() { return _mm512_setzero_ps(); }
+  static inline f set1(float a) { return _mm512_set1_ps(a); }
+  static inline f fmadd(f a, f b, f c) { return _mm512_fmadd_ps(a, b, c); }
+  static inline f fnmadd(f a, f b, f c) { return _mm512_fnmadd_ps(a, b, c); }
+  static inline f mul(f a, f b) { return _mm512_mul_ps(a, b); }
+  template <int S> static inline i srli(i v) { return _mm512_srli_epi32(v, S); }
+  template <int S> static inline i slli(i v) { return _mm512_slli_epi32(v, S); }
+  static inline i srl(i v, int s) { return _mm512_srl_epi32(v, _mm_cvtsi32_si128(s)); }
+  static inline i sll(i v, int s) { return _mm512_sll_epi32(v, _mm_cvtsi32_si128(s)); }
+  static inline i or_(i a, i b) { return _mm512_or_si512(a, b); }
+  template <int BITS> static inline f codes(i v) {
+    if constexpr (BITS <= 4) {  // vpermps reads the low 4 bits of each lane: one table lookup replaces and+cvt
+      constexpr int M = (1 << BITS) - 1;
+      const f lut = _mm512_setr_ps(0 & M, 1 & M, 2 & M, 3 & M, 4 & M, 5 & M, 6 & M, 7 & M, 8 & M, 9 & M, 10 & M,
+                                   11 & M, 12 & M, 13 & M, 14 & M, 15 & M);
+      return _mm512_permutexvar_ps(v, lut);
+    } else {
+      return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(255)));
+    }
+  }
+};
+#include "cpu_qgemm_simd.inc"
+}  // namespace avx512
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+}  // namespace minigptq::detail

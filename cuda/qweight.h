@@ -1,0 +1,23 @@
+// The kernel layout of one quantized linear, shared by the CPU and CUDA kernels. QuantLinear.post_load builds it
+// from the checkpoint tensors (minigptq/kernels.py:make_layout); the checkpoint tensors themselves stay untouched.
+// "Sorted" rows: the K input rows reordered so that each group is one contiguous run (act-order undone); when
+// g_idx is already nondecreasing the sorted order is the checkpoint order and perm is null.
+#pragma once
+#include <cstdint>
+
+namespace minigptq {
+
+struct QWeight {
+  const uint32_t* qweight;   // [K*bits/32, N] codes packed along K (GPTQ layout), rows in sorted order
+  const float* scales;       // [G, N] fp32 scales
+  const int16_t* zeros;      // [G, N] zero points as plain integers (checkpoint_format's +1 already added)
+  const int32_t* row_group;  // [K] group of each sorted row; nondecreasing, in [0, G)
+  const int32_t* perm;       // [K] checkpoint row of each sorted row, or nullptr for the identity
+  int64_t K, N, G;
+  int bits;                  // 2, 3, 4 or 8
+};
+
+// Element type of activations and outputs (the codes minigptq/kernels.py passes).
+enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
+
+}  // namespace minigptq
