@@ -55,6 +55,8 @@ def can_pack(in_features: int, out_features: int, bits: int) -> str | None:
         return f"bits={bits} is not supported; valid: {VALID_BITS}"
     values, _ = _block(bits)
     for name, size in (("in_features", in_features), ("out_features", out_features)):
+        if size < 1:
+            return f"{name}={size} must be positive"
         if size % values:
             return f"{name}={size} must be divisible by {values} for {bits}-bit packing"
     return None
@@ -132,4 +134,7 @@ def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, b
     if zero.shape[0] != G:
         raise ValueError(f"qzeros has {zero.shape[0]} groups but scales has {G}")
     g = g_idx.long()  # (K,)
+    if K and (int(g.min()) < 0 or int(g.max()) >= G):
+        raise ValueError(f"g_idx values must lie in [0, {G}) (the number of groups), got [{int(g.min())}, "
+                         f"{int(g.max())}]")
     return scales[g] * (q - zero[g]).to(scales.dtype)  # (K, N); |q - zero| <= 256 is exact in fp16/bf16

@@ -280,7 +280,48 @@ def test_fuzz_safetensors_reader(tmp_path_factory, blob):
         assert str(path) in str(e)
 
 
+UNPACK_CASES = {"n": 0}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(bits=st.sampled_from([2, 3, 4, 8, 5]), K=st.integers(0, 96), N=st.integers(0, 40),
+       rows=st.integers(0, 12), cols=st.integers(0, 12), groups=st.integers(0, 4), gmax=st.integers(-2, 6),
+       seed=st.integers(0, 2**31 - 1), bias=st.booleans())
+def test_fuzz_unpacker_and_quantlinear(bits, K, N, rows, cols, groups, gmax, seed, bias):
+    """Random, often inconsistent packed tensors: unpacking and QuantLinear loading either work or raise ValueError."""
+    from minigptq.pack import dequantize, unpack_cols, unpack_rows
+    from minigptq.qlinear import QuantLinear
+    UNPACK_CASES["n"] += 1
+    g = torch.Generator().manual_seed(seed)
+    qweight = torch.randint(-2**31, 2**31 - 1, (rows, N), generator=g, dtype=torch.int32)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (groups, cols), generator=g, dtype=torch.int32)
+    scales = torch.rand(groups, N, generator=g).half()
+    g_idx = torch.randint(min(gmax, 0), max(gmax, 1), (K,), generator=g, dtype=torch.int32)
+    try:
+        q = unpack_rows(qweight, bits, K)
+        assert q.shape == (K, N) and (q.numel() == 0 or (0 <= int(q.min()) and int(q.max()) < 2**bits))
+        z = unpack_cols(qzeros, bits, N)
+        assert z.shape == (groups, N)
+        w = dequantize(qweight, qzeros, scales, g_idx, bits, 1)
+        assert w.shape == (K, N)
+    except ValueError as e:
+        assert str(e)
+    try:
+        ql = QuantLinear(K, N, bits, 32, bias, dtype=torch.float16)
+        state = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+        if bias:
+            state["bias"] = torch.zeros(N, dtype=torch.float16)
+        for name, value in state.items():
+            setattr(ql, name, value)
+        ql.post_load()
+        y = ql(torch.randn(2, K, generator=g))
+        assert y.shape == (2, N) and torch.isfinite(y).all()
+    except ValueError as e:
+        assert str(e)
+
+
 def test_fuzz_report():
-    """Runs after the fuzz test (file order): report how many cases ran."""
-    print(f"\nfuzzed the safetensors reader with {CASES['n']} inputs")
-    assert CASES["n"] >= 300
+    """Runs after the fuzz tests (file order): report how many cases ran."""
+    print(f"\nfuzzed the safetensors reader with {CASES['n']} inputs and the unpacker/QuantLinear with "
+          f"{UNPACK_CASES['n']}")
+    assert CASES["n"] >= 300 and UNPACK_CASES["n"] >= 300
