@@ -135,8 +135,8 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
         bad = next((j for j, y in enumerate(nxt) if not torch.isfinite(y).all()), None)
         if bad is not None:
             raise ValueError(f"non-finite activations (NaN/Inf) at the output of block {i} "
-                             f"({to_hf[f'layers.{i}'] if f'layers.{i}' in to_hf else i}) for calibration window "
-                             f"{bad}; the checkpoint's weights or the chosen dtype overflow")
+                             f"({ckpt.arch.layer_prefix.format(i=i).rstrip('.')}) for calibration window {bad}; "
+                             f"the checkpoint's weights overflow or contain NaN/Inf")
         xs = nxt
         if i not in done:
             run.save_block(i, tensors, records)

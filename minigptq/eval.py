@@ -13,7 +13,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .cli import add_debug_flag, run
+from .cli import add_debug_flag, add_device_flags, resolve_device, run
 from .data import eval_windows, tokenize_file
 
 
@@ -39,10 +39,8 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model
     from .tokenizer import load_tokenizer
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
-    model = load_model(args.model, dtype=args.dtype or ("fp32" if device.type == "cpu" else "fp16"), device=device)
+    device, dtype = resolve_device(args.device, args.dtype)
+    model = load_model(args.model, dtype=dtype, device=device)
     seqlen = min(args.seqlen, model.cfg.max_positions)
     if args.seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
@@ -61,9 +59,7 @@ def parser() -> argparse.ArgumentParser:
                                                     "wiki.test.raw) or a .jsonl file with a \"text\" field")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048, capped at the context)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="activation dtype (default fp32 on CPU, fp16 on CUDA)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    add_device_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_debug_flag(p)
     return p

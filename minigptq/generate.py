@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .cli import add_debug_flag, run
+from .cli import add_debug_flag, add_device_flags, resolve_device, run
 from .transformer import KVCache, Transformer
 
 
@@ -153,10 +153,7 @@ class TextStream:
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model, weight_bytes
     from .tokenizer import load_tokenizer
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
-    dtype = args.dtype or ("fp32" if device.type == "cpu" else "fp16")
+    device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype)
     tok = load_tokenizer(args.model)
     prompts = [tok.encode(p) for p in args.prompt]
@@ -190,12 +187,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="activation / full-precision weight dtype (default fp32 on CPU, fp16 on CUDA)")
+    add_device_flags(p)
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="store the embedding and lm_head in this dtype (e.g. bf16: half the bytes per token of "
                         "an fp32 head; default: --dtype)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
     add_debug_flag(p)
     return p

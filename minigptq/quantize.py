@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import PartialRun
-from .cli import USER_ERRORS, add_debug_flag, run
+from .cli import USER_ERRORS, add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
 
 __version__ = "0.1.0"
@@ -83,9 +83,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
         raise ValueError(f"--nsamples must be >= 1, got {nsamples}")
     if seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {seqlen}")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
+    device, _ = resolve_device(device)
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
         raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")

@@ -145,6 +145,15 @@ def test_nan_in_weights_names_the_layer(tmp_path):
     nothing_written(tmp_path, tmp_path / "q")
 
 
+def test_inf_activations_name_the_block(tmp_path):
+    m = copy_model(tmp_path)
+    _rewrite_tensors(m / "model.safetensors", lambda sd: dict(sd, **{
+        "model.layers.0.post_attention_layernorm.weight": torch.full((64,), 3e38)}))  # overflows to inf in fp32
+    r = quant(m, tmp_path / "q", "--dataset", str(WIKI_VALID))
+    assert_clean_error(r, "non-finite activations", "block 0", "model.layers.0")
+    nothing_written(tmp_path, tmp_path / "q")
+
+
 def test_existing_out_is_refused(tmp_path):
     out = tmp_path / "q"
     out.mkdir()
