@@ -135,3 +135,17 @@ def test_generate_cli_errors_are_one_line():
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: model folder") and "Traceback" not in out.stderr
+
+
+def test_sharded_safetensors_and_requested_dtype(hf_checkpoints, tmp_path):
+    """A checkpoint split into shards with model.safetensors.index.json loads to the same logits."""
+    import transformers as tf
+    src = hf_checkpoints("opt-350m-style")
+    tf.AutoModelForCausalLM.from_pretrained(src).save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    tokens = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        a = load_model(tmp_path / "sharded", dtype="fp32")(tokens)
+        b = load_model(src, dtype="fp32")(tokens)
+    assert torch.equal(a, b)

@@ -124,3 +124,21 @@ def test_quantize_cli_runs_and_refuses_existing_out(tmp_path):
                         "--max-new-tokens", "8"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert g.returncode == 0, g.stderr
     assert "QuantLinear" in g.stderr and "MiB" in g.stderr
+
+
+def test_sharded_output(hf_checkpoints, tmp_path, monkeypatch):
+    """Past the shard size the writer splits the checkpoint and writes an index; the loader reads it back."""
+    import minigptq.checkpoint as ck
+    src = hf_checkpoints("bloom")
+    monkeypatch.setattr(ck, "SHARD_BYTES", 64 * 1024)
+    out = quantize_model(src, tmp_path / "q", qcfg=QuantConfig(bits=4, group_size=32), dataset=calib_file(tmp_path, src),
+                         nsamples=2, seqlen=32, **QUIET)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and not (out / "model.safetensors").exists()
+    monkeypatch.setattr(ck, "SHARD_BYTES", 4 * 2**30)
+    single = quantize_model(src, tmp_path / "q1", qcfg=QuantConfig(bits=4, group_size=32),
+                            dataset=calib_file(tmp_path, src), nsamples=2, seqlen=32, **QUIET)
+    tokens = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        assert torch.equal(load_model(out, dtype="fp32")(tokens), load_model(single, dtype="fp32")(tokens))
