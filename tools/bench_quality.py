@@ -31,14 +31,24 @@ from minigptq.eval import perplexity  # noqa: E402
 
 
 def run_measured(cmd: list[str], env=None, cwd=ROOT) -> tuple[float, float]:
-    """Run a command -> (wall seconds, peak RSS in MiB of that process)."""
+    """Run a command -> (wall seconds, peak resident memory in MiB of that process).
+
+    The peak is the child's own VmHWM, polled from /proc: getrusage/wait4 would report the parent's high-water
+    mark too, since Linux carries it across fork+exec.
+    """
     t = time.perf_counter()
     p = subprocess.Popen(cmd, cwd=cwd, env=env)
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
+    peak_kib = 0
+    while p.poll() is None:
+        try:
+            status = Path(f"/proc/{p.pid}/status").read_text()
+            peak_kib = max(peak_kib, int(status.split("VmHWM:")[1].split()[0]))
+        except (OSError, IndexError, ValueError):
+            pass  # the process is exiting
+        time.sleep(0.1)
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed with exit code {p.returncode}")
-    return time.perf_counter() - t, usage.ru_maxrss / 1024
+    return time.perf_counter() - t, peak_kib / 1024
 
 
 def main(argv=None) -> None:
@@ -52,6 +62,7 @@ def main(argv=None) -> None:
     p.add_argument("--seqlen", type=int, default=512, help="calibration window length (default 512)")
     p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows of 2048 tokens (default 8)")
     p.add_argument("--configs", default="4:128,3:128,3:-1", help="bits:groupsize list (default 4:128,3:128,3:-1)")
+    p.add_argument("--methods", default="rtn,gptq", help="minigptq methods to run (default rtn,gptq)")
     p.add_argument("--work", default=str(ROOT / "models" / "bench_quality"), help="folder for the checkpoints")
     p.add_argument("--no-peer", action="store_true", help="skip GPTQModel")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality_smollm2.json"), help="result JSON")
@@ -74,7 +85,7 @@ def main(argv=None) -> None:
     for spec in args.configs.split(","):
         bits, gs = map(int, spec.split(":"))
         tag = f"{bits}bit-g{gs}" if gs > 0 else f"{bits}bit-perchannel"
-        for method in ("rtn", "gptq"):
+        for method in args.methods.split(","):
             out = work / f"minigptq-{method}-{tag}"
             wall, rss = run_measured([py, "-m", "minigptq.quantize", "--model", args.model, "--out", str(out),
                                       "--bits", str(bits), "--groupsize", str(gs), "--method", method,
@@ -96,7 +107,7 @@ def main(argv=None) -> None:
             results[f"gptqmodel gptq {tag}"] = {"ppl": ppl(out), "quant_s": round(wall, 1),
                                                 "peak_rss_mib": round(rss)}
     peer_version = subprocess.run([str(peer), "-c", "import gptqmodel; print(gptqmodel.__version__)"],
-                                  capture_output=True, text=True).stdout.strip() if peer.exists() else None
+                                  capture_output=True, text=True).stdout.strip().splitlines()[-1] if peer.exists() else None
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
     doc = {"benchmark": "quality", "model": Path(args.model).name, "date": date.today().isoformat(),
            "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform()},

