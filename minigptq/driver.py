@@ -104,15 +104,19 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
             tensors, records, skip = {}, [], set()
             for group in ckpt.arch.sequential:
                 linears = {name: block.get_submodule(name) for name in group}
-                H = _hessian_pass(block, list(linears.values()), xs, ctx)
+                unpackable = {name: can_pack(lin.in_features, lin.out_features, qcfg.bits)
+                              for name, lin in linears.items()}
+                if all(unpackable.values()):
+                    H = None  # nothing in this group will be solved
+                else:
+                    H = _hessian_pass(block, list(linears.values()), xs, ctx)
                 for name, lin in linears.items():
                     hf = to_hf[f"layers.{i}.{name}"]
                     t0 = time.perf_counter()
-                    reason = can_pack(lin.in_features, lin.out_features, qcfg.bits)
-                    if reason:
-                        records.append(dict(block=i, module=hf, method="kept fp16", error=0.0, percdamp=0.0,
-                                            seconds=0.0, reason=reason))
-                        log(f"  {hf}: kept in full precision ({reason})")
+                    if unpackable[name]:
+                        records.append(dict(block=i, module=hf, method="kept", error=0.0, percdamp=0.0,
+                                            seconds=0.0, reason=unpackable[name]))
+                        log(f"  {hf}: kept in full precision ({unpackable[name]})")
                         continue
                     try:
                         res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
