@@ -188,9 +188,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
     add_device_flags(p)
-    p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="store the embedding and lm_head in this dtype (e.g. bf16: half the bytes per token of "
-                        "an fp32 head; default: --dtype)")
+    p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="store the embedding and lm_head in this dtype (bf16: half the bytes per token of an fp32 "
+                        "head; int8: lm_head quantized to 8 bits, embedding bf16; default: --dtype)")
     p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
     add_debug_flag(p)
     return p

@@ -307,19 +307,35 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
 
     dtype: fp32/fp16/bf16 for the floating tensors, or None for the checkpoint's own dtype.
     head_dtype: store the token embedding and lm_head in this dtype instead (e.g. bf16 with fp32 activations:
-    in small models they are most of the bytes read per token); None = dtype.
+    in small models they are most of the bytes read per token); "int8" = lm_head quantized to 8 bits (RTN,
+    groups of 128, run by the packed kernels) and the embedding table in bf16; None = dtype.
     """
     ckpt = Checkpoint(path)
     model = build_empty(ckpt)
     load_into(model, ckpt, "", parse_dtype(dtype), device)
-    head_dtype = parse_dtype(head_dtype)
-    if head_dtype is not None:
+    if head_dtype == "int8":
+        quantize_head(model)
+    elif head_dtype is not None:
+        head_dtype = parse_dtype(head_dtype)
         for mod in (model.embed, model.lm_head):
             mod.weight = nn.Parameter(mod.weight.to(head_dtype), requires_grad=False)
         if ckpt.cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
     model.checkpoint = ckpt  # keeps the memory maps alive as long as the model
     return model.eval()
+
+
+def quantize_head(model: Transformer, group_size: int = 128) -> None:
+    """Replace lm_head by an 8-bit QuantLinear (round-to-nearest, symmetric, groups of `group_size`); store the
+    embedding table in bf16. At 8 bits RTN is near-lossless; the head is then a quarter of its fp32 bytes."""
+    from .qlinear import QuantLinear
+    from .quantizer import QuantConfig, rtn
+    W = model.lm_head.weight.detach()  # (vocab, token_dim)
+    gs = group_size if W.shape[1] % group_size == 0 or W.shape[1] > group_size else -1
+    res = rtn(W, QuantConfig(bits=8, group_size=gs))
+    head = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx, None, 8, gs)
+    model.lm_head = head.to(W.device)
+    model.embed.weight = nn.Parameter(model.embed.weight.to(torch.bfloat16), requires_grad=False)
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -200,8 +200,8 @@ class Transformer(nn.Module):
             x = self.norm(x)
         if hasattr(self, "proj_out"):
             x = self.proj_out(x)
-        w = self.lm_head.weight
-        return self.lm_head(x.to(w.dtype)).to(self.act_dtype)  # (B, T, vocab)
+        w = getattr(self.lm_head, "weight", None)  # a QuantLinear head (8-bit option) takes the activations as is
+        return self.lm_head(x if w is None else x.to(w.dtype)).to(self.act_dtype)  # (B, T, vocab)
 
     def context(self, B: int, T: int, device, dtype, key_valid: Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0) -> tuple[Context, Tensor]:

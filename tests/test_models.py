@@ -149,3 +149,19 @@ def test_sharded_safetensors_and_requested_dtype(hf_checkpoints, tmp_path):
         a = load_model(tmp_path / "sharded", dtype="fp32")(tokens)
         b = load_model(src, dtype="fp32")(tokens)
     assert torch.equal(a, b)
+
+
+def test_narrow_and_8bit_head_keep_logits_close():
+    """--head-dtype bf16 / int8: the embedding and lm_head stored narrower, logits close to fp32, same greedy text."""
+    tokens = torch.tensor([load_tokenizer(STORIES).encode("Once upon a time there was a little")])
+    ref = load_model(STORIES, dtype="fp32")
+    with torch.inference_mode():
+        want = ref(tokens)
+    for head, tol in (("bf16", 0.05), ("int8", 0.05)):
+        model = load_model(STORIES, dtype="fp32", head_dtype=head)
+        assert model.embed.weight.dtype == torch.bfloat16
+        with torch.inference_mode():
+            got = model(tokens)
+        assert got.dtype == torch.float32
+        assert ((got - want).norm() / want.norm()).item() < tol, head
+        assert generate(model, [tokens[0].tolist()], 12)[0] == generate(ref, [tokens[0].tolist()], 12)[0]

@@ -78,13 +78,14 @@ def measure(args) -> dict:
         model = synthetic_model(args.synthetic, args.bits, dtype, device, args.layers)
     else:
         model = load_model(args.path, dtype=args.act, device=device, head_dtype=args.head_dtype)
-    quant = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    quant = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]  # the blocks' linears only
     lin = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
     layer_bytes = sum(sum(b.numel() * b.element_size() for b in m.buffers()) for m in quant) + \
         sum(sum(p.numel() * p.element_size() for p in m.parameters()) for m in lin)
-    head = model.lm_head.weight
-    out = {"weight_bytes": weight_bytes(model), "block_linear_bytes": layer_bytes,
-           "head_bytes": head.numel() * head.element_size(), "threads": torch.get_num_threads(), "contexts": {}}
+    head_bytes = sum(t.numel() * t.element_size() for t in list(model.lm_head.parameters()) +
+                     list(model.lm_head.buffers()))
+    out = {"weight_bytes": weight_bytes(model), "block_linear_bytes": layer_bytes, "head_bytes": head_bytes,
+           "threads": torch.get_num_threads(), "contexts": {}}
     out["head_share"] = round(out["head_bytes"] / out["weight_bytes"], 3)
     g = torch.Generator().manual_seed(0)
     for ctx in args.contexts:
@@ -115,8 +116,10 @@ def main(argv=None) -> None:
                                                             "project the per-token time to the full depth")
     p.add_argument("--contexts", default="128,512,1024", help="prompt lengths before decoding (default 128,512,1024)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per context (default 32)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="repeat every variant this many times in alternating order; report the median (default 3)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
-    p.add_argument("--head-dtype", default="bf16", choices=["fp32", "fp16", "bf16"],
+    p.add_argument("--head-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="dtype of the embedding/lm_head for the quantized variants on CPU (default bf16)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/generate_<device>_<model>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
@@ -139,22 +142,32 @@ def main(argv=None) -> None:
         for bits, path in ((4, args.q4), (3, args.q3)):
             if path or args.synthetic:
                 variants[f"gptq {bits}-bit"] = dict(act="fp16", path=path, bits=bits, head_dtype=None)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    names = list(variants)
+    for r in range(args.rounds):  # alternate the order so a slow spell on a shared machine hits every variant
+        for name in (names if r % 2 == 0 else names[::-1]):
+            spec = variants[name]
+            cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
+                   str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads", str(args.threads)]
+            if args.synthetic:
+                cmd += ["--synthetic", args.synthetic] + (["--layers", str(args.layers)] if args.layers else [])
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                raise SystemExit(f"variant {name} failed:\n{proc.stderr[-3000:]}")
+            res = json.loads(line[7:])
+            runs[name].append(res)
+            print(f"round {r + 1} {name:>12}: " + ", ".join(
+                f"ctx {c}: {v['median_ms_per_token']:.2f} ms/token" for c, v in res["contexts"].items())
+                + f" | weights {res['weight_bytes'] / 2**20:.1f} MiB ({time.perf_counter() - t:.0f}s)", flush=True)
     results = {}
-    for name, spec in variants.items():
-        cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
-               str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads", str(args.threads)]
-        if args.synthetic:
-            cmd += ["--synthetic", args.synthetic] + (["--layers", str(args.layers)] if args.layers else [])
-        t = time.perf_counter()
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if r.returncode != 0 or line is None:
-            raise SystemExit(f"variant {name} failed:\n{r.stderr[-3000:]}")
-        results[name] = json.loads(line[7:])
-        print(f"{name:>12}: " + ", ".join(f"ctx {c}: {v['median_ms_per_token']:.2f} ms/token"
-                                          for c, v in results[name]["contexts"].items())
-              + f" | weights {results[name]['weight_bytes'] / 2**20:.1f} MiB ({time.perf_counter() - t:.0f}s)",
-              flush=True)
+    for name, rs in runs.items():  # per context: the median over rounds of each round's median step time
+        results[name] = dict(rs[0], peak_rss_bytes=max(x["peak_rss_bytes"] for x in rs))
+        for c in results[name]["contexts"]:
+            per_round = [x["contexts"][c]["median_ms_per_token"] for x in rs]
+            results[name]["contexts"][c] = dict(rs[0]["contexts"][c], median_ms_per_token=statistics.median(per_round),
+                                                rounds_ms_per_token=per_round)
     base = "fp32" if args.device == "cpu" else "fp16"
     for name, r in results.items():
         r["speedup_vs_" + base] = {c: round(results[base]["contexts"][c]["median_ms_per_token"] /
@@ -177,7 +190,8 @@ def main(argv=None) -> None:
                        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "protocol": f"batch 1, greedy, prompt of each context length prefilled, then {args.steps} decode steps "
-                       f"timed one by one (synchronised on GPU), median reported", "projection": note,
+                       f"timed one by one (synchronised on GPU); median per run, then the median over {args.rounds} "
+                       f"rounds run in alternating order", "projection": note,
            "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"generate_{args.device}_{model_name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
