@@ -11,15 +11,6 @@
 namespace py = pybind11;
 using namespace minigptq;
 
-namespace {
-QWeight make_weight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm,
-                    int64_t K, int64_t N, int64_t G, int bits) {
-  return QWeight{reinterpret_cast<const uint32_t*>(qweight), reinterpret_cast<const float*>(scales),
-                 reinterpret_cast<const int16_t*>(zeros),    reinterpret_cast<const int32_t*>(row_group),
-                 reinterpret_cast<const int32_t*>(perm),     K, N, G, bits};
-}
-}  // namespace
-
 PYBIND11_MODULE(_cpu_kernels, m) {
   m.doc() = "GPTQ CPU kernels (fused dequantize + matmul, dequantize); use minigptq.kernels, not this module.";
   m.def(
@@ -27,7 +18,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          uintptr_t row_group, uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits, uintptr_t out,
          int threads, int isa) {
-        qgemm(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<const void*>(x),
+        qgemm(make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<const void*>(x),
               DType(dtype), M, reinterpret_cast<void*>(out), threads, Isa(isa));
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
@@ -38,7 +29,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm, int64_t K,
          int64_t N, int64_t G, int bits, uintptr_t out, int dtype, int threads, int isa) {
-        dequantize(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<void*>(out),
+        dequantize(make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<void*>(out),
                    DType(dtype), threads, Isa(isa));
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("row_group"), py::arg("perm"), py::arg("K"),

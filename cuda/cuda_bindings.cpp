@@ -11,15 +11,6 @@
 namespace py = pybind11;
 using namespace minigptq;
 
-namespace {
-QWeight make_weight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm,
-                    int64_t K, int64_t N, int64_t G, int bits) {
-  return QWeight{reinterpret_cast<const uint32_t*>(qweight), reinterpret_cast<const float*>(scales),
-                 reinterpret_cast<const int16_t*>(zeros),    reinterpret_cast<const int32_t*>(row_group),
-                 reinterpret_cast<const int32_t*>(perm),     K, N, G, bits};
-}
-}  // namespace
-
 PYBIND11_MODULE(_cuda_kernels, m) {
   m.doc() = "GPTQ CUDA kernels (fused dequantize + matmul, dequantize); use minigptq.kernels, not this module.";
   m.def(
@@ -27,7 +18,7 @@ PYBIND11_MODULE(_cuda_kernels, m) {
       [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          uintptr_t row_group, uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits, uintptr_t work,
          uintptr_t out, uintptr_t stream) {
-        cuda::qgemm(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits),
+        cuda::qgemm(make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits),
                     reinterpret_cast<const void*>(x), DType(dtype), M, reinterpret_cast<float*>(work),
                     reinterpret_cast<void*>(out), reinterpret_cast<void*>(stream));
       },
@@ -39,7 +30,7 @@ PYBIND11_MODULE(_cuda_kernels, m) {
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm, int64_t K,
          int64_t N, int64_t G, int bits, uintptr_t out, int dtype, uintptr_t stream) {
-        cuda::dequantize(make_weight(qweight, scales, zeros, row_group, perm, K, N, G, bits),
+        cuda::dequantize(make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits),
                          reinterpret_cast<void*>(out), DType(dtype), reinterpret_cast<void*>(stream));
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("row_group"), py::arg("perm"), py::arg("K"),

@@ -17,6 +17,14 @@ struct QWeight {
   int bits;                  // 2, 3, 4 or 8
 };
 
+// A QWeight from the integer addresses (tensor.data_ptr()) the pybind11 bindings receive from minigptq/kernels.py.
+inline QWeight make_qweight(uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group,
+                            uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits) {
+  return QWeight{reinterpret_cast<const uint32_t*>(qweight), reinterpret_cast<const float*>(scales),
+                 reinterpret_cast<const int16_t*>(zeros),    reinterpret_cast<const int32_t*>(row_group),
+                 reinterpret_cast<const int32_t*>(perm),     K, N, G, bits};
+}
+
 // Element type of activations and outputs (the codes minigptq/kernels.py passes).
 enum class DType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
