@@ -133,15 +133,13 @@ class TextStream:
         self.tok, self.anchor, self.eos, self.file = tokenizer, prompt[-4:], set(eos_ids), file
         self.ids: list[int] = []
         self.shown = 0
+        self.done = False  # set at EOS: nothing after it is shown
         self.base = len(tokenizer.decode(self.anchor))  # decode with context so leading spaces survive
 
     def __call__(self, nxt: Tensor) -> None:
         tok = int(nxt[0])
-        if tok in self.eos:
-            self.eos = set()  # nothing after EOS
-            self.ids.append(None)
-            return
-        if None in self.ids:
+        self.done = self.done or tok in self.eos
+        if self.done:
             return
         self.ids.append(tok)
         text = self.tok.decode(self.anchor + self.ids)[self.base:]

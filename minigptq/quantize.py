@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from .checkpoint import PartialRun
+from . import __version__
 from .cli import USER_ERRORS, add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
 
-__version__ = "0.1.0"
 
 
 def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int, device, log) -> torch.Tensor:
