@@ -62,15 +62,30 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: f
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def compiled_decode_step(model: Transformer) -> Callable[..., Tensor]:
+    """model.forward compiled by torch.compile for one-token decode steps, made once per model and kept on it.
+
+    dynamic=True: the cache slot and the number of keys change every step, so they are traced as symbols instead of
+    triggering a recompilation per step. QuantLinear enters the graph as the custom op minigptq::qgemm.
+    """
+    step = model.__dict__.get("_compiled_decode_step")
+    if step is None:
+        step = torch.compile(model.forward, dynamic=True)
+        model.__dict__["_compiled_decode_step"] = step  # a plain attribute: not a submodule, not in state_dict
+    return step
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-             seed: int | None = None, on_step: Callable[[Tensor], None] | None = None
+             seed: int | None = None, on_step: Callable[[Tensor], None] | None = None, compile: bool = False
              ) -> tuple[list[list[int]], GenerationStats]:
     """Generate up to max_new_tokens for each prompt (token id lists) -> (new tokens per prompt, stats).
 
     Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output).
-    on_step(tokens (B,)) is called with each new token, e.g. to stream text.
+    on_step(tokens (B,)) is called with each new token, e.g. to stream text. compile: run the decode steps through
+    torch.compile (compiled_decode_step; the first steps of the first call pay the compilation); the prompt's
+    prefill stays eager.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -106,17 +121,20 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    step = compiled_decode_step(model) if compile else model
     for i in range(max_new_tokens):
         out[:, i] = nxt
-        done |= torch.isin(nxt, eos)
+        if eos_ids:  # without EOS ids no step needs to look at the tokens (no host sync beyond the timing)
+            done |= torch.isin(nxt, eos)
         if on_step is not None:
             on_step(nxt)
-        if i == max_new_tokens - 1 or bool(done.all()):
+        if i == max_new_tokens - 1 or (eos_ids and bool(done.all())):
             break
         t = time.perf_counter()
-        logits = model(nxt[:, None], cache, T0 + i, valid[:, :T0 + i + 1] if padded else None)  # (B, 1, V)
+        logits = step(nxt[:, None], cache, T0 + i, valid[:, :T0 + i + 1] if padded else None)  # (B, 1, V)
         nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        if eos_ids:
+            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         sync()
         stats.step_s.append(time.perf_counter() - t)
     result = []
@@ -160,7 +178,7 @@ def main(args: argparse.Namespace) -> None:
     if stream:
         print(args.prompt[0], end="", flush=True)
     new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos, tok.pad_id, args.seed, on_step=stream)
+                          eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile)
     if stream:
         print()
     else:
@@ -189,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="store the embedding and lm_head in this dtype (bf16: half the bytes per token of an fp32 "
                         "head; int8: lm_head quantized to 8 bits, embedding bf16; default: --dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile (fuses the small ops between the matmuls; the "
+                        "first tokens wait for the compilation, and the timing then includes it: see "
+                        "tools/bench_generate.py --compile for steady-state figures)")
     p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
     add_debug_flag(p)
     return p

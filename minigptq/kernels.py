@@ -76,11 +76,18 @@ class KernelLayout:
         if G == 0 or int(self.row_group.min()) < 0 or int(self.row_group.max()) >= G or \
                 bool((self.row_group[1:] < self.row_group[:-1]).any()):
             raise ValueError(f"row_group must be nondecreasing with values in [0, G={G})")
+        # Derived once: a decode step calls the kernels hundreds of times, and each tensor query costs a microsecond.
+        object.__setattr__(self, "K", K)
+        object.__setattr__(self, "N", N)
+        object.__setattr__(self, "G", G)
+        object.__setattr__(self, "on_cpu", dev.type == "cpu")
+        object.__setattr__(self, "ptrs", (self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                                          self.row_group.data_ptr(), 0 if self.perm is None else self.perm.data_ptr()))
 
     @property
     def shape(self) -> tuple[int, int]:
         """(K, N): in_features, out_features."""
-        return self.row_group.numel(), self.scales.shape[1]
+        return self.K, self.N
 
 
 def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
@@ -110,20 +117,16 @@ def cpu_isas() -> list[str]:
 def _cpu_args(layout: KernelLayout, threads: int | None, isa: str) -> tuple[int, int]:
     if _cpu is None:
         raise RuntimeError(f"minigptq._cpu_kernels is not built ({CPU_IMPORT_ERROR}); pip install -e . builds it")
-    if layout.scales.device.type != "cpu":
+    if not layout.on_cpu:
         raise ValueError(f"the layout must be on the CPU, got {layout.scales.device}")
-    threads = torch.get_num_threads() if threads is None else threads
-    if not isinstance(threads, int) or threads < 1:
+    if threads is None:
+        threads = torch.get_num_threads()
+    elif not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads={threads!r} must be a positive integer")
-    if isa not in ISAS:
+    isa_code = ISAS.get(isa)
+    if isa_code is None:
         raise ValueError(f"isa={isa!r} is not one of {list(ISAS)}")
-    return threads, ISAS[isa]
-
-
-def _layout_ptrs(layout: KernelLayout) -> tuple[int, ...]:
-    perm = 0 if layout.perm is None else layout.perm.data_ptr()
-    return (layout.qweight.data_ptr(), layout.scales.data_ptr(), layout.zeros.data_ptr(),
-            layout.row_group.data_ptr(), perm)
+    return threads, isa_code
 
 
 def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: str = "auto") -> Tensor:
@@ -133,15 +136,23 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
     threads: None = torch.get_num_threads(). isa: "auto" (best available), "avx512", "avx2" or "scalar".
     """
     threads, isa_code = _cpu_args(layout, threads, isa)
-    K, N = layout.shape
-    if x.dtype not in CPU_DTYPES or x.dim() != 2 or x.shape[1] != K or x.shape[0] < 1 or not x.is_contiguous() \
-            or x.device.type != "cpu":
-        raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={K}] with M >= 1, "
+    M, K = x.shape if x.dim() == 2 else (0, -1)
+    if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
+        raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
                          f"got {_describe(x)}")
-    out = torch.empty(x.shape[0], N, dtype=x.dtype)
-    qw, sc, ze, rg, pm = _layout_ptrs(layout)
-    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], x.shape[0], qw, sc, ze, rg, pm, K, N, layout.scales.shape[0],
-               layout.bits, out.data_ptr(), threads, isa_code)
+    out = torch.empty(M, layout.N, dtype=x.dtype)
+    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, *layout.ptrs, K, layout.N, layout.G, layout.bits,
+               out.data_ptr(), threads, isa_code)
+    return out
+
+
+def _cpu_qgemm_raw(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor,
+                   perm: Tensor | None, bits: int, threads: int, isa_code: int = 0) -> Tensor:
+    (M, K), (G, N) = x.shape, scales.shape
+    out = torch.empty(M, N, dtype=x.dtype)
+    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+               row_group.data_ptr(), 0 if perm is None else perm.data_ptr(), K, N, G, bits, out.data_ptr(), threads,
+               isa_code)
     return out
 
 
@@ -151,11 +162,9 @@ def cpu_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float32, thr
     threads, isa_code = _cpu_args(layout, threads, isa)
     if dtype not in CPU_DTYPES:
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
-    K, N = layout.shape
-    out = torch.empty(K, N, dtype=dtype)
-    qw, sc, ze, rg, pm = _layout_ptrs(layout)
-    _cpu.dequantize(qw, sc, ze, rg, pm, K, N, layout.scales.shape[0], layout.bits, out.data_ptr(),
-                    DTYPE_CODES[dtype], threads, isa_code)
+    out = torch.empty(layout.K, layout.N, dtype=dtype)
+    _cpu.dequantize(*layout.ptrs, layout.K, layout.N, layout.G, layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
+                    threads, isa_code)
     return out
 
 
@@ -184,7 +193,7 @@ def cuda_available() -> bool:
 def _cuda_check(layout: KernelLayout) -> None:
     if not cuda_available():
         raise RuntimeError(f"the CUDA kernels cannot run: {cuda_unavailable_reason()}")
-    if layout.scales.device.type != "cuda":
+    if layout.on_cpu:
         raise ValueError(f"the layout must be on a CUDA device, got {layout.scales.device}")
     if layout.qweight.data_ptr() % 16 or layout.scales.data_ptr() % 16 or layout.zeros.data_ptr() % 8:
         raise ValueError("qweight and scales must be 16-byte aligned, zeros 8-byte aligned (fresh allocations are)")
@@ -202,13 +211,18 @@ def cuda_qgemm(x: Tensor, layout: KernelLayout) -> Tensor:
             or x.device != dev:
         raise ValueError(f"x must be a float16, bfloat16 or float32 contiguous tensor [M, K={K}] on {dev} with "
                          f"M >= 1, got {_describe(x)}")
-    M = x.shape[0]
+    return _cuda_qgemm_raw(x, layout.qweight, layout.scales, layout.zeros, layout.row_group, layout.perm, layout.bits)
+
+
+def _cuda_qgemm_raw(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor,
+                    perm: Tensor | None, bits: int) -> Tensor:
+    (M, K), (G, N), dev = x.shape, scales.shape, x.device
     out = torch.empty(M, N, dtype=x.dtype, device=dev)
     work = torch.empty(M, N, dtype=torch.float32, device=dev)  # fp32 partial sums over K slices
-    qw, sc, ze, rg, pm = _layout_ptrs(layout)
     with torch.cuda.device(dev):
-        _cuda.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, qw, sc, ze, rg, pm, K, N, layout.scales.shape[0],
-                    layout.bits, work.data_ptr(), out.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+        _cuda.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
+                    row_group.data_ptr(), 0 if perm is None else perm.data_ptr(), K, N, G, bits, work.data_ptr(),
+                    out.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
     return out
 
 
@@ -217,12 +231,27 @@ def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) ->
     _cuda_check(layout)
     if dtype not in CUDA_DTYPES:
         raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
-    K, N = layout.shape
     dev = layout.scales.device
-    out = torch.empty(K, N, dtype=dtype, device=dev)
-    qw, sc, ze, rg, pm = _layout_ptrs(layout)
+    out = torch.empty(layout.K, layout.N, dtype=dtype, device=dev)
     with torch.cuda.device(dev):
-        _cuda.dequantize(qw, sc, ze, rg, pm, K, N, layout.scales.shape[0], layout.bits, out.data_ptr(),
-                         DTYPE_CODES[dtype],
+        _cuda.dequantize(*layout.ptrs, layout.K, layout.N, layout.G, layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
                          torch.cuda.current_stream(dev).cuda_stream)
     return out
+
+
+# ---------------------------------------------------------------------------------------- torch.compile
+# The fused kernels as one torch custom op, so that a compiled decode step (generate(..., compile=True)) is a single
+# graph with the kernels inside it instead of being cut at every QuantLinear. Eager calls skip it and go straight to
+# the modules above: the dispatcher would add its overhead to each of the hundreds of calls a token makes.
+@torch.library.custom_op("minigptq::qgemm", mutates_args=())
+def qgemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor, perm: Tensor | None,
+             bits: int) -> Tensor:
+    """y = x @ W for x [M, K] (checked by the caller) and a KernelLayout's tensors, on x's device."""
+    if x.device.type == "cuda":
+        return _cuda_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits)
+    return _cpu_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits, torch.get_num_threads())
+
+
+@qgemm_op.register_fake
+def _(x, qweight, scales, zeros, row_group, perm, bits):
+    return x.new_empty(x.shape[0], scales.shape[1])

@@ -144,21 +144,32 @@ class QuantLinear(nn.Module):
         return "reference"
 
     def forward(self, x: Tensor) -> Tensor:
-        if self._layout is None:
+        L = self._layout
+        if L is None:
             raise RuntimeError("QuantLinear.post_load() must be called after its state is loaded")
         K, N = self.in_features, self.out_features
-        if x.shape[-1] != K or x.device != self.qweight.device or not x.is_floating_point():
-            raise ValueError(f"x must be a floating tensor [..., {K}] on {self.qweight.device}, got {x.dtype} "
+        if x.shape[-1] != K or not x.is_floating_point() or x.is_cpu != L.on_cpu or \
+                (not L.on_cpu and x.device != L.scales.device):
+            raise ValueError(f"x must be a floating tensor [..., {K}] on {L.scales.device}, got {x.dtype} "
                              f"{list(x.shape)} on {x.device}")
         x2 = x.reshape(-1, K)  # (M, K)
         path = self.path_for(x2)
-        L = self._layout
         if path.startswith("cpu"):
             xc = (x2 if x2.dtype in kernels.CPU_DTYPES else x2.float()).contiguous()
-            y = kernels.cpu_qgemm(xc, L) if path == "cpu-fused" else xc @ kernels.cpu_dequantize(L, xc.dtype)
+            if path == "cpu-dequant":
+                y = xc @ kernels.cpu_dequantize(L, xc.dtype)
+            elif torch.compiler.is_compiling():  # traced by torch.compile: the kernel as a custom op in the graph
+                y = kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits)
+            else:
+                y = kernels.cpu_qgemm(xc, L)
         elif path.startswith("cuda"):
             xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
-            y = kernels.cuda_qgemm(xc, L) if path == "cuda-fused" else xc @ kernels.cuda_dequantize(L, xc.dtype)
+            if path == "cuda-dequant":
+                y = xc @ kernels.cuda_dequantize(L, xc.dtype)
+            elif torch.compiler.is_compiling():
+                y = kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits)
+            else:
+                y = kernels.cuda_qgemm(xc, L)
         else:
             if not x.requires_grad:
                 reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
@@ -166,10 +177,12 @@ class QuantLinear(nn.Module):
             half = x.device.type == "cuda" and x2.dtype in (torch.float16, torch.bfloat16)
             W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
             y = x2.to(x2.dtype if half else torch.float32) @ W.to(x2.dtype if half else torch.float32)  # (M, N)
-        y = y.to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.reshape(*x.shape[:-1], N)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        bias = self._buffers["bias"]  # direct: nn.Module.__getattr__ is slow on the hot path
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.view(*x.shape[:-1], N)
 
     def dequantized_weight(self) -> Tensor:
         """W [N, K] in float32, from the checkpoint buffers via the torch reference."""

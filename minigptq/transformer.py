@@ -23,8 +23,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()  # normalise in fp32 as Llama does, whatever the activation dtype
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # Normalise in fp32 as Llama does, whatever the activation dtype (one fused op: x * rsqrt(mean(x^2) + eps)).
+        x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x32.to(x.dtype)
 
 
@@ -52,13 +52,24 @@ class KVCache:
     def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
         """Write k, v (B, kv_heads, T, hd) at slots start..start+T; return all keys/values up to there."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
+        if torch.compiler.is_compiling():  # an opaque in-place op: traced as a slice assignment, the write
+            kv_write(self.k, self.v, k, v, layer, start)  # would become a copy of the whole cache every layer
+        else:
+            self.k[layer, :, :, start:end] = k
+            self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+
+@torch.library.custom_op("minigptq::kv_write", mutates_args=("k_cache", "v_cache"))
+def kv_write(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, layer: int, start: int) -> None:
+    """KVCache.update's write as one op for torch.compile: k, v (B, kv_heads, T, hd) into slots start..start+T."""
+    end = start + k.shape[2]
+    k_cache[layer, :, :, start:end] = k
+    v_cache[layer, :, :, start:end] = v
 
 
 @dataclass
