@@ -7,6 +7,8 @@ other in the same invocation, so ratios between variants are measured side by si
 CPU, real weights (SmolLM2-135M-Instruct full precision and its GPTQ checkpoints):
     .venv/bin/python tools/bench_generate.py --q4 models/bench_quality/minigptq-gptq-4bit-g128 \
         --q3 models/bench_quality/minigptq-gptq-3bit-g128
+    add `--compile` for variants whose decode step runs through torch.compile, and `--llamacpp FILE.gguf` for
+    llama.cpp on the same prompts (run by tools/bench_llamacpp.py in the venv named by --llamacpp-python).
 GPU, synthetic weights with real shapes (latency does not depend on the values):
     python tools/bench_generate.py --device cuda --synthetic llama2-7b
 Results: bench/results/generate_<device>_<model>.json
@@ -17,10 +19,12 @@ import argparse
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -87,13 +91,14 @@ def measure(args) -> dict:
     out = {"weight_bytes": weight_bytes(model), "block_linear_bytes": layer_bytes, "head_bytes": head_bytes,
            "threads": torch.get_num_threads(), "contexts": {}}
     out["head_share"] = round(out["head_bytes"] / out["weight_bytes"], 3)
-    g = torch.Generator().manual_seed(0)
+    prompts = json.loads(Path(args.prompts).read_text())
     for ctx in args.contexts:
-        prompt = torch.randint(3, model.cfg.vocab_size, (ctx,), generator=g).tolist()
-        generate(model, [prompt[:16]], max_new_tokens=4)  # warm-up (allocator, kernels, threads)
+        prompt = prompts[str(ctx)]
+        # warm-up (allocator, kernels, threads; with compile: the compilation, whose cache later rounds reuse)
+        generate(model, [prompt[:16]], max_new_tokens=4, compile=args.compile)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, stats = generate(model, [prompt], max_new_tokens=args.steps + 1)
+        _, stats = generate(model, [prompt], max_new_tokens=args.steps + 1, compile=args.compile)
         out["contexts"][ctx] = {"prefill_ms": round(stats.prefill_s * 1000, 2),
                                 "median_ms_per_token": round(stats.median_ms, 3),
                                 "p90_ms_per_token": round(1000 * statistics.quantiles(stats.step_s, n=10)[-1], 3),
@@ -121,8 +126,16 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
     p.add_argument("--head-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="dtype of the embedding/lm_head for the quantized variants on CPU (default bf16)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run the quantized variants (and the full-precision baseline) with the decode step "
+                        "compiled by torch.compile")
+    p.add_argument("--llamacpp", default=None, metavar="GGUF",
+                   help="also measure llama.cpp on this GGUF file with the same prompts (CPU)")
+    p.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"),
+                   help="interpreter of the venv that has llama-cpp-python (default .venv-llamacpp/bin/python)")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/generate_<device>_<model>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
+    p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the prompts file of --one
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
     if args.one:
@@ -131,24 +144,39 @@ def main(argv=None) -> None:
             setattr(args, k, v)
         print("RESULT " + json.dumps(measure(args)), flush=True)
         return
+    base = "fp32" if args.device == "cpu" else "fp16"
+    variants = {base: dict(act=base, path=args.model, bits=None, head_dtype=None, compile=False)}
     if args.device == "cpu":
-        variants = {"fp32": dict(act="fp32", path=args.model, bits=None, head_dtype=None),
-                    "bf16": dict(act="bf16", path=args.model, bits=None, head_dtype=None)}
-        for bits, path in ((4, args.q4), (3, args.q3)):
-            if path or args.synthetic:
-                variants[f"gptq {bits}-bit"] = dict(act="fp32", path=path, bits=bits, head_dtype=args.head_dtype)
-    else:
-        variants = {"fp16": dict(act="fp16", path=args.model, bits=None, head_dtype=None)}
-        for bits, path in ((4, args.q4), (3, args.q3)):
-            if path or args.synthetic:
-                variants[f"gptq {bits}-bit"] = dict(act="fp16", path=path, bits=bits, head_dtype=None)
+        variants["bf16"] = dict(act="bf16", path=args.model, bits=None, head_dtype=None, compile=False)
+    for bits, path in ((4, args.q4), (3, args.q3)):
+        if path or args.synthetic:
+            variants[f"gptq {bits}-bit"] = dict(act=base, path=path, bits=bits, compile=False,
+                                                head_dtype=args.head_dtype if args.device == "cpu" else None)
+    if args.compile:
+        variants.update({f"{name} compiled": dict(spec, compile=True) for name, spec in list(variants.items())
+                         if name != "bf16"})
+    if args.llamacpp:
+        if not Path(args.llamacpp_python).exists():
+            raise SystemExit(f"--llamacpp needs llama-cpp-python: {args.llamacpp_python} does not exist (see "
+                             f"tools/bench_llamacpp.py for the two commands that make it)")
+        variants[f"llama.cpp {Path(args.llamacpp).stem.rsplit('.', 1)[-1]}"] = dict(gguf=args.llamacpp)
+    vocab = SYNTHETIC[args.synthetic]["vocab_size"] if args.synthetic else \
+        json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    rng = random.Random(0)  # the same random prompts for every variant, llama.cpp included
+    prompts_file = Path(tempfile.mkdtemp()) / "prompts.json"
+    prompts_file.write_text(json.dumps({c: [rng.randrange(3, vocab) for _ in range(c)] for c in args.contexts}))
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):  # alternate the order so a slow spell on a shared machine hits every variant
         for name in (names if r % 2 == 0 else names[::-1]):
             spec = variants[name]
-            cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
-                   str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads", str(args.threads)]
+            if "gguf" in spec:
+                cmd = [args.llamacpp_python, str(ROOT / "tools" / "bench_llamacpp.py"), spec["gguf"], "--prompts",
+                       str(prompts_file), "--steps", str(args.steps), "--threads", str(args.threads)]
+            else:
+                cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
+                       str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads",
+                       str(args.threads), "--prompts", str(prompts_file)]
             if args.synthetic:
                 cmd += ["--synthetic", args.synthetic] + (["--layers", str(args.layers)] if args.layers else [])
             t = time.perf_counter()
@@ -168,12 +196,12 @@ def main(argv=None) -> None:
             per_round = [x["contexts"][c]["median_ms_per_token"] for x in rs]
             results[name]["contexts"][c] = dict(rs[0]["contexts"][c], median_ms_per_token=statistics.median(per_round),
                                                 rounds_ms_per_token=per_round)
-    base = "fp32" if args.device == "cpu" else "fp16"
     for name, r in results.items():
         r["speedup_vs_" + base] = {c: round(results[base]["contexts"][c]["median_ms_per_token"] /
                                             v["median_ms_per_token"], 2) for c, v in r["contexts"].items()}
-        r["block_linear_bytes_ratio_vs_" + base] = round(results[base]["block_linear_bytes"] /
-                                                          r["block_linear_bytes"], 2)
+        if "block_linear_bytes" in r:  # llama.cpp reports its whole model size only
+            r["block_linear_bytes_ratio_vs_" + base] = round(results[base]["block_linear_bytes"] /
+                                                              r["block_linear_bytes"], 2)
     if args.synthetic and args.layers:
         full = SYNTHETIC[args.synthetic]["num_layers"]
         note = (f"built {args.layers} of {full} blocks; the full model's per-token time is projected as "
@@ -191,7 +219,10 @@ def main(argv=None) -> None:
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "protocol": f"batch 1, greedy, prompt of each context length prefilled, then {args.steps} decode steps "
                        f"timed one by one (synchronised on GPU); median per run, then the median over {args.rounds} "
-                       f"rounds run in alternating order", "projection": note,
+                       f"rounds run in alternating order; the same random prompts for every variant. 'compiled': "
+                       f"decode step through torch.compile (dynamic shapes), compilation done in a warm-up. llama.cpp: "
+                       f"tools/bench_llamacpp.py, llama_decode of one token + argmax of the last logits row",
+           "projection": note,
            "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"generate_{args.device}_{model_name}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
