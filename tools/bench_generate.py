@@ -59,18 +59,42 @@ def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | No
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**kw)).to(device=device, dtype=dtype)
     if bits:
-        for block in model.layers:
-            for mname, lin in list(block.named_modules()):
-                if isinstance(lin, torch.nn.Linear):
-                    ql = QuantLinear(lin.in_features, lin.out_features, bits, 128, lin.bias is not None,
-                                     dtype=torch.float16, device=device)
-                    ql.qweight.random_(-2**31, 2**31 - 1)
-                    ql.qzeros.random_(-2**31, 2**31 - 1)
-                    ql.scales.uniform_(1e-3, 2e-3)
-                    ql.post_load()
-                    parent, _, leaf = mname.rpartition(".")
-                    setattr(block.get_submodule(parent), leaf, ql)
+        quantize_linears(model, bits, device)
+        for ql in model.layers.modules():
+            if isinstance(ql, QuantLinear):
+                ql.qweight.random_(-2**31, 2**31 - 1)
+                ql.qzeros.random_(-2**31, 2**31 - 1)
+                ql.scales.uniform_(1e-3, 2e-3)
+                ql.post_load()
     return model.eval()
+
+
+def quantize_linears(model: Transformer, bits: int, device) -> None:
+    """Replace every block linear by a QuantLinear of `bits` (group size 128), left zero (buffers only)."""
+    for block in model.layers:
+        for mname, lin in list(block.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                ql = QuantLinear(lin.in_features, lin.out_features, bits, 128, lin.bias is not None,
+                                 dtype=torch.float16, device=device)
+                parent, _, leaf = mname.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, ql)
+
+
+def memory_plan(name: str, gpu_gib: int = 80) -> dict:
+    """Bytes of the full model in fp16 / 4-bit / 3-bit (built on the meta device: shapes only, no memory), its fp16
+    KV cache at the full context for batch 1, and how many GPUs of gpu_gib GiB hold weights + that cache."""
+    cfg = ModelConfig(**SYNTHETIC[name])
+    kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.max_positions * cfg.head_dim * 2
+    out = {"gpu_gib": gpu_gib, "kv_cache_bytes_full_context": kv, "variants": {}}
+    for label, bits in (("fp16", None), ("gptq 4-bit", 4), ("gptq 3-bit", 3)):
+        with torch.device("meta"):  # never materialised: 175B parameters would not fit in memory
+            model = Transformer(cfg).to(dtype=torch.float16)
+        if bits:
+            quantize_linears(model, bits, "meta")
+        tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}  # tied tables once
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        out["variants"][label] = {"weight_bytes": total, "gpus_needed": -(-(total + kv) // (gpu_gib * 2**30))}
+    return out
 
 
 def measure(args) -> dict:
@@ -133,11 +157,28 @@ def main(argv=None) -> None:
                    help="also measure llama.cpp on this GGUF file with the same prompts (CPU)")
     p.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"),
                    help="interpreter of the venv that has llama-cpp-python (default .venv-llamacpp/bin/python)")
+    p.add_argument("--memory-plan", action="store_true",
+                   help="with --synthetic: no timing; the full model's weight bytes in fp16 / 4-bit / 3-bit and the "
+                        "80 GiB GPUs they need (with the fp16 KV cache of the full context), from the shapes alone; "
+                        "writes bench/results/memory_<model>.json")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/generate_<device>_<model>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the prompts file of --one
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",")]
+    if args.memory_plan:
+        if not args.synthetic:
+            raise SystemExit("--memory-plan needs --synthetic (one of " + ", ".join(sorted(SYNTHETIC)) + ")")
+        plan = dict(benchmark="memory plan", model=args.synthetic, date=date.today().isoformat(),
+                    versions={"torch": torch.__version__}, **memory_plan(args.synthetic))
+        for label, v in plan["variants"].items():
+            print(f"{label:>11}: weights {v['weight_bytes'] / 2**30:7.1f} GiB -> {v['gpus_needed']} x "
+                  f"{plan['gpu_gib']} GiB GPUs (with a {plan['kv_cache_bytes_full_context'] / 2**30:.1f} GiB KV cache)")
+        out = Path(args.out or ROOT / "bench" / "results" / f"memory_{args.synthetic}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(plan, indent=2) + "\n")
+        print(f"wrote {out}")
+        return
     if args.one:
         spec = json.loads(args.one)
         for k, v in spec.items():
