@@ -140,19 +140,15 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
     if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
         raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
                          f"got {_describe(x)}")
-    out = torch.empty(M, layout.N, dtype=x.dtype)
-    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, *layout.ptrs, K, layout.N, layout.G, layout.bits,
-               out.data_ptr(), threads, isa_code)
-    return out
+    return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
 
 
-def _cpu_qgemm_raw(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor,
-                   perm: Tensor | None, bits: int, threads: int, isa_code: int = 0) -> Tensor:
-    (M, K), (G, N) = x.shape, scales.shape
+def _cpu_qgemm_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
+                    isa_code: int = 0) -> Tensor:
+    """The module call itself, for checked x [M, K]; ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm)."""
+    M, K = x.shape
     out = torch.empty(M, N, dtype=x.dtype)
-    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-               row_group.data_ptr(), 0 if perm is None else perm.data_ptr(), K, N, G, bits, out.data_ptr(), threads,
-               isa_code)
+    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
     return out
 
 
@@ -249,7 +245,9 @@ def qgemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_grou
     """y = x @ W for x [M, K] (checked by the caller) and a KernelLayout's tensors, on x's device."""
     if x.device.type == "cuda":
         return _cuda_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits)
-    return _cpu_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits, torch.get_num_threads())
+    ptrs = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), row_group.data_ptr(),
+            0 if perm is None else perm.data_ptr())
+    return _cpu_qgemm_ptrs(x, ptrs, scales.shape[1], scales.shape[0], bits, torch.get_num_threads())
 
 
 @qgemm_op.register_fake
