@@ -145,7 +145,7 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
 
 def _cpu_qgemm_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
                     isa_code: int = 0) -> Tensor:
-    """The module call itself, for checked x [M, K]; ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm)."""
+    """The module call for a checked x [M, K]; ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm)."""
     M, K = x.shape
     out = torch.empty(M, N, dtype=x.dtype)
     _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
