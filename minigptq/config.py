@@ -6,8 +6,16 @@ transformer (minigptq/transformer.py) reads only this dataclass, never the raw J
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+# Sanity bounds on config.json sizes: far above any real model, low enough that a hostile value is refused before
+# anything is built from it.
+MAX_DIM = 2**20        # hidden / intermediate / head widths
+MAX_COUNT = 2**16      # blocks, heads
+MAX_VOCAB = 2**24
+MAX_POSITIONS = 2**24
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,20 @@ class ModelConfig:
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was saved in
 
+    def __post_init__(self):
+        """Cross-field checks (each field's own type and range were checked by Fields)."""
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} must be even for rotary position embeddings")
+        for name in ("bos_token_id", "pad_token_id"):
+            i = getattr(self, name)
+            if i is not None and not 0 <= i < self.vocab_size:
+                raise ValueError(f"{name}={i} lies outside the vocabulary [0, {self.vocab_size})")
+        bad = [i for i in self.eos_token_ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"eos_token_id {bad} lies outside the vocabulary [0, {self.vocab_size})")
+
     @property
     def token_dim(self) -> int:
         """Width of the token embedding and of lm_head's input."""
@@ -49,15 +71,93 @@ class ModelConfig:
 
 
 def read_json(path: Path) -> dict:
-    """Read a JSON file, turning a parse failure into a ValueError that names the file."""
+    """Read a JSON file that must hold an object; a parse failure or another type is a ValueError naming the file."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, expected a JSON file") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}, got a {type(obj).__name__}")
+    return obj
+
+
+_REQUIRED = object()
+
+
+class Fields:
+    """Typed reads of a config.json dict. Each error names the field, the bad value and what is valid; the caller
+    adds the file name. A field that is absent or null takes its default."""
+
+    def __init__(self, d: dict):
+        self.d = d
+
+    def _get(self, keys, default):
+        keys = (keys,) if isinstance(keys, str) else keys
+        for k in keys:
+            if self.d.get(k) is not None:
+                return k, self.d[k]
+        if default is _REQUIRED:
+            raise ValueError(f"the field {' / '.join(map(repr, keys))} is missing")
+        return keys[0], default
+
+    def int(self, keys, default=_REQUIRED, lo: int = 1, hi: int = MAX_DIM) -> int | None:
+        k, v = self._get(keys, default)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"the field {k!r} must be an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    def float(self, keys, default=_REQUIRED, lo: float = 0.0, hi: float = math.inf) -> float:
+        """A finite number in (lo, hi]: integers are accepted (JSON writes 10000.0 as 10000)."""
+        k, v = self._get(keys, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v <= hi):
+            raise ValueError(f"the field {k!r} must be a finite number in ({lo}, {hi}], got {v!r}")
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        k, v = self._get(key, default)
+        if not isinstance(v, bool):
+            raise ValueError(f"the field {k!r} must be true or false, got {v!r}")
+        return v
+
+    def str(self, key: str, default=_REQUIRED, choices=None) -> str:
+        k, v = self._get(key, default)
+        if not isinstance(v, str) or (choices is not None and v not in choices):
+            valid = f"one of {', '.join(sorted(choices))}" if choices is not None else "a string"
+            raise ValueError(f"the field {k!r} must be {valid}, got {v!r}")
+        return v
+
+    def dict(self, keys) -> dict:
+        k, v = self._get(keys, {})
+        if not isinstance(v, dict):
+            raise ValueError(f"the field {k!r} must be an object {{...}} or null, got {v!r}")
+        return v
+
+    def token_id(self, key: str) -> int | None:
+        """A special token id; negative means "none" (old Llama configs write pad_token_id -1)."""
+        v = self.int(key, None, lo=-(2**31), hi=MAX_VOCAB)
+        return None if v is None or v < 0 else v
+
+    def token_ids(self, key: str) -> tuple[int, ...]:
+        """eos_token_id: an int, a list of ints or null."""
+        k, v = self._get(key, None)
+        vs = v if isinstance(v, list) else [] if v is None else [v]
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in vs):
+            raise ValueError(f"the field {k!r} must be a token id >= 0 or a list of them, got {v!r}")
+        return tuple(vs)
+
+    def common(self) -> dict:
+        """The ModelConfig fields every architecture reads the same way."""
+        return dict(bos_token_id=self.token_id("bos_token_id"), eos_token_ids=self.token_ids("eos_token_id"),
+                    pad_token_id=self.token_id("pad_token_id"),
+                    torch_dtype=self.str("torch_dtype", self.d.get("dtype") or "float32"))
 
 
 def eos_tuple(value) -> tuple[int, ...]:
-    """config.json's eos_token_id may be an int, a list or null."""
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+    """An eos_token_id from a side file (generation_config.json): an int, a list of ints or null; other values
+    are ignored (the model's own config.json is validated by Fields)."""
+    vs = value if isinstance(value, list) else [value]
+    return tuple(i for i in vs if isinstance(i, int) and not isinstance(i, bool) and i >= 0)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .arch import Arch, get_arch
-from .config import ModelConfig, read_json
+from .config import Fields, ModelConfig, read_json
 from .transformer import Transformer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
@@ -107,10 +107,9 @@ class Checkpoint:
             raise ValueError(f"{self.path}/config.json has no 'model_type'")
         self.arch: Arch = get_arch(self.hf_config["model_type"])
         try:
-            self.cfg: ModelConfig = self.arch.config_from_hf(self.hf_config)
-        except KeyError as e:
-            raise ValueError(f"{self.path}/config.json lacks the field {e.args[0]!r} that "
-                             f"{self.hf_config['model_type']} needs") from None
+            self.cfg: ModelConfig = self.arch.config_from_hf(Fields(self.hf_config))
+        except ValueError as e:
+            raise ValueError(f"{self.path}/config.json ({self.hf_config['model_type']}): {e}") from None
         self.quant = read_quant_config(self.path)
         self._opened: dict[str, object] = {}  # file name -> SafetensorsFile / _DictFile
         self._where = self._index()  # tensor name -> file name

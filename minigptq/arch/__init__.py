@@ -1,7 +1,7 @@
 """Architecture registry: what differs between Llama, OPT and BLOOM, and nothing else.
 
 Each architecture gives
-- `config_from_hf(d)`: config.json dict -> ModelConfig,
+- `config_from_hf(f)`: config.json (read through config.Fields, which checks each field's type) -> ModelConfig,
 - a weight-name map from Hugging Face module paths to the shared transformer's internal names
   (`top_names` outside the blocks, `layer_names` inside block i under `layer_prefix`),
 - `sequential`: the block's linear layers in true-sequential order, each inner list quantized together
@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from ..config import ModelConfig
+from ..config import Fields, ModelConfig
 
 
 @dataclass(frozen=True)
 class Arch:
     name: str
-    config_from_hf: Callable[[dict], ModelConfig]
+    config_from_hf: Callable[[Fields], ModelConfig]
     top_names: dict[str, str]          # HF module path -> internal path, outside the blocks
     layer_prefix: str                  # HF path of block i, with "{i}"
     layer_names: dict[str, str]        # HF module path inside a block -> internal path inside a block
@@ -48,7 +48,7 @@ ARCHS = _registry()
 
 
 def get_arch(model_type: str) -> Arch:
-    if model_type not in ARCHS:
+    if not isinstance(model_type, str) or model_type not in ARCHS:
         raise ValueError(f"unsupported model_type {model_type!r} in config.json; "
                          f"supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[model_type]

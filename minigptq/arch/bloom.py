@@ -2,38 +2,37 @@
 from __future__ import annotations
 
 from . import Arch
-from ..config import ModelConfig, eos_tuple
+from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
 
 MODEL_TYPES = ("bloom",)
 
 
-def config_from_hf(d: dict) -> ModelConfig:
-    hidden = d.get("hidden_size", d.get("n_embed"))
-    heads = d.get("n_head", d.get("num_attention_heads"))
+def config_from_hf(f: Fields) -> ModelConfig:
+    hidden = f.int(("hidden_size", "n_embed"))
+    heads = f.int(("n_head", "num_attention_heads"), hi=MAX_COUNT)
+    if hidden % heads:
+        raise ValueError(f"hidden_size={hidden} must be a multiple of n_head={heads}")
     return ModelConfig(
         model_type="bloom",
-        vocab_size=d["vocab_size"],
+        vocab_size=f.int("vocab_size", hi=MAX_VOCAB),
         hidden_size=hidden,
-        num_layers=d.get("n_layer", d.get("num_hidden_layers")),
+        num_layers=f.int(("n_layer", "num_hidden_layers"), hi=MAX_COUNT),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
         intermediate_size=4 * hidden,
-        max_positions=d.get("seq_length", 2048),  # ALiBi has no hard limit; BLOOM was trained at 2048
+        max_positions=f.int("seq_length", 2048, hi=MAX_POSITIONS),  # ALiBi has no hard limit; trained at 2048
         norm="layer",
-        norm_eps=d.get("layer_norm_epsilon", 1e-5),
+        norm_eps=f.float("layer_norm_epsilon", 1e-5, hi=1.0),
         positions="alibi",
         activation="gelu_tanh",
         gated_mlp=False,
         qkv_bias=True, o_bias=True, mlp_bias=True,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tie_word_embeddings=f.bool("tie_word_embeddings", True),
         fused_qkv=True,
         embed_norm=True,
-        residual_from_norm=bool(d.get("apply_residual_connection_post_layernorm", False)),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=eos_tuple(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
-        torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+        residual_from_norm=f.bool("apply_residual_connection_post_layernorm", False),
+        **f.common(),
     )
 
 

@@ -2,46 +2,48 @@
 from __future__ import annotations
 
 from . import Arch
-from ..config import ModelConfig, eos_tuple
+from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
+from ..transformer import ACTIVATIONS
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def config_from_hf(d: dict) -> ModelConfig:
+def config_from_hf(f: Fields) -> ModelConfig:
     # RoPE settings: "rope_theta"/"rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = f.dict(("rope_parameters", "rope_scaling"))
     if rope.get("rope_type", rope.get("type")) not in (None, "default"):
         raise ValueError(f"RoPE scaling {rope!r} is not supported; only plain RoPE (rope_type 'default') is")
-    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
-    if d.get("sliding_window") and d.get("use_sliding_window", True) and \
-            d["sliding_window"] < d.get("max_position_embeddings", 0) and d["model_type"] == "mistral":
-        raise ValueError(f"sliding-window attention (sliding_window={d['sliding_window']}) is not supported")
-    heads = d["num_attention_heads"]
-    qwen2 = d["model_type"] == "qwen2"
+    theta = Fields(rope).float("rope_theta", f.float("rope_theta", 10000.0))
+    max_pos = f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS)
+    window = f.int("sliding_window", None, hi=2**31)
+    if window and f.bool("use_sliding_window", True) and window < max_pos and f.d["model_type"] == "mistral":
+        raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")
+    hidden, heads = f.int("hidden_size"), f.int("num_attention_heads", hi=MAX_COUNT)
+    head_dim = f.int("head_dim", None)
+    if head_dim is None and hidden % heads:
+        raise ValueError(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} (or give head_dim)")
+    attention_bias = f.bool("attention_bias", False)
     return ModelConfig(
         model_type="llama",
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
-        num_layers=d["num_hidden_layers"],
+        vocab_size=f.int("vocab_size", hi=MAX_VOCAB),
+        hidden_size=hidden,
+        num_layers=f.int("num_hidden_layers", hi=MAX_COUNT),
         num_heads=heads,
-        num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-        intermediate_size=d["intermediate_size"],
-        max_positions=d.get("max_position_embeddings", 2048),
+        num_kv_heads=f.int("num_key_value_heads", heads, hi=MAX_COUNT),
+        head_dim=head_dim or hidden // heads,
+        intermediate_size=f.int("intermediate_size"),
+        max_positions=max_pos,
         norm="rms",
-        norm_eps=d.get("rms_norm_eps", 1e-6),
+        norm_eps=f.float("rms_norm_eps", 1e-6, hi=1.0),
         positions="rope",
-        rope_theta=float(theta),
-        activation=d.get("hidden_act", "silu"),
+        rope_theta=theta,
+        activation=f.str("hidden_act", "silu", choices=ACTIVATIONS),
         gated_mlp=True,
-        qkv_bias=qwen2 or bool(d.get("attention_bias", False)),
-        o_bias=bool(d.get("attention_bias", False)),
-        mlp_bias=bool(d.get("mlp_bias", False)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=eos_tuple(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
-        torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+        qkv_bias=f.d["model_type"] == "qwen2" or attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=f.bool("mlp_bias", False),
+        tie_word_embeddings=f.bool("tie_word_embeddings", False),
+        **f.common(),
     )
 
 

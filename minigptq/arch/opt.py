@@ -2,40 +2,40 @@
 from __future__ import annotations
 
 from . import Arch
-from ..config import ModelConfig, eos_tuple
+from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
+from ..transformer import ACTIVATIONS
 
 MODEL_TYPES = ("opt",)
 
 
-def config_from_hf(d: dict) -> ModelConfig:
-    hidden, heads = d["hidden_size"], d["num_attention_heads"]
-    bias = bool(d.get("enable_bias", True))
-    pre = bool(d.get("do_layer_norm_before", True))
-    proj = d.get("word_embed_proj_dim", hidden)
+def config_from_hf(f: Fields) -> ModelConfig:
+    hidden, heads = f.int("hidden_size"), f.int("num_attention_heads", hi=MAX_COUNT)
+    if hidden % heads:
+        raise ValueError(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
+    bias = f.bool("enable_bias", True)
+    pre = f.bool("do_layer_norm_before", True)
+    proj = f.int("word_embed_proj_dim", hidden)
     return ModelConfig(
         model_type="opt",
-        vocab_size=d["vocab_size"],
+        vocab_size=f.int("vocab_size", hi=MAX_VOCAB),
         hidden_size=hidden,
-        num_layers=d["num_hidden_layers"],
+        num_layers=f.int("num_hidden_layers", hi=MAX_COUNT),
         num_heads=heads,
         num_kv_heads=heads,
         head_dim=hidden // heads,
-        intermediate_size=d["ffn_dim"],
-        max_positions=d.get("max_position_embeddings", 2048),
+        intermediate_size=f.int("ffn_dim"),
+        max_positions=f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS),
         norm="layer",
         norm_eps=1e-5,
         positions="learned",
-        activation=d.get("activation_function", "relu"),
+        activation=f.str("activation_function", "relu", choices=ACTIVATIONS),
         gated_mlp=False,
         qkv_bias=bias, o_bias=bias, mlp_bias=bias,
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        tie_word_embeddings=f.bool("tie_word_embeddings", True),
         pre_norm=pre,
-        final_norm=pre and not d.get("_remove_final_layer_norm", False),
+        final_norm=pre and not f.bool("_remove_final_layer_norm", False),
         embed_dim=proj if proj != hidden else 0,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_ids=eos_tuple(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
-        torch_dtype=d.get("torch_dtype") or d.get("dtype") or "float32",
+        **f.common(),
     )
 
 
