@@ -1,7 +1,14 @@
-"""What every minigptq command line shares: the --debug flag and the one-line error on user mistakes."""
+"""What every minigptq command line shares: the --debug flag and the one-line error on user mistakes.
+
+Exit codes: 0 done; 2 a bad input or a problem of the machine (disk full, read-only folder, out of memory), with
+one line `error: ...`; 1 an unexpected exception, which is a bug in minigptq (one line; --debug shows the
+traceback); 130 / 143 interrupted by Ctrl-C / SIGTERM. Whatever the exit, each command removes what it created
+and has no use for (quantize keeps finished blocks for --resume after an interruption or a resource problem).
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable
 
@@ -30,16 +37,48 @@ def resolve_device(device: str, dtype: str | None = None):
     return dev, dtype or ("fp32" if dev.type == "cpu" else "fp16")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that cleanup runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv=None) -> None:
-    """Parse argv, call main(args); a user error prints 'error: ...' on stderr and exits 2 (traceback with --debug)."""
+    """Parse argv, call main(args); errors end as one line 'error: ...' and an exit code (module docstring)."""
     args = parser.parse_args(argv)
+    import threading
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         main(args)
-    except USER_ERRORS as e:
+    except KeyboardInterrupt as e:
+        print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        sys.exit(143 if isinstance(e, Terminated) else 130)
+    except Exception as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+        if isinstance(e, USER_ERRORS):
+            msg, code = _one_line(e), 2
+        elif isinstance(e, (MemoryError, _torch_oom())):
+            msg, code = f"out of memory ({_one_line(e)}); lower --nsamples/--seqlen or use a smaller batch", 2
+        elif isinstance(e, OSError):  # full disk, read-only file system, I/O error
+            msg, code = _one_line(e), 2
+        else:
+            msg, code = (f"internal error, a bug in minigptq: {type(e).__name__}: {_one_line(e)} (rerun with --debug "
+                         f"and report the traceback)"), 1
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _torch_oom():
+    import torch
+    return torch.OutOfMemoryError

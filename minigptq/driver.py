@@ -21,9 +21,9 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import PartialRun
+from .checkpoint import PartialRun, tensor_digest
 from .gptq import Hessian, gptq
-from .loader import Checkpoint, build_empty, internal_to_hf, load_into
+from .loader import Checkpoint, build_empty, check_finite, internal_to_hf, load_into
 from .pack import can_pack, pack_cols, unpack_cols
 from .qlinear import QuantLinear
 from .quantizer import QuantConfig, rtn
@@ -65,6 +65,76 @@ def _block_tensors(block: nn.Module, prefix_map: dict[str, str], i: int, skip: s
     return out
 
 
+def _check_stored(tensors: dict[str, Tensor], where: str) -> None:
+    """Every tensor about to be written must be finite in its storage dtype (fp16 overflows at 65504)."""
+    for name, t in tensors.items():
+        fix = ("the weights are too large for the GPTQ format's fp16 scales" if name.endswith(".scales")
+               else "pass --dtype bf16 or --dtype fp32")
+        check_finite(t, f"{where}: tensor {name} as stored", fix)
+
+
+def block_source(ckpt: Checkpoint, i: int) -> str:
+    """Digest of block i's full-precision tensors as the checkpoint holds them (resume checks it)."""
+    prefix = ckpt.arch.layer_prefix.format(i=i)
+    return tensor_digest((n, ckpt.get(n)) for n in sorted(ckpt.names()) if n.startswith(prefix))
+
+
+def top_source(ckpt: Checkpoint) -> str:
+    """Digest of config.json and of every tensor outside the blocks (part of a run's fingerprint)."""
+    import json
+    import re
+    block = re.compile(re.escape(ckpt.arch.layer_prefix).replace(r"\{i\}", r"\d+"))
+    names = sorted(n for n in ckpt.names() if not block.match(n))
+    return tensor_digest([("config.json", torch.frombuffer(bytearray(json.dumps(ckpt.hf_config, sort_keys=True)
+                                                                     .encode()), dtype=torch.uint8))]
+                         + [(n, ckpt.get(n)) for n in names])
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated: free GPU memory, or on CPU the smaller of MemAvailable and the cgroup's
+    remaining limit; None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    found = []
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit != "max":
+            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(ckpt: Checkpoint, nsamples: int, seqlen: int, device: torch.device) -> None:
+    """Refuse up front when the calibration activations cannot fit: the driver holds a block's inputs and outputs
+    for every window in fp32, plus one block's fp32 weights."""
+    cfg = ckpt.cfg
+    acts = 2 * nsamples * seqlen * cfg.hidden_size * 4
+    block = 4 * (4 * cfg.hidden_size * cfg.num_heads * cfg.head_dim + 3 * cfg.hidden_size * cfg.intermediate_size)
+    free = available_memory(device)
+    if free is not None and acts + block > free:
+        raise ValueError(f"the calibration activations need about {(acts + block) / 2**30:.1f} GiB (2 x nsamples "
+                         f"{nsamples} x seqlen {seqlen} x hidden {cfg.hidden_size} x 4 bytes, plus one block) but only "
+                         f"{free / 2**30:.1f} GiB of {device.type} memory is available; lower --nsamples or --seqlen")
+
+
+def top_tensors(model: nn.Module, ckpt: Checkpoint, out_dtype) -> dict[str, Tensor]:
+    """The tensors outside the blocks under their HF names, in the output dtype, checked to be finite there."""
+    to_hf = internal_to_hf(ckpt)
+    top = {}
+    for name, mod in model.named_children():
+        if name != "layers":
+            for leaf, t in mod.named_parameters():
+                top[f"{to_hf[name]}.{leaf}"] = t.detach().to(out_dtype)
+    if ckpt.cfg.tie_word_embeddings:
+        top.pop("lm_head.weight", None)
+    _check_stored(top, str(ckpt.path))
+    return top
+
+
 def _progress(text: str) -> None:
     end = "\r" if sys.stderr.isatty() else "\n"
     print(f"\x1b[2K{text}" if sys.stderr.isatty() else text, end=end, file=sys.stderr, flush=True)
@@ -88,6 +158,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
     for name, _ in model.named_children():  # everything outside the blocks, in fp32 for the computation
         if name != "layers":
             load_into(model, ckpt, name, torch.float32, device)
+    top = top_tensors(model, ckpt, out_dtype)  # before any work: they must be finite in the output dtype
     n, T = calib.shape
     ctx, pos = model.context(1, T, device, torch.float32)
     xs = [model.embed_tokens(calib[j:j + 1].to(device), pos) for j in range(n)]  # n x (1, T, hidden)
@@ -97,8 +168,9 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
     for i in range(L):
         load_into(model, ckpt, f"layers.{i}.", torch.float32, device)
         block = model.layers[i]
+        source = block_source(ckpt, i)
         if i in done:
-            skip = _replay_block(block, run.load_block(i), to_hf, i, qcfg, fmt)
+            skip = _replay_block(block, run.load_block(i, source), to_hf, i, qcfg, fmt)
             log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
         else:
             tensors, records, skip = {}, [], set()
@@ -135,6 +207,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     _progress(f"block {i + 1}/{L} {name:<8} err {res.loss:10.4g}  damp {res.percdamp:g}  "
                               f"{time.perf_counter() - t_start:6.0f}s")
             tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))
+            _check_stored(tensors, str(ckpt.path))
         nxt = [block(x, ctx) for x in xs]
         bad = next((j for j, y in enumerate(nxt) if not torch.isfinite(y).all()), None)
         if bad is not None:
@@ -143,20 +216,13 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                              f"the checkpoint's weights overflow or contain NaN/Inf")
         xs = nxt
         if i not in done:
-            run.save_block(i, tensors, records)
+            run.save_block(i, tensors, records, source)
             errs = [r["error"] for r in records if r["method"] == method]
             _progress(f"block {i + 1}/{L} done: mean error {sum(errs) / max(len(errs), 1):.4g}, "
                       f"{time.perf_counter() - t_start:.0f}s")
             if sys.stderr.isatty():
                 print(file=sys.stderr)
         model.layers[i] = block.to("meta")  # free this block's weights before loading the next
-    top = {}
-    for name, mod in model.named_children():
-        if name != "layers":
-            for leaf, t in mod.named_parameters():
-                top[f"{to_hf[name]}.{leaf}"] = t.detach().to(out_dtype)
-    if ckpt.cfg.tie_word_embeddings:
-        top.pop("lm_head.weight", None)
     return top
 
 

@@ -39,12 +39,16 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model
     from .tokenizer import load_tokenizer
+    if args.seqlen < 2:
+        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device)
     seqlen = min(args.seqlen, model.cfg.max_positions)
-    if args.seqlen < 2:
-        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
-    windows = eval_windows(tokenize_file(args.dataset, load_tokenizer(args.model)), seqlen, args.max_windows)
+    tokens = tokenize_file(args.dataset, load_tokenizer(args.model))
+    check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {args.dataset}")
+    windows = eval_windows(tokens, seqlen, args.max_windows)
     print(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {args.dataset}", file=sys.stderr)
     ppl = perplexity(model, windows, progress=not args.quiet)
     print(f"perplexity {ppl:.4f}")

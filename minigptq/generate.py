@@ -54,8 +54,8 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: to
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not (0 <= temperature < float("inf")):  # also NaN
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
@@ -168,11 +168,13 @@ class TextStream:
 
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model, weight_bytes
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_token_ids, load_tokenizer
     device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype)
     tok = load_tokenizer(args.model)
     prompts = [tok.encode(p) for p in args.prompt]
+    for p in prompts:
+        check_token_ids(p, model.cfg.vocab_size, "the prompt")
     eos = tuple(dict.fromkeys(tok.eos_ids + model.cfg.eos_token_ids))
     stream = TextStream(tok, prompts[0], eos) if len(prompts) == 1 and not args.quiet else None
     if stream:

@@ -121,6 +121,10 @@ class Checkpoint:
                 weight_map = read_json(p / index_name).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"{p / index_name} has no 'weight_map' object")
+                for fname in set(weight_map.values()):  # shards are files of this folder, nothing else
+                    if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
+                        raise ValueError(f"{p / index_name}: weight_map names the file {fname!r}; shards must be "
+                                         f"plain file names inside the model folder (no folders, no '..')")
                 return weight_map
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (p / name).is_file():
@@ -167,29 +171,54 @@ class _DictFile:
 
 
 def read_quant_config(path: Path) -> dict | None:
-    """The GPTQ settings of a checkpoint, or None if it is not quantized (gptq-format.md lists where they live)."""
+    """The GPTQ settings of a checkpoint, or None if it is not quantized (gptq-format.md lists where they live).
+
+    config.json's quantization_config comes first, as in transformers and vLLM; quantize_config.json (or
+    quant_config.json) is read too, and a checkpoint whose two configs disagree is refused.
+    """
+    found = []  # (file, parsed settings)
+    q = read_json(path / "config.json").get("quantization_config")
+    if q is not None:
+        found.append(("config.json's quantization_config", _quant_settings(q, path / "config.json")))
     for name in ("quantize_config.json", "quant_config.json"):
         if (path / name).is_file():
-            q = read_json(path / name)
+            found.append((name, _quant_settings(read_json(path / name), path / name)))
             break
-    else:
-        q = read_json(path / "config.json").get("quantization_config")
-        if q is None:
-            return None
+    if not found:
+        return None
+    (first, a), rest = found[0], found[1:]
+    for other, b in rest:
+        diff = [k for k in QUANT_KEYS if a[k] != b[k]]
+        if diff:
+            raise ValueError(f"{path}: {first} and {other} disagree on {', '.join(f'{k} ({a[k]!r} vs {b[k]!r})' for k in diff)}; "
+                             f"fix the wrong one (transformers and vLLM read {first})")
+    return a
+
+
+QUANT_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
+
+
+def _quant_settings(q, where: Path) -> dict:
+    """A quantization config object -> the dict with its fields checked and defaults filled in."""
+    if not isinstance(q, dict):
+        raise ValueError(f"{where}: the quantization config must be an object {{...}}, got {q!r}")
     method = q.get("quant_method", "gptq")
     if method != "gptq":
-        raise ValueError(f"{path}: quantization method {method!r} is not supported; only GPTQ checkpoints are")
+        raise ValueError(f"{where}: quantization method {method!r} is not supported; only GPTQ checkpoints are")
     fmt = q.get("checkpoint_format", q.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
-        raise ValueError(f"{path}: checkpoint_format {fmt!r} is not supported; valid: gptq, gptq_v2")
+        raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported; valid: gptq, gptq_v2")
     bits = q.get("bits")
-    if bits not in (2, 3, 4, 8):
-        raise ValueError(f"{path}: quantization bits={bits!r} is not supported; valid: 2, 3, 4, 8")
+    if isinstance(bits, bool) or bits not in (2, 3, 4, 8) or not isinstance(bits, int):
+        raise ValueError(f"{where}: quantization bits={bits!r} is not supported; valid: the integers 2, 3, 4, 8")
     gs = q.get("group_size", -1)
-    if not isinstance(gs, int) or gs == 0 or gs < -1:
-        raise ValueError(f"{path}: group_size={gs!r} is invalid; valid: -1 or a positive integer")
-    return dict(q, bits=bits, group_size=gs, sym=q.get("sym", True), desc_act=q.get("desc_act", False),
-                checkpoint_format=fmt)
+    if isinstance(gs, bool) or not isinstance(gs, int) or gs == 0 or gs < -1:
+        raise ValueError(f"{where}: group_size={gs!r} is invalid; valid: -1 or a positive integer")
+    flags = {k: q.get(k, default) for k, default in (("sym", True), ("desc_act", False))}
+    for k, v in flags.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"{where}: {k}={v!r} must be true or false")
+    return dict(q, bits=bits, group_size=gs, checkpoint_format=fmt, **flags)
 
 
 # -- building the model ---------------------------------------------------------------------------------------------
@@ -207,16 +236,21 @@ def build_empty(ckpt: Checkpoint) -> Transformer:
         to_hf = internal_to_hf(ckpt)
         for name, mod in list(model.named_modules()):
             if isinstance(mod, nn.Linear) and ckpt.has(to_hf.get(name, "?") + ".qweight"):
-                set_module(model, name, quant_linear_like(mod, ckpt, to_hf[name] + ".scales"))
+                set_module(model, name, quant_linear_like(mod, ckpt, to_hf[name]))
     return model
 
 
-def quant_linear_like(linear: nn.Linear, ckpt: Checkpoint, scales_name: str) -> nn.Module:
+def quant_linear_like(linear: nn.Linear, ckpt: Checkpoint, hf_name: str) -> nn.Module:
     from .qlinear import QuantLinear
     q = ckpt.quant
-    with torch.device("meta"):
-        ql = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
-                         bias=linear.bias is not None, dtype=ckpt.get(scales_name).dtype)
+    scales = hf_name + ".scales"  # a missing or integer one is reported by _plan, naming it
+    dtype = ckpt.get(scales).dtype if ckpt.has(scales) else torch.float16
+    try:
+        with torch.device("meta"):
+            ql = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
+                             bias=linear.bias is not None, dtype=dtype if dtype.is_floating_point else torch.float16)
+    except ValueError as e:
+        raise ValueError(f"{ckpt.path}: {hf_name}: {e}") from None
     ql.checkpoint_format = q["checkpoint_format"]
     return ql
 
@@ -239,7 +273,7 @@ def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, 
         for leaf, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             full = f"{mname}.{leaf}" if mname else leaf
             if full.startswith(prefix) and not (full == "lm_head.weight" and ckpt.cfg.tie_word_embeddings):
-                expected[full] = (mod, leaf, tuple(t.shape))
+                expected[full] = (mod, leaf, tuple(t.shape), t.dtype)
     wanted_hf = {to_hf[n.rpartition(".")[0]] + "." + n.rpartition(".")[2]: n for n in expected}
     missing = [hf for hf in wanted_hf if not ckpt.has(hf)]
     if missing:
@@ -256,8 +290,16 @@ def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, 
                          f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     plan = []
     for hf, ours in wanted_hf.items():
-        mod, leaf, shape = expected[ours]
-        got = tuple(ckpt.get(hf).shape)
+        mod, leaf, shape, want = expected[ours]
+        t = ckpt.get(hf)
+        got = tuple(t.shape)
+        kind_ok = t.is_floating_point() if want.is_floating_point else \
+            (t.dtype == want if leaf in ("qweight", "qzeros") else t.dtype in (torch.int16, torch.int32, torch.int64))
+        if not kind_ok:
+            valid = "a floating dtype (F32, F16, BF16)" if want.is_floating_point else \
+                ("int32" if leaf in ("qweight", "qzeros") else "an integer dtype")
+            raise ValueError(f"{ckpt.path}: tensor {hf} is stored as {str(t.dtype).removeprefix('torch.')}; "
+                             f"valid: {valid}")
         if got != shape:
             if isinstance(mod, QuantLinear):
                 q = ckpt.quant
@@ -280,14 +322,18 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
     """Assign the checkpoint's tensors to every parameter/buffer of `model` whose internal name starts with `prefix`.
 
     Floating tensors are cast to `dtype` (None: keep the checkpoint's), except the packed layers' own tensors
-    (QuantLinear keeps fp16 scales whatever the activation dtype). Name or shape problems raise ValueError.
+    (QuantLinear keeps fp16 scales whatever the activation dtype). Name, shape or dtype problems and NaN/Inf in a
+    tensor (as stored, or after the cast) raise ValueError naming the tensor.
     """
     from .qlinear import QuantLinear
     for hf, mod, leaf in _plan(model, ckpt, prefix):
         t = ckpt.get(hf)
         keep = isinstance(mod, QuantLinear) and leaf != "bias"
-        if t.is_floating_point() and dtype is not None and not keep:
-            t = t.to(dtype)
+        if t.is_floating_point():
+            check_finite(t, f"{ckpt.path}: tensor {hf}")
+            if dtype is not None and not keep:
+                t = t.to(dtype)
+                check_finite(t, f"{ckpt.path}: tensor {hf}", "load it in fp32 or bf16 (--dtype)")
         t = t.to(device)
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
@@ -295,9 +341,23 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
             mod._buffers[leaf] = t
     if ckpt.cfg.tie_word_embeddings and "lm_head.weight".startswith(prefix):
         model.lm_head.weight = model.embed.weight
+    to_hf = internal_to_hf(ckpt)
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLinear) and name.startswith(prefix.rstrip(".")):
-            mod.post_load()
+            try:
+                mod.post_load()
+            except ValueError as e:
+                raise ValueError(f"{ckpt.path}: {to_hf.get(name, name)}: {e}") from None
+
+
+def check_finite(t: Tensor, what: str, fix: str = "") -> None:
+    """Raise ValueError if t holds NaN or +-Inf. `what` names the tensor; `fix` says what to do when the values
+    only overflow t's dtype (they were finite before a cast)."""
+    if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+        n = int((~torch.isfinite(t)).sum())
+        kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
+        hint = f"; its values overflow {str(t.dtype).removeprefix('torch.')}: {fix}" if fix else ""
+        raise ValueError(f"{what} holds {n} non-finite value(s) ({kind}){hint}")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PartialRun
 from . import __version__
-from .cli import USER_ERRORS, add_debug_flag, resolve_device, run
+from .checkpoint import PartialRun, check_out, tensor_digest
+from .cli import add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
 
 
@@ -22,10 +22,12 @@ from .quantizer import QuantConfig
 def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int, device, log) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen): from `dataset`, or sampled from the model itself (data-free)."""
     from .data import calibration_windows, sample_from_model, tokenize_file
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_token_ids, load_tokenizer
     tok = load_tokenizer(model_path)
     if dataset:
-        windows = calibration_windows(tokenize_file(dataset, tok), nsamples, seqlen, seed, source=str(dataset))
+        tokens = tokenize_file(dataset, tok)
+        check_token_ids(tokens, ckpt.cfg.vocab_size, f"the tokenizer's encoding of {dataset}")
+        windows = calibration_windows(tokens, nsamples, seqlen, seed, source=str(dataset))
         log(f"calibration: {nsamples} random windows of {seqlen} tokens from {dataset} (seed {seed})")
         return windows
     from .loader import load_model
@@ -72,44 +74,44 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
 
     fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
     "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
+    Everything is validated before the first file is written; `out` is never the model folder or a folder that is
+    not minigptq's own checkpoint (see checkpoint.check_out).
     """
-    from .driver import quantize_checkpoint
+    from .driver import check_memory, quantize_checkpoint, top_source
     from .loader import Checkpoint, check_checkpoint, parse_dtype
     if fmt not in ("gptq", "gptq_v2"):
         raise ValueError(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
     if method not in ("gptq", "rtn"):
         raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
-    if nsamples < 1:
-        raise ValueError(f"--nsamples must be >= 1, got {nsamples}")
-    if seqlen < 2:
-        raise ValueError(f"--seqlen must be >= 2, got {seqlen}")
+    for name, v, lo in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("seed", seed, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"--{name} must be an integer >= {lo}, got {v!r}")
+    out_dtype = parse_dtype(dtype)
     device, _ = resolve_device(device)
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
         raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
-    check_checkpoint(ckpt)  # every tensor's name and shape, before anything is computed or written
+    check_checkpoint(ckpt)  # every tensor's name, shape and dtype, before anything is computed or written
     seqlen = min(seqlen, ckpt.cfg.max_positions)
-    out = Path(out) if out else default_out(model, method, qcfg.bits, qcfg.group_size)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output {out} already exists; pass --overwrite to replace it")
+    out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
+                    overwrite)
+    check_memory(ckpt, nsamples, seqlen, device)
     t0 = time.perf_counter()
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     settings = dict(model=str(Path(model).resolve()), method=method, **vars(qcfg),
                     dataset=str(Path(dataset).resolve()) if dataset else None, nsamples=nsamples, seqlen=seqlen,
-                    seed=seed, dtype=dtype, fmt=fmt)
-    partial = PartialRun(out, settings, resume=resume, overwrite=overwrite)
-    log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
-        f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-        f"{', act-order' if qcfg.act_order else ''} on {device}")
-    try:
-        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, parse_dtype(dtype), log, fmt)
-    except USER_ERRORS:
-        partial.discard_if_fresh()  # a bad input (e.g. NaN weights) must not leave a work folder behind
-        raise
-    records = [r for i in sorted(partial.done_blocks()) for r in partial.state["blocks"][str(i)]]
-    calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
-    partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
-                   overwrite, parse_dtype(dtype))
+                    seed=seed, dtype=dtype, fmt=fmt, version=__version__,
+                    calibration_sha256=tensor_digest([("windows", windows)]), model_sha256=top_source(ckpt))
+    with PartialRun(out, resume=resume, overwrite=overwrite, log=log) as partial:
+        partial.start(settings)
+        log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
+            f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
+            f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
+        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt)
+        records = partial.records()
+        calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
+        partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
+                       out_dtype)
     kept = [r["module"] for r in records if r["method"].startswith("kept")]
     if kept:
         log(f"{len(kept)} linear layer(s) kept in full precision (shape not packable): {', '.join(kept[:6])}"

@@ -9,19 +9,25 @@ from pathlib import Path
 from .config import eos_tuple, read_json
 
 
+def _side_file(path: Path) -> dict:
+    """An optional JSON side file (tokenizer_config.json, generation_config.json): {} if absent."""
+    return read_json(path) if path.exists() else {}
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
-        tc = read_json(path / "tokenizer_config.json") if (path / "tokenizer_config.json").is_file() else {}
-        cfg = read_json(path / "config.json") if (path / "config.json").is_file() else {}
-        gen = read_json(path / "generation_config.json") if (path / "generation_config.json").is_file() else {}
-        if (path / "tokenizer.json").is_file():
+        tc = _side_file(path / "tokenizer_config.json")
+        cfg = _side_file(path / "config.json")
+        gen = _side_file(path / "generation_config.json")
+        if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
-            self.kind, self.tok = "tokenizers", HFTokenizer.from_file(str(path / "tokenizer.json"))
+            self.kind, self.tok = "tokenizers", _open(HFTokenizer.from_file, path / "tokenizer.json")
             self._id = self.tok.token_to_id
-        elif (path / "tokenizer.model").is_file():
+        elif (path / "tokenizer.model").exists():
             import sentencepiece as spm
-            self.kind, self.tok = "sentencepiece", spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+            self.kind = "sentencepiece"
+            self.tok = _open(lambda f: spm.SentencePieceProcessor(model_file=f), path / "tokenizer.model")
             self._id = lambda s: (i if (i := self.tok.piece_to_id(s)) != self.tok.unk_id() or s == "<unk>" else None)
         else:
             raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
@@ -32,17 +38,28 @@ class Tokenizer:
             i = self._id(tok) if isinstance(tok, str) else None
             return fallback if i is None else i
 
-        self.bos_id = cfg.get("bos_token_id", gen.get("bos_token_id"))
+        V = self.vocab_size
+
+        def config_id(d: dict, key: str):  # a usable id from a config, else None (config.json is checked elsewhere)
+            i = d.get(key)
+            return i if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < V else None
+
+        self.bos_id = config_id(cfg, "bos_token_id")
+        self.bos_id = config_id(gen, "bos_token_id") if self.bos_id is None else self.bos_id
         self.bos_id = token_id("bos_token", None) if self.bos_id is None else self.bos_id
         eos = eos_tuple(gen.get("eos_token_id")) + eos_tuple(cfg.get("eos_token_id"))
         extra = token_id("eos_token", None)
-        self.eos_ids = tuple(dict.fromkeys(eos + ((extra,) if extra is not None else ())))
-        self.pad_id = cfg.get("pad_token_id", token_id("pad_token", None))
+        self.eos_ids = tuple(i for i in dict.fromkeys(eos + ((extra,) if extra is not None else ())) if i < V)
+        self.pad_id = config_id(cfg, "pad_token_id")
+        self.pad_id = token_id("pad_token", None) if self.pad_id is None else self.pad_id
         if self.pad_id is None:
             self.pad_id = self.eos_ids[0] if self.eos_ids else 0
         # sentencepiece Llama tokenizers add BOS unless told otherwise; tokenizer.json ones say so in their
         # post-processor, which add_bos_token can override.
         self.add_bos = tc.get("add_bos_token", True if self.kind == "sentencepiece" else None)
+        if self.add_bos is not None and not isinstance(self.add_bos, bool):
+            raise ValueError(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or false, "
+                             f"got {self.add_bos!r}")
 
     @property
     def vocab_size(self) -> int:
@@ -68,5 +85,24 @@ class Tokenizer:
         return self.tok.decode(ids)
 
 
+def _open(loader, file: Path):
+    """Load a tokenizer file; any failure of the parsing library becomes a ValueError naming the file."""
+    if not file.is_file():
+        raise ValueError(f"{file} is not a readable file")
+    try:
+        return loader(str(file))
+    except Exception as e:  # tokenizers and sentencepiece raise their own types for corrupt files
+        raise ValueError(f"{file}: cannot be read as a tokenizer ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]}); the file is corrupt or of another format") from None
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer(path)
+
+
+def check_token_ids(ids, vocab_size: int, what: str) -> None:
+    """Token ids (a list or tensor) must index the model's embedding: a tokenizer larger than the model is refused."""
+    top = max(ids, default=-1) if isinstance(ids, list) else (int(ids.max()) if ids.numel() else -1)
+    if top >= vocab_size:
+        raise ValueError(f"{what} holds token id {top}, but the model's vocabulary has {vocab_size} entries; the "
+                         f"tokenizer does not belong to this model")

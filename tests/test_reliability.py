@@ -149,7 +149,7 @@ def test_inf_activations_name_the_block(tmp_path):
     m = copy_model(tmp_path)
     _rewrite_tensors(m / "model.safetensors", lambda sd: dict(sd, **{
         "model.layers.0.post_attention_layernorm.weight": torch.full((64,), 3e38)}))  # overflows to inf in fp32
-    r = quant(m, tmp_path / "q", "--dataset", str(WIKI_VALID))
+    r = quant(m, tmp_path / "q", "--dataset", str(WIKI_VALID), "--dtype", "fp32")  # fp16 storage would refuse first
     assert_clean_error(r, "non-finite activations", "block 0", "model.layers.0")
     nothing_written(tmp_path, tmp_path / "q")
 
