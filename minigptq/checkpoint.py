@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -77,7 +78,11 @@ def write_text(path: Path, text: str) -> None:
 def save_tensors(path: Path, tensors: dict[str, Tensor]) -> None:
     """safetensors file written atomically and durably; tensors made contiguous CPU copies first."""
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    except SafetensorError as e:  # its writer reports a full disk or an I/O error as its own type
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {tmp}: {e}") from None
     _commit(tmp, path)
 
 

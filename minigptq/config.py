@@ -138,7 +138,9 @@ class Fields:
 
     def token_id(self, key: str) -> int | None:
         """A special token id; negative means "none" (old Llama configs write pad_token_id -1)."""
-        v = self.int(key, None, lo=-(2**31), hi=MAX_VOCAB)
+        k, v = self._get(key, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"the field {k!r} must be a token id (an integer; negative or null = none), got {v!r}")
         return None if v is None or v < 0 else v
 
     def token_ids(self, key: str) -> tuple[int, ...]:

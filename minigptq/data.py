@@ -16,8 +16,10 @@ from torch import Tensor
 def read_text(path: str | Path) -> str:
     """A .txt file's text, or a .jsonl file's "text" fields joined with blank lines (HF datasets rows)."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"dataset file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise ValueError(f"dataset {str(path)!r} is not a file (expected a .txt or .jsonl file)")
     raw = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".jsonl":
         rows = []

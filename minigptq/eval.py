@@ -38,7 +38,7 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
 
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model
-    from .tokenizer import load_tokenizer
+    from .tokenizer import check_token_ids, load_tokenizer
     if args.seqlen < 2:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:

@@ -105,7 +105,10 @@ class Checkpoint:
         self.hf_config = read_json(self.path / "config.json")
         if "model_type" not in self.hf_config:
             raise ValueError(f"{self.path}/config.json has no 'model_type'")
-        self.arch: Arch = get_arch(self.hf_config["model_type"])
+        try:
+            self.arch: Arch = get_arch(self.hf_config["model_type"])
+        except ValueError as e:
+            raise ValueError(f"{self.path}/config.json: {e}") from None
         try:
             self.cfg: ModelConfig = self.arch.config_from_hf(Fields(self.hf_config))
         except ValueError as e:

@@ -98,10 +98,11 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     check_memory(ckpt, nsamples, seqlen, device)
     t0 = time.perf_counter()
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
-    settings = dict(model=str(Path(model).resolve()), method=method, **vars(qcfg),
-                    dataset=str(Path(dataset).resolve()) if dataset else None, nsamples=nsamples, seqlen=seqlen,
-                    seed=seed, dtype=dtype, fmt=fmt, version=__version__,
-                    calibration_sha256=tensor_digest([("windows", windows)]), model_sha256=top_source(ckpt))
+    # What a resumed run must share with the interrupted one: the settings and the inputs' contents (not their
+    # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
+    settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
+                    version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
+                    model_sha256=top_source(ckpt))
     with PartialRun(out, resume=resume, overwrite=overwrite, log=log) as partial:
         partial.start(settings)
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "

@@ -49,6 +49,6 @@ ARCHS = _registry()
 
 def get_arch(model_type: str) -> Arch:
     if not isinstance(model_type, str) or model_type not in ARCHS:
-        raise ValueError(f"unsupported model_type {model_type!r} in config.json; "
+        raise ValueError(f"unsupported model_type {model_type!r}; "
                          f"supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[model_type]
