@@ -98,7 +98,8 @@ class Checkpoint:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise FileNotFoundError(f"model folder {str(path)!r} does not exist (expected a folder with config.json "
+            what = "is not a folder" if self.path.exists() else "does not exist"
+            raise FileNotFoundError(f"model folder {str(path)!r} {what} (expected a folder with config.json "
                                     f"and model.safetensors)")
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path}/config.json not found: is {str(path)!r} a Hugging Face checkpoint?")

@@ -306,6 +306,7 @@ for id, fn, needle in [
         case(f"safetensors-{id}-generate", "generate", raw_weights(fn), needles=[needle])
 case("safetensors-is-a-folder", "quantize",
      lambda root, m: ((m / "model.safetensors").unlink(), (m / "model.safetensors").mkdir()), needles=["weights"])
+case("model-is-a-file", "quantize", lambda root, m: (shutil.rmtree(m), m.write_text("x")), needles=["not a folder"])
 case("weights-none", "quantize", lambda root, m: (m / "model.safetensors").unlink(), needles=["no weights"])
 
 
@@ -535,6 +536,9 @@ def test_hostile_input(tmp_path, monkeypatch, command, setup, extra, code, needl
     assert_one_error(got, err, code, needles)
     diff = changed(before, snapshot(root))
     if code == 0 and command == "quantize":
+        from minigptq.checkpoint import FILE_MODE
+        modes = {p.name: p.stat().st_mode & 0o777 for p in (root / out).iterdir()}
+        assert set(modes.values()) == {FILE_MODE}, modes  # readable like any new file (safetensors writes 0600)
         target = (root / out).resolve().relative_to(root.resolve())
         allowed = {str(target), *(str(p) for p in target.parents)}
         diff = {d for d in diff if not any(d == a or d.startswith(a + "/") for a in allowed if a != ".")}
@@ -610,6 +614,42 @@ def test_hostile_filesystem(tmp_path, monkeypatch, tmpfs, kind):
         got, err = run_cli("quantize", quant_argv(tmp_path, m, fs / "q", "--resume"))
         assert got == 0, err
         assert (fs / "q" / "model.safetensors").is_file() and not (fs / ".q.partial").exists()
+    else:
+        assert not diff, sorted(diff)
+
+
+# -- failures in the middle of the work ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("exc,code,needle,keeps", [
+    (RuntimeError("boom"), 1, "internal error, a bug in minigptq: RuntimeError: boom", False),
+    (ValueError("bad input found late"), 2, "bad input found late", False),
+    (MemoryError(), 2, "out of memory", True),
+    (OSError(28, "No space left on device"), 2, "No space left", True),
+])
+def test_failure_after_some_blocks(tmp_path, monkeypatch, exc, code, needle, keeps):
+    """A failure at block 3: a bug or a bad input removes the fresh work folder; a resource problem keeps the finished
+    blocks for --resume. Either way nothing else changes and the message is one line."""
+    import minigptq.driver as driver
+    m = model_copy(tmp_path)
+    calib_file(tmp_path)
+    real = driver.gptq
+    calls = {"n": 0}
+
+    def failing(W, H, cfg, log=print):
+        calls["n"] += 1
+        if calls["n"] > 3 * 4:  # 4 solved linears per block (the MLP is kept); fail in block 3
+            raise exc
+        return real(W, H, cfg, log=log)
+    monkeypatch.setattr(driver, "gptq", failing)
+    before = snapshot(tmp_path)
+    got, err = run_cli("quantize", quant_argv(tmp_path, m, tmp_path / "q"))
+    assert_one_error(got, err, code, [needle])
+    diff = changed(before, snapshot(tmp_path))
+    if keeps:
+        assert diff and all(d.startswith(".q.partial") for d in diff) and "--resume" in err, sorted(diff)
+        monkeypatch.setattr(driver, "gptq", real)
+        got, err = run_cli("quantize", quant_argv(tmp_path, m, tmp_path / "q", "--resume"))
+        assert got == 0 and "resumed from block_0002" in err, err[-2000:]
     else:
         assert not diff, sorted(diff)
 
