@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .pack import VALID_BITS, pack_rows, unpack_cols, unpack_rows
+from .pack import VALID_BITS, pack_rows, unpack_rows, zero_points
 
 try:
     from . import _cpu_kernels as _cpu
@@ -90,11 +90,10 @@ class KernelLayout:
         return self.K, self.N
 
 
-def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-                zero_offset: int) -> KernelLayout:
-    """The kernel layout of one checkpoint layer (tensors as in pack.py; zero = unpacked qzeros + zero_offset)."""
+def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, fmt: str) -> KernelLayout:
+    """The kernel layout of one checkpoint layer (tensors as in pack.py, fmt its checkpoint_format)."""
     K, N = g_idx.numel(), scales.shape[1]
-    zeros = (unpack_cols(qzeros, bits, N) + zero_offset).to(torch.int16)  # (G, N)
+    zeros = zero_points(qzeros, bits, N, fmt).to(torch.int16)  # (G, N)
     g = g_idx.to(torch.int32)
     if K > 1 and bool((g[1:] < g[:-1]).any()):  # act-order: sort rows so that each group is contiguous
         perm = torch.argsort(g, stable=True)  # (K,) sorted row -> checkpoint row

@@ -30,6 +30,13 @@ bits = 3: 32 values fill exactly 3 words; v10 and v21 straddle a word boundary:
 Unpack with the mask AFTER the shift (int32 `>>` sign-extends). Symmetric v1 qzeros are the handy test vectors
 0x77777777 (4-bit, z' = 7), 0x7F7F7F7F (8-bit, z' = 127) and 0x55555555 (2-bit, z' = 1).
 
+Reading v1 zero points (`zero_points`). An asymmetric zero point of 0 is stored as -1. GPTQModel (and transformers,
+which loads GPTQ checkpoints through it) writes and reads v1 at 2/4/8 bits by subtracting / adding 0x55555555 /
+0x11111111 / 0x01010101 to each whole int32 word, so a zero of 0 is written as all ones *with a borrow from the next
+field*, and reading adds the carry back. At 3 bits it shifts each field by one, modulo 8, without carries. minigptq
+reads both the same way, so every v1 file they write dequantizes here exactly as there. (minigptq itself writes v1
+zero points >= 1, so its files never wrap and both rules agree on them.)
+
 `dequantize` is the plain torch reference: it is both the fallback of QuantLinear and the test oracle of the
 compiled kernels (minigptq/kernels.py).
 """
@@ -39,7 +46,8 @@ import torch
 from torch import Tensor
 
 VALID_BITS = (2, 3, 4, 8)
-ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what to add to the stored qzeros to get the zero
+FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores zero - 1 in qzeros, v2 the zero itself
+V1_WORD_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}  # +1 in every field of one int32 word
 
 
 def _block(bits: int) -> tuple[int, int]:
@@ -122,15 +130,28 @@ def unpack_cols(packed: Tensor, bits: int, N: int) -> Tensor:
     return unpack_rows(packed.T, bits, N).T.contiguous()
 
 
-def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int,
-               zero_offset: int) -> Tensor:
+def zero_points(qzeros: Tensor, bits: int, N: int, fmt: str) -> Tensor:
+    """Stored qzeros [G, N*bits/32] -> zero points int32 [G, N] in [0, 2^bits - 1], for checkpoint_format fmt
+    ("gptq": v1, read as GPTQModel reads it, see the module docstring; "gptq_v2": raw)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"checkpoint_format={fmt!r} is not supported; valid: {list(FORMATS)}")
+    if fmt == "gptq_v2":
+        return unpack_cols(qzeros, bits, N)
+    if bits == 3:
+        return (unpack_cols(qzeros, bits, N) + 1) & 7
+    _block(bits)
+    words = (qzeros.to(torch.int64) + V1_WORD_OFFSET[bits]).to(torch.int32)  # wraps like uint32: carries cross fields
+    return unpack_cols(words, bits, N)
+
+
+def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, fmt: str) -> Tensor:
     """Reference dequantization: W^T [K, N] in scales.dtype, W^T[k, n] = scales[g, n] * (q[k, n] - zero[g, n]).
 
-    zero = unpacked qzeros + zero_offset (1 for checkpoint_format "gptq", 0 for "gptq_v2"); g = g_idx[k].
+    zero = zero_points(qzeros, bits, N, fmt) with fmt the checkpoint_format ("gptq" or "gptq_v2"); g = g_idx[k].
     """
     K, (G, N) = g_idx.shape[0], scales.shape
     q = unpack_rows(qweight, bits, K)  # (K, N)
-    zero = unpack_cols(qzeros, bits, N) + zero_offset  # (G, N)
+    zero = zero_points(qzeros, bits, N, fmt)  # (G, N)
     if zero.shape[0] != G:
         raise ValueError(f"qzeros has {zero.shape[0]} groups but scales has {G}")
     g = g_idx.long()  # (K,)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from . import kernels
-from .pack import ZERO_OFFSET, can_pack, dequantize, pack_cols, pack_rows
+from .pack import can_pack, dequantize, pack_cols, pack_rows
 
 _warned: set[str] = set()  # device types for which the slow-path warning was given
 
@@ -83,13 +83,6 @@ class QuantLinear(nn.Module):
         mod.post_load()
         return mod
 
-    @property
-    def zero_offset(self) -> int:
-        if self.checkpoint_format not in ZERO_OFFSET:
-            raise ValueError(f"checkpoint_format={self.checkpoint_format!r} is not supported; valid: "
-                             f"{list(ZERO_OFFSET)}")
-        return ZERO_OFFSET[self.checkpoint_format]
-
     def post_load(self) -> None:
         """Check the loaded buffers against each other and build the kernel layout (call once after loading)."""
         K, N, bits = self.in_features, self.out_features, self.bits
@@ -112,7 +105,7 @@ class QuantLinear(nn.Module):
         if G < 1 or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G:
             raise ValueError(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
                              f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
-        self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits, self.zero_offset)
+        self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits, self.checkpoint_format)
 
     @staticmethod
     def _after_load_state_dict(module: "QuantLinear", incompatible_keys) -> None:
@@ -175,7 +168,7 @@ class QuantLinear(nn.Module):
                 reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
                 _warn_once(x.device.type, reason or f"no kernel for {x.device.type}")
             half = x.device.type == "cuda" and x2.dtype in (torch.float16, torch.bfloat16)
-            W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
+            W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.checkpoint_format)
             y = x2.to(x2.dtype if half else torch.float32) @ W.to(x2.dtype if half else torch.float32)  # (M, N)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
@@ -186,7 +179,7 @@ class QuantLinear(nn.Module):
 
     def dequantized_weight(self) -> Tensor:
         """W [N, K] in float32, from the checkpoint buffers via the torch reference."""
-        W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.zero_offset)
+        W = dequantize(self.qweight, self.qzeros, self.scales.float(), self.g_idx, self.bits, self.checkpoint_format)
         return W.T.contiguous()  # (K, N) -> (N, K)
 
     def extra_repr(self) -> str:

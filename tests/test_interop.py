@@ -118,3 +118,37 @@ def test_gptqmodel_checkpoints_load_in_minigptq(hf_checkpoints, tmp_path, bits, 
     model = load_model(out, dtype="fp32")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
     check_close(ours(out, tokens), torch.load(tmp_path / "peer.pt"), f"GPTQModel {bits}-bit checkpoint in minigptq")
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_gptqmodel_asymmetric_checkpoint_with_wrapped_zero_points(hf_checkpoints, tmp_path, bits):
+    """GPTQModel's asymmetric v1 checkpoint whose zero points include 0 (stored wrapped, as -1): minigptq must give
+    GPTQModel's logits. Some weight groups are made all-positive so that their zero point is 0."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    from minigptq.pack import unpack_cols, zero_points
+    src = tmp_path / "src"
+    shutil.copytree(hf_checkpoints("llama-gqa-tied"), src)
+    sd = load_file(src / "model.safetensors")
+    for name in sd:
+        if name.endswith(("q_proj.weight", "up_proj.weight", "down_proj.weight")):
+            sd[name][:24, :32] = sd[name][:24, :32].abs()  # rows 0-23, first group of 32 inputs: min >= 0 -> zero 0
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    calib = calibration_windows(tokenize_file(WIKI_VALID, load_tokenizer(src)), 8, 64, seed=0)
+    torch.save(calib, tmp_path / "calib.pt")
+    tokens = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(3))
+    torch.save(tokens, tmp_path / "tokens.pt")
+    out = tmp_path / "peer-q"
+    run_peer([{"op": "quantize", "model": str(src), "out": str(out), "calib": str(tmp_path / "calib.pt"),
+               "bits": bits, "group_size": 32, "sym": False, "desc_act": False},
+              {"op": "logits", "loader": "gptqmodel", "model": str(out), "tokens": str(tmp_path / "tokens.pt"),
+               "out": str(tmp_path / "peer.pt")}], tmp_path)
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg.get("checkpoint_format", qcfg.get("format")) == "gptq" and qcfg["sym"] is False, qcfg
+    q = load_file(out / "model.safetensors")
+    qz = q["model.layers.0.self_attn.q_proj.qzeros"]
+    N = q["model.layers.0.self_attn.q_proj.scales"].shape[1]
+    zeros = zero_points(qz, bits, N, "gptq")
+    assert int((zeros[0, :24] == 0).sum()) >= 12, zeros[0, :24]  # the wrapped fields are really there
+    assert not torch.equal(unpack_cols(qz, bits, N) + 1, zeros)  # ... and the naive reading gets them wrong
+    check_close(ours(out, tokens), torch.load(tmp_path / "peer.pt"), f"GPTQModel asym {bits}-bit wrapped zeros")

@@ -39,7 +39,7 @@ needs_gpu = pytest.mark.skipif(not kernels.cuda_available(), reason="CUDA kernel
 
 
 def random_layer(K, N, group_size, act_order, bits, seed):
-    """Checkpoint tensors (qweight, qzeros, scales, g_idx) of a random layer, qzeros stored raw (zero_offset 0)."""
+    """Checkpoint tensors (qweight, qzeros, scales, g_idx) of a random layer, qzeros stored raw (checkpoint_format gptq_v2)."""
     g = torch.Generator().manual_seed(seed)
     G = 1 if group_size == -1 else -(-K // group_size)
     q = torch.randint(0, 2**bits, (K, N), generator=g)
@@ -68,8 +68,8 @@ def layers():
         out[bits] = []
         for i, case in enumerate(cases(bits)):
             qw, qz, s, g_idx = random_layer(*case, bits, seed=100 * bits + i)
-            W = dequantize(qw, qz, s.float(), g_idx, bits, 0)  # exact fp32 values of s * (q - z)
-            out[bits].append((case, kernels.make_layout(qw, qz, s, g_idx, bits, 0), W))
+            W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2")  # exact fp32 values of s * (q - z)
+            out[bits].append((case, kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2"), W))
     return out
 
 
@@ -95,8 +95,8 @@ def test_cpu_qgemm_matches_reference(layers, bits, isa):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_cpu_qgemm_llama_shape(bits):
     qw, qz, s, g_idx = random_layer(4096, 4096, 128, True, bits, seed=torch.seed() % 2**31)
-    layout = kernels.make_layout(qw, qz, s, g_idx, bits, 0)
-    W = dequantize(qw, qz, s.float(), g_idx, bits, 0)
+    layout = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2")
+    W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2")
     x = torch.randn(2, 4096)
     assert rel_err(kernels.cpu_qgemm(x, layout), x.double() @ W.double()) < TOL[torch.float32]
 
@@ -140,7 +140,7 @@ def test_cpu_wrapper_errors(layers):
 
 def test_layout_errors():
     qw, qz, s, g_idx = random_layer(96, 64, 32, False, 4, seed=0)
-    good = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    good = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
     fields = dict(qweight=good.qweight, scales=good.scales, zeros=good.zeros, row_group=good.row_group, perm=None,
                   bits=4)
     with pytest.raises(ValueError, match=r"qweight must be int32 contiguous \[K\*bits/32, N\]=\[12, 64\] on cpu, "
@@ -164,7 +164,7 @@ def test_layout_errors():
 def test_compiled_module_checks_indices_itself():
     """The C++ side re-checks the values that index memory (row_group, perm) and raises ValueError."""
     qw, qz, s, g_idx = random_layer(64, 32, 32, False, 4, seed=0)
-    L = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
     x, out = torch.randn(1, 64), torch.empty(1, 32)
     bad_group = torch.full((64,), 5, dtype=torch.int32)
     bad_perm = torch.full((64,), 64, dtype=torch.int32)
@@ -177,11 +177,11 @@ def test_compiled_module_checks_indices_itself():
 def test_act_order_layout_sorts_rows_and_keeps_inputs():
     qw, qz, s, g_idx = random_layer(128, 32, 32, True, 4, seed=1)
     before = qw.clone()
-    L = kernels.make_layout(qw, qz, s, g_idx, 4, 1)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
     assert torch.equal(qw, before)  # the checkpoint tensor is untouched
     assert L.perm is not None and bool((L.row_group[1:] >= L.row_group[:-1]).all())
     assert torch.equal(L.row_group, g_idx[L.perm.long()])
-    plain = kernels.make_layout(*random_layer(128, 32, 32, False, 4, seed=1), 4, 1)
+    plain = kernels.make_layout(*random_layer(128, 32, 32, False, 4, seed=1), 4, "gptq")
     assert plain.perm is None
 
 
@@ -193,8 +193,8 @@ def test_cuda_qgemm_matches_reference(bits):
     seed = torch.seed()  # fresh layers and activations every run; printed on failure
     for i, case in enumerate(cases(bits)):
         qw, qz, s, g_idx = random_layer(*case, bits, seed=(seed + i) % 2**31)
-        W = dequantize(qw, qz, s.float(), g_idx, bits, 0).cuda()
-        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, 0)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2").cuda()
+        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, "gptq_v2")
         for M in (1, 2, 5, 16, 20):
             for dtype in (torch.float16, torch.bfloat16, torch.float32):
                 x = torch.randn(M, case[0], device="cuda").to(dtype)
@@ -210,8 +210,8 @@ def test_cuda_qgemm_matches_reference(bits):
 def test_cuda_dequantize_is_exact(bits):
     for i, case in enumerate(cases(bits)):
         qw, qz, s, g_idx = random_layer(*case, bits, seed=i)
-        W = dequantize(qw, qz, s.float(), g_idx, bits, 0).cuda()
-        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, 0)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2").cuda()
+        L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), bits, "gptq_v2")
         assert torch.equal(kernels.cuda_dequantize(L, torch.float32), W), case
         assert torch.equal(kernels.cuda_dequantize(L, torch.float16), W.half()), case
         assert torch.equal(kernels.cuda_dequantize(L, torch.bfloat16), W.bfloat16()), case
@@ -221,13 +221,13 @@ def test_cuda_dequantize_is_exact(bits):
 @needs_gpu
 def test_cuda_wrapper_errors():
     qw, qz, s, g_idx = random_layer(256, 96, 64, False, 4, seed=0)
-    L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), 4, 0)
+    L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), 4, "gptq_v2")
     with pytest.raises(ValueError, match=r"x must be a float16, bfloat16 or float32 contiguous tensor \[M, K=256\]"):
         kernels.cuda_qgemm(torch.randn(1, 256), L)  # on the CPU
     with pytest.raises(ValueError, match="non-contiguous"):
         kernels.cuda_qgemm(torch.randn(256, 2, device="cuda").T, L)
     with pytest.raises(ValueError, match="layout must be on a CUDA device"):
-        kernels.cuda_qgemm(torch.randn(1, 256, device="cuda"), kernels.make_layout(qw, qz, s, g_idx, 4, 0))
+        kernels.cuda_qgemm(torch.randn(1, 256, device="cuda"), kernels.make_layout(qw, qz, s, g_idx, 4, "gptq_v2"))
 
 
 # ------------------------------------------------------------------------------------ CUDA logic, host-emulated
@@ -265,8 +265,8 @@ def test_cuda_kernels_in_host_emulation(emulated_cuda, bits):
     seed = torch.seed()
     for i, case in enumerate(c for c in cases(bits) if c[0] * c[1] <= 2**17):
         qw, qz, s, g_idx = random_layer(*case, bits, seed=(seed + i) % 2**31)
-        W = dequantize(qw, qz, s.float(), g_idx, bits, 0)
-        L = kernels.make_layout(qw, qz, s, g_idx, bits, 0)
+        W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2")
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2")
         (K, N), G = L.shape, L.scales.shape[0]
         ptrs = (L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(), L.row_group.data_ptr(),
                 0 if L.perm is None else L.perm.data_ptr())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigptq.pack import can_pack, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
+from minigptq.pack import V1_WORD_OFFSET, can_pack, dequantize, pack_cols, pack_rows, unpack_cols, unpack_rows
 
 BITS = (2, 3, 4, 8)
 
@@ -130,14 +130,14 @@ def test_can_pack():
     assert "bits=5" in can_pack(64, 64, 5)
 
 
-@pytest.mark.parametrize("fmt_offset", [1, 0])  # "gptq" (v1) stores zero - 1, "gptq_v2" the zero itself
-def test_dequantize_by_hand(fmt_offset):
+@pytest.mark.parametrize("fmt,fmt_offset", [("gptq", 1), ("gptq_v2", 0)])  # v1 stores zero - 1, v2 the zero
+def test_dequantize_by_hand(fmt, fmt_offset):
     K, N, bits = 16, 8, 4
     q = torch.arange(K * N).reshape(K, N) % 16  # (K, N)
     stored = torch.tensor([[3] * N, [9] * N])  # (G=2, N) as written in qzeros
     scales = torch.tensor([[0.5] * N, [0.25] * N], dtype=torch.float16)
     g_idx = torch.tensor([0] * 8 + [1] * 8, dtype=torch.int32)
-    W = dequantize(pack_rows(q, bits), pack_cols(stored, bits), scales, g_idx, bits, fmt_offset)
+    W = dequantize(pack_rows(q, bits), pack_cols(stored, bits), scales, g_idx, bits, fmt)
     assert W.dtype == torch.float16 and W.shape == (K, N)
     zero = stored + fmt_offset
     expect = torch.cat([0.5 * (q[:8] - zero[0]), 0.25 * (q[8:] - zero[1])]).to(torch.float16)
@@ -151,6 +151,51 @@ def test_dequantize_act_order_groups():
     z = torch.randint(0, 8, (4, N), generator=g)
     s = torch.rand(4, N, generator=g)
     g_idx = (torch.randperm(K, generator=g) // 16).to(torch.int32)  # act-order: non-monotone groups
-    W = dequantize(pack_rows(q, bits), pack_cols(z, bits), s, g_idx, bits, 0)
+    W = dequantize(pack_rows(q, bits), pack_cols(z, bits), s, g_idx, bits, "gptq_v2")
     for k in (0, 17, 63):
         assert torch.equal(W[k], s[g_idx[k]] * (q[k] - z[g_idx[k]]).float())
+
+
+def gptqmodel_v1_qzeros(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v1 qzeros as GPTQModel writes them from raw zeros: a whole-word subtraction of 0x55555555 / 0x11111111 /
+    0x01010101 at 2/4/8 bits (a zero of 0 borrows from the next field), (zero - 1) mod 8 per field at 3 bits."""
+    if bits == 3:
+        return pack_cols((zeros - 1) & 7, 3)
+    return (pack_cols(zeros, bits).to(torch.int64) - V1_WORD_OFFSET[bits]).to(torch.int32)
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_wrapped_v1_zero_points_read_like_gptqmodel(bits):
+    """Zero points of 0 (and of the maximum) survive v1 exactly as GPTQModel reads it; the naive field + 1 does not."""
+    from minigptq.pack import zero_points
+    g = torch.Generator().manual_seed(bits)
+    N, maxq = 64, 2**bits - 1
+    zeros = torch.randint(0, maxq + 1, (6, N), generator=g, dtype=torch.int32)
+    zeros[0] = 0  # a whole group of zero points of 0: every field wraps
+    zeros[1, ::3] = 0
+    zeros[2, ::2] = maxq
+    v1 = gptqmodel_v1_qzeros(zeros, bits)
+    assert torch.equal(zero_points(v1, bits, N, "gptq"), zeros)
+    assert torch.equal(zero_points(pack_cols(zeros, bits), bits, N, "gptq_v2"), zeros)
+    naive = unpack_cols(v1, bits, N) + 1  # field + 1: 2^bits where a zero of 0 wrapped, and the borrow stays
+    assert not torch.equal(naive, zeros)
+    # the same layer stored both ways dequantizes identically, through the reference and the QuantLinear paths
+    from minigptq.qlinear import QuantLinear
+    K = 192  # 6 groups of 32
+    q = torch.randint(0, maxq + 1, (K, N), generator=g)
+    s = torch.rand(6, N, generator=g).half() + 0.01
+    g_idx = (torch.arange(K) // 32).to(torch.int32)
+    W1 = dequantize(pack_rows(q, bits), v1, s, g_idx, bits, "gptq")
+    W2 = dequantize(pack_rows(q, bits), pack_cols(zeros, bits), s, g_idx, bits, "gptq_v2")
+    assert torch.equal(W1, W2) and torch.equal(W1, s[g_idx.long()] * (q - zeros[g_idx.long()]).half())
+    x = torch.randn(3, K, generator=g)
+    ys = []
+    for fmt, qz in (("gptq", v1), ("gptq_v2", pack_cols(zeros, bits))):
+        ql = QuantLinear(K, N, bits, 32, bias=False)
+        ql.checkpoint_format = fmt
+        ql.load_state_dict({"qweight": pack_rows(q, bits), "qzeros": qz, "scales": s, "g_idx": g_idx})
+        ql.post_load()
+        ys.append(ql(x))
+    torch.testing.assert_close(ys[0], ys[1], rtol=0, atol=0)
+    W = dequantize(pack_rows(q, bits), pack_cols(zeros, bits), s.float(), g_idx, bits, "gptq_v2")  # exact in fp32
+    torch.testing.assert_close(ys[0], x @ W, rtol=1e-4, atol=1e-4)

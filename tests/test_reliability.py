@@ -311,7 +311,7 @@ def test_fuzz_unpacker_and_quantlinear(bits, K, N, rows, cols, groups, gmax, see
         assert q.shape == (K, N) and (q.numel() == 0 or (0 <= int(q.min()) and int(q.max()) < 2**bits))
         z = unpack_cols(qzeros, bits, N)
         assert z.shape == (groups, N)
-        w = dequantize(qweight, qzeros, scales, g_idx, bits, 1)
+        w = dequantize(qweight, qzeros, scales, g_idx, bits, "gptq")
         assert w.shape == (K, N)
     except ValueError as e:
         assert str(e)

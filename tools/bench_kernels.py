@@ -60,7 +60,7 @@ def random_layout(K: int, N: int, bits: int, device: str) -> kernels.KernelLayou
     qzeros = torch.randint(-2**31, 2**31, (G, N * bits // 32), dtype=torch.int32, device=device)
     scales = (torch.rand(G, N, device=device) * 0.01).half()
     g_idx = (torch.arange(K, device=device) // GROUP_SIZE).to(torch.int32)
-    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, 1)
+    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, "gptq")
 
 
 def layout_bytes(L: kernels.KernelLayout) -> int:
