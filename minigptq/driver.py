@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import PartialRun, tensor_digest
+from .compat import trivial_g_idx
 from .gptq import Hessian, gptq
 from .loader import Checkpoint, build_empty, check_finite, internal_to_hf, load_into
 from .pack import can_pack, pack_cols, unpack_cols
@@ -143,10 +144,11 @@ def _progress(text: str) -> None:
 @torch.inference_mode()
 def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
                         device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print,
-                        fmt: str = "gptq") -> dict:
+                        fmt: str = "gptq", fused_all_or_none: bool = False) -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
-    fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros).
+    fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
+    true-sequential group cannot be packed, keep the whole group in full precision (vLLM fuses q/k/v and gate/up).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
     """
@@ -178,6 +180,10 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                 linears = {name: block.get_submodule(name) for name in group}
                 unpackable = {name: can_pack(lin.in_features, lin.out_features, qcfg.bits)
                               for name, lin in linears.items()}
+                if fused_all_or_none and any(unpackable.values()):  # vLLM fuses a group into one layer
+                    first = next(n for n, r in unpackable.items() if r)
+                    unpackable = {n: r or f"kept with {to_hf[f'layers.{i}.{first}']}: vLLM fuses them"
+                                  for n, r in unpackable.items()}
                 if all(unpackable.values()):
                     H = None  # nothing in this group will be solved
                 else:
@@ -203,7 +209,8 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
                     skip.add(name)
                     records.append(dict(block=i, module=hf, method=method, error=float(res.loss),
-                                        percdamp=float(res.percdamp), seconds=time.perf_counter() - t0))
+                                        percdamp=float(res.percdamp), seconds=time.perf_counter() - t0,
+                                        g_idx_trivial=trivial_g_idx(res.g_idx, qcfg.group_size)))
                     _progress(f"block {i + 1}/{L} {name:<8} err {res.loss:10.4g}  damp {res.percdamp:g}  "
                               f"{time.perf_counter() - t_start:6.0f}s")
             tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))

@@ -14,6 +14,7 @@ import torch
 
 from . import __version__
 from .checkpoint import PartialRun, check_out, tensor_digest
+from .compat import format_report, report
 from .cli import add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
 
@@ -40,7 +41,10 @@ def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int
 def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str,
                       fmt: str = "gptq") -> dict:
     """quantize_config.json, understood by transformers/optimum, GPTQModel and vLLM (gptq-format.md)."""
-    q = dict(bits=qcfg.bits, group_size=qcfg.group_size, damp_percent=qcfg.percdamp, desc_act=qcfg.act_order,
+    # desc_act tells loaders to honour g_idx; written only when some g_idx is not the trivial k // group_size
+    # (act-order with static groups, or one group per row, leaves none), since vLLM refuses desc_act: true.
+    desc_act = any(not r.get("g_idx_trivial", True) for r in records)
+    q = dict(bits=qcfg.bits, group_size=qcfg.group_size, damp_percent=qcfg.percdamp, desc_act=desc_act,
              static_groups=qcfg.static_groups, sym=qcfg.sym, true_sequential=True, quant_method="gptq",
              checkpoint_format=fmt, format=fmt, pack_dtype="int32", lm_head=False,
              meta=dict(quantizer=[f"minigptq:{__version__}"], method=method, mse=qcfg.mse, blocksize=qcfg.blocksize,
@@ -68,12 +72,13 @@ def default_out(model: str | Path, method: str, bits: int, group_size: int) -> P
 def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
                    method: str = "gptq", dataset: str | Path | None = None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
-                   resume: bool = False, fmt: str = "gptq",
+                   resume: bool = False, fmt: str = "gptq", target: str | None = None,
                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
     "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
+    target: "vllm" refuses settings vLLM would not serve and keeps the layers it fuses all quantized or all kept.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see checkpoint.check_out).
     """
@@ -92,6 +97,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     if ckpt.quant is not None:
         raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
     check_checkpoint(ckpt)  # every tensor's name, shape and dtype, before anything is computed or written
+    if target is not None:
+        check_target(target, ckpt, qcfg, fmt)
     seqlen = min(seqlen, ckpt.cfg.max_positions)
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
                     overwrite)
@@ -108,7 +115,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
             f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
-        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt)
+        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
+                                  fused_all_or_none=target == "vllm")
         records = partial.records()
         calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
         partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
@@ -118,7 +126,41 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
         log(f"{len(kept)} linear layer(s) kept in full precision (shape not packable): {', '.join(kept[:6])}"
             f"{' ...' if len(kept) > 6 else ''}")
     log(f"wrote {out} in {time.perf_counter() - t0:.1f}s (per-layer log: {out / 'quant_log.tsv'})")
+    verdicts = report(out)
+    log(format_report(out, verdicts))
+    if target == "vllm" and not verdicts[2].ok:  # check_target and the driver make this impossible
+        raise RuntimeError(f"--target vllm wrote a checkpoint vLLM refuses: {verdicts[2].reasons}")
     return out
+
+
+def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
+    """Refuse, before any work, the settings that the target loader would not serve (minigptq/compat.py's rules)."""
+    from .loader import build_empty
+    from .pack import can_pack
+    if target != "vllm":
+        raise ValueError(f"--target must be 'vllm', got {target!r}")
+    bad = []
+    if qcfg.bits not in (4, 8):
+        bad.append(f"--bits {qcfg.bits} (vLLM serves 4 or 8 bits)")
+    if not qcfg.sym:
+        bad.append("--no-sym (vLLM serves symmetric checkpoints only)")
+    if fmt != "gptq":
+        bad.append(f"--format {fmt} (vLLM reads v1, the default --format gptq)")
+    if qcfg.act_order and not qcfg.static_groups and qcfg.group_size != -1:
+        bad.append("--act-order without --static-groups (its g_idx needs desc_act: true, which vLLM refuses; add "
+                   "--static-groups)")
+    if qcfg.group_size != -1:  # the input widths of the layers that will be packed (whole fused groups)
+        block = build_empty(ckpt).layers[0]
+        groups = [[block.get_submodule(n) for n in g] for g in ckpt.arch.sequential]
+        widths = sorted({lin.in_features for g in groups
+                         if all(can_pack(x.in_features, x.out_features, qcfg.bits) is None for x in g) for lin in g})
+        odd = [k for k in widths if k % qcfg.group_size]
+        if odd:
+            valid = [g for g in (32, 64, 128, 256) if all(k % g == 0 for k in widths)]
+            bad.append(f"--groupsize {qcfg.group_size} does not divide the layers' input widths {odd} (vLLM needs it "
+                       f"to; valid: {', '.join(map(str, valid + [-1]))})")
+    if bad:
+        raise ValueError(f"--target vllm: vLLM would not serve this checkpoint: {'; '.join(bad)}")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -127,7 +169,7 @@ def main(args: argparse.Namespace) -> None:
                        mse=args.mse)
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
-                   overwrite=args.overwrite, resume=args.resume, fmt=args.format)
+                   overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -164,6 +206,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="checkpoint format: gptq (v1, default, widest compatibility) or gptq_v2 (raw zero points; "
                         "GPTQModel loads other tools' asymmetric checkpoints only in this form)")
+    p.add_argument("--target", choices=["vllm"], default=None,
+                   help="refuse settings the target would not serve and keep the layers it fuses (q/k/v, gate/up) all "
+                        "quantized or all kept; vllm: symmetric 4/8-bit v1, no desc_act (--act-order needs "
+                        "--static-groups), a group size dividing every layer's input width")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and any interrupted run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     add_debug_flag(p)

@@ -362,7 +362,8 @@ for extra, needle in [
     (["--nsamples", "0"], "nsamples"), (["--nsamples", "1000000000"], "memory"), (["--seqlen", "1"], "seqlen"),
     (["--seed", "-1"], "seed"), (["--dtype", "fp8"], "--dtype"), (["--format", "gptq_v3"], "--format"),
     (["--method", "awq"], "--method"), (["--device", "tpu"], "--device"), (["--unknown-flag"], "unrecognized"),
-    (["--static-groups", "--bits", "7"], "bits"),
+    (["--static-groups", "--bits", "7"], "bits"), (["--target", "vllm", "--bits", "3"], "--target vllm"),
+    (["--target", "vllm", "--groupsize", "48"], "--groupsize 48"), (["--target", "tgi"], "--target"),
 ]:
     case(f"flags-quantize-{'_'.join(extra)[:30]}", "quantize", noop, extra=extra, needles=[needle])
 if not torch.cuda.is_available():

@@ -1,0 +1,113 @@
+"""Which loaders will take a GPTQ checkpoint, and why not, from its written config and tensors alone.
+
+The rules, gathered from the loaders' sources (transformers 5, GPTQModel 7.7, vLLM 0.21 and 0.22+):
+- transformers (through GPTQModel): bits 2/3/4/8, symmetric or asymmetric, v1 ("gptq") or v2 ("gptq_v2"),
+  act-order (desc_act) with any g_idx.
+- GPTQModel: the same, except asymmetric v1 checkpoints written by another tool: it refuses them (old AutoGPTQ files
+  corrupted wrapped zero points), so minigptq writes asymmetric checkpoints for it with --format gptq_v2.
+- vLLM current (0.22 and later, one AutoGPTQConfig for every GPTQ checkpoint): symmetric 4- or 8-bit v1 only,
+  `desc_act: false`.
+- vLLM older (0.21, exllama kernels): bits 2/3/4/8, symmetric, or asymmetric in v2; act-order allowed.
+- Both vLLMs fuse the projections that read the same input (q/k/v -> qkv_proj, gate/up -> gate_up_proj: the
+  true-sequential groups of more than one linear): they must be all quantized or all kept. Their kernels need the
+  group size to divide every quantized layer's input width, and trust `desc_act`: with `desc_act: false` g_idx must be
+  the trivial k // group_size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+LOADERS = ("transformers", "GPTQModel", "vLLM current (>= 0.22)", "vLLM older (0.21)")
+
+
+@dataclass
+class Verdict:
+    loader: str
+    ok: bool
+    reasons: list[str] = field(default_factory=list)  # why not (empty when ok)
+
+
+def trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """True if g_idx is k // group_size (all 0 for group_size -1): act-order left no trace that a loader needs."""
+    K = g_idx.numel()
+    gs = K if group_size == -1 else group_size
+    return bool(torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(K) // max(gs, 1)))
+
+
+def layer_facts(ckpt) -> tuple[dict[str, dict], list[str]]:
+    """-> ({quantized layer (HF name): {"K", "trivial"}}, [problems with fused groups])."""
+    q = ckpt.quant
+    layers = {}
+    for name in ckpt.names():
+        if name.endswith(".qweight"):
+            prefix = name[:-len(".qweight")]
+            g_idx = ckpt.get(prefix + ".g_idx") if ckpt.has(prefix + ".g_idx") else None
+            K = ckpt.get(name).shape[0] * 32 // q["bits"]
+            layers[prefix] = dict(K=K, trivial=g_idx is None or trivial_g_idx(g_idx, q["group_size"]))
+    fused = []
+    hf_of = {ours: hf for hf, ours in ckpt.arch.layer_names.items()}
+    for i in range(ckpt.cfg.num_layers):
+        base = ckpt.arch.layer_prefix.format(i=i)
+        for group in ckpt.arch.sequential:
+            if len(group) > 1:
+                names = [base + hf_of[m] for m in group]
+                done = [n in layers for n in names]
+                if any(done) and not all(done):
+                    fused.append(f"{', '.join(n for n, d in zip(names, done) if d)} quantized but "
+                                 f"{', '.join(n for n, d in zip(names, done) if not d)} kept")
+    return layers, fused
+
+
+def report(path: str | Path) -> list[Verdict]:
+    """One Verdict per loader in LOADERS for the checkpoint folder `path`."""
+    from .loader import Checkpoint
+    ckpt = Checkpoint(path)
+    q = ckpt.quant
+    if q is None:
+        raise ValueError(f"{path} is not a GPTQ checkpoint (no quantization_config)")
+    bits, gs, sym, desc_act, fmt = q["bits"], q["group_size"], q["sym"], q["desc_act"], q["checkpoint_format"]
+    layers, fused = layer_facts(ckpt)
+    quantizer = " ".join(map(str, (q.get("meta") or {}).get("quantizer", []))).lower()
+    nontrivial = [n for n, f in layers.items() if not f["trivial"]]
+    indivisible = [f"{n} (in_features {f['K']})" for n, f in layers.items() if gs != -1 and f["K"] % gs]
+
+    common_vllm = []
+    if fused:
+        common_vllm.append(f"it fuses q/k/v and gate/up, which must be all quantized or all kept: {fused[0]}"
+                           f"{f' (and {len(fused) - 1} more)' if len(fused) > 1 else ''}")
+    if indivisible:
+        common_vllm.append(f"group_size {gs} must divide every quantized layer's input width: {indivisible[0]}")
+    if nontrivial and not desc_act:
+        common_vllm.append(f"desc_act is false but {nontrivial[0]} has an act-order g_idx, which it would ignore")
+
+    current = list(common_vllm)
+    if bits not in (4, 8):
+        current.append(f"only 4- and 8-bit GPTQ checkpoints are served; this one is {bits}-bit")
+    if not sym:
+        current.append("only symmetric checkpoints are served; this one is asymmetric (sym: false)")
+    if desc_act:
+        current.append("desc_act: true is refused (act-order with --static-groups writes desc_act: false)")
+    if fmt != "gptq":
+        current.append(f"checkpoint_format {fmt!r}: only v1 ('gptq') is read")
+
+    older = list(common_vllm)
+    if not sym and fmt != "gptq_v2":
+        older.append("asymmetric checkpoints are read correctly only in checkpoint_format gptq_v2")
+
+    gptqmodel = []
+    if not sym and fmt == "gptq" and "gptqmodel" not in quantizer:
+        gptqmodel.append("it refuses asymmetric v1 checkpoints written by other tools; write --format gptq_v2")
+    return [Verdict("transformers", True), Verdict("GPTQModel", not gptqmodel, gptqmodel),
+            Verdict(LOADERS[2], not current, current), Verdict(LOADERS[3], not older, older)]
+
+
+def format_report(path: str | Path, verdicts: list[Verdict]) -> str:
+    width = max(len(v.loader) for v in verdicts)
+    lines = [f"compatibility of {path}:"]
+    for v in verdicts:
+        lines.append(f"  {v.loader:<{width}}  {'yes' if v.ok else 'no: ' + v.reasons[0]}")
+        lines += [f"  {'':<{width}}      {r}" for r in v.reasons[1:]]
+    return "\n".join(lines)
