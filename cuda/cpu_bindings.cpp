@@ -26,20 +26,36 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       py::arg("out"), py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
       "out[M, N] = x[M, K] @ W (dtype 0 = fp32, 2 = bf16 for x and out); perm = 0 for none; isa 0 = auto.");
   m.def(
+      "qgemm_i8",
+      [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
+         uintptr_t row_group, uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits, uintptr_t out,
+         int threads, int isa) {
+        QWeight w = make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits);
+        w.int8 = 1;
+        qgemm_i8(w, reinterpret_cast<const void*>(x), DType(dtype), M, reinterpret_cast<void*>(out), threads, Isa(isa));
+      },
+      py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
+      py::arg("row_group"), py::arg("perm"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("bits"),
+      py::arg("out"), py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
+      "qgemm with int8 activations and VNNI dot products; qweight in the int8 layout; isa 0 = auto.");
+  m.def(
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm, int64_t K,
-         int64_t N, int64_t G, int bits, uintptr_t out, int dtype, int threads, int isa) {
-        dequantize(make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits), reinterpret_cast<void*>(out),
-                   DType(dtype), threads, Isa(isa));
+         int64_t N, int64_t G, int bits, uintptr_t out, int dtype, int threads, int isa, int int8) {
+        QWeight w = make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits);
+        w.int8 = int8;
+        dequantize(w, reinterpret_cast<void*>(out), DType(dtype), threads, Isa(isa));
       },
       py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("row_group"), py::arg("perm"), py::arg("K"),
       py::arg("N"), py::arg("G"), py::arg("bits"), py::arg("out"), py::arg("dtype"), py::arg("threads"),
-      py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
-      "out[K, N] = the dequantized weight in checkpoint row order (dtype 0 = fp32, 2 = bf16).");
+      py::arg("isa"), py::arg("int8") = 0, py::call_guard<py::gil_scoped_release>(),
+      "out[K, N] = the dequantized weight in checkpoint row order (dtype 0 = fp32, 2 = bf16); int8 = 1 for the "
+      "int8 layout.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
   m.def(
       "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },
-      "Name of the instruction set a request (0 auto, 1 scalar, 2 avx2, 3 avx512) runs; ValueError if unavailable.");
+      "Name of the instruction set a request (0 auto, 1 scalar, 2 avx2, 3 avx512, 4 avxvnni, 5 avx512vnni, "
+      "6 best int8) runs; ValueError if unavailable.");
 #ifdef _OPENMP
   m.attr("openmp") = true;
 #else

@@ -2,6 +2,7 @@
 // act-order permutation), the split of rows into chunks and of columns into per-thread panels, and the portable
 // scalar build of the hot loop. The hot loop itself is cpu_qgemm_simd.inc.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -48,6 +49,8 @@ struct V {
 #if !(defined(__x86_64__) || defined(_M_X64))
 namespace detail::avx2 { Kernels kernels() { return scalar::kernels(); } }
 namespace detail::avx512 { Kernels kernels() { return scalar::kernels(); } }
+namespace detail::avx512vnni { KernelsI8 kernels_i8() { return {}; } }
+namespace detail::avxvnni { KernelsI8 kernels_i8() { return {}; } }
 #endif
 
 namespace {
@@ -75,6 +78,8 @@ bool cpu_has(Isa isa) {
   if (isa == Isa::Avx512)
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma");
+  if (isa == Isa::Avx512Vnni) return cpu_has(Isa::Avx512) && __builtin_cpu_supports("avx512vnni");
+  if (isa == Isa::AvxVnni) return cpu_has(Isa::Avx2) && __builtin_cpu_supports("avxvnni");
 #endif
   return isa == Isa::Scalar;
 }
@@ -135,19 +140,26 @@ std::string isa_name(Isa isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
     case Isa::Avx512: return "avx512";
+    case Isa::AvxVnni: return "avxvnni";
+    case Isa::Avx512Vnni: return "avx512vnni";
     default: return "auto";
   }
 }
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512})
+  for (Isa isa : {Isa::Scalar, Isa::Avx2, Isa::Avx512, Isa::AvxVnni, Isa::Avx512Vnni})
     if (cpu_has(isa)) out.push_back(isa_name(isa));
   return out;
 }
 
 Isa resolve_isa(Isa requested) {
   if (requested == Isa::Auto) return cpu_has(Isa::Avx512) ? Isa::Avx512 : cpu_has(Isa::Avx2) ? Isa::Avx2 : Isa::Scalar;
+  if (requested == Isa::AutoVnni) {
+    if (cpu_has(Isa::Avx512Vnni)) return Isa::Avx512Vnni;
+    if (cpu_has(Isa::AvxVnni)) return Isa::AvxVnni;
+    invalid("the int8 kernels need AVX-512 VNNI or AVX-VNNI, which this CPU lacks; use the exact (fp32) kernels");
+  }
   if (!cpu_has(requested)) invalid("instruction set " + isa_name(requested) + " is not available on this CPU");
   return requested;
 }
@@ -155,6 +167,7 @@ Isa resolve_isa(Isa requested) {
 void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa) {
   check_dtype(dtype);
   if (M <= 0) invalid("M=" + std::to_string(M) + " must be positive");
+  if (w.int8) invalid("the fp32 kernels read the GPTQ layout, not the int8 kernels' layout");
   const std::vector<Chunk> chunks = check_and_chunk(w);
   const detail::Kernels& kern = kernels_for(resolve_isa(isa));
   const int64_t K = w.K, N = w.N, C = int64_t(chunks.size());
@@ -202,10 +215,134 @@ void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, i
   }
 }
 
+// -- int8 activations ---------------------------------------------------------------------------------------------
+
+namespace {
+
+constexpr int unit_rows(int bits) { return bits == 3 ? 32 : 32 / bits; }
+
+// Row (within its packing unit) of byte b of quad q: the order in which cpu_qgemm_i8.inc unpacks codes to bytes.
+inline int quad_row(int bits, int q, int b) { return bits == 3 ? 4 * q + b : unit_rows(bits) / 4 * b + q; }
+
+// Sorted row r of an int8 layout (column tiles; 3-bit in planes) -> the dequantized row [N] (M > 16 rows of x).
+void int8_layout_row(const QWeight& w, int64_t r, float* row) {
+  using detail::kTileCols;
+  const int64_t N = w.N, Kw = w.K * w.bits / 32, g = w.row_group[r];
+  int64_t wi[2], sh[2];  // word rows (within a tile) and shifts of the code's bits: [low or all, high]
+  if (w.bits == 3) {
+    const int64_t u = r / 32, s = r % 32 / 4, b = r % 4;
+    wi[0] = 3 * u + s / 4, sh[0] = 2 * (4 * b + s % 4), wi[1] = 3 * u + 2, sh[1] = 8 * b + s;
+  } else {
+    const int64_t per = 32 / w.bits;
+    wi[0] = r / per, sh[0] = w.bits * (r % per), wi[1] = 0, sh[1] = 0;
+  }
+  const uint32_t mask = w.bits == 3 ? 3u : (1u << w.bits) - 1;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t t = n / kTileCols, col = n % kTileCols, sz = (t * w.G + g) * kTileCols + col;
+    const uint32_t* tile = w.qweight + t * Kw * kTileCols + col;
+    uint32_t q = (tile[wi[0] * kTileCols] >> sh[0]) & mask;
+    if (w.bits == 3) q |= ((tile[wi[1] * kTileCols] >> sh[1]) & 1u) << 2;
+    row[n] = w.scales[sz] * float(int(q) - w.zeros[sz]);
+  }
+}
+
+}  // namespace
+
+void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa) {
+  check_dtype(dtype);
+  if (M <= 0) invalid("M=" + std::to_string(M) + " must be positive");
+  if (!w.int8) invalid("the int8 kernels read the int8 layout (make_layout(..., int8=True))");
+  const std::vector<Chunk> chunks = check_and_chunk(w);
+  const Isa resolved = resolve_isa(isa == Isa::Auto ? Isa::AutoVnni : isa);
+  const detail::KernelsI8 kern = resolved == Isa::Avx512Vnni ? detail::avx512vnni::kernels_i8()
+                                 : resolved == Isa::AvxVnni  ? detail::avxvnni::kernels_i8()
+                                                             : detail::KernelsI8{};
+  if (!kern.tiles[w.bits]) invalid("instruction set " + isa_name(resolved) + " has no int8 kernels; valid: " +
+                                   "avx512vnni, avxvnni");
+  const int U = unit_rows(w.bits), Q = U / 4;
+  const int64_t K = w.K, N = w.N, C = int64_t(chunks.size());
+
+  std::vector<detail::ChunkI8> ck(C);
+  int64_t S = 0;
+  for (int64_t c = 0; c < C; ++c) {
+    const int32_t u0 = chunks[c].r0 / U, u1 = (chunks[c].r1 + U - 1) / U;
+    ck[c] = {chunks[c].r0, chunks[c].r1, chunks[c].g, u0, u1 - u0, S};
+    S += int64_t(u1 - u0) * Q;
+  }
+
+  // Stage x: fp32 in sorted row order, then per chunk int8 with one scale, laid out in quads.
+  int order[32];  // order[i] = row (within a unit) of staged byte i: byte b of quad q is row quad_row(q, b)
+  for (int q = 0; q < Q; ++q)
+    for (int b = 0; b < 4; ++b) order[4 * q + b] = quad_row(w.bits, q, b);
+  thread_local std::vector<float> xs, ytmp, sx;
+  thread_local std::vector<int32_t> xq, sxq;
+  int8_t span[detail::kChunkRows + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
+  if (w.perm || dtype == DType::BF16) xs.resize(K);
+  xq.resize(M * S);
+  sx.resize(M * C);
+  sxq.resize(M * C);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = static_cast<const float*>(x) + m * K;
+    if (w.perm || dtype == DType::BF16) {
+      for (int64_t r = 0; r < K; ++r) {
+        const int64_t src = m * K + (w.perm ? w.perm[r] : r);
+        xs[r] = dtype == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[src])
+                                     : static_cast<const float*>(x)[src];
+      }
+      xr = xs.data();
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const detail::ChunkI8& ch = ck[c];
+      const int64_t base = int64_t(ch.u0) * U, n = int64_t(ch.units) * U;
+      float amax = 0.f;
+      for (int32_t r = ch.r0; r < ch.r1; ++r) {
+        const float a = std::fabs(xr[r]);
+        if (!(a <= amax)) amax = a;  // NaN propagates (std::max would drop it)
+      }
+      const bool finite = std::isfinite(amax);
+      const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;  // as the torch reference: x * (127 / max|x|)
+      std::memset(span, 0, size_t(n));
+      int32_t sum = 0;
+      for (int32_t r = ch.r0; r < ch.r1; ++r) {
+        // round half to even (like torch.round) by adding and removing 1.5 * 2^23; no FMA here: this file is
+        // compiled with -ffp-contract=off, so x * inv is rounded to fp32 first, as in the reference
+        float t = xr[r] * inv;
+        t = (t + 12582912.f) - 12582912.f;
+        t = std::min(127.f, std::max(-127.f, t));
+        span[r - base] = int8_t(t);
+        sum += int32_t(t);
+      }
+      int8_t* dst = reinterpret_cast<int8_t*>(xq.data() + m * S + ch.xoff);
+      for (int64_t u = 0; u < n; u += U)
+        for (int i = 0; i < U; ++i) dst[u + i] = span[u + order[i]];
+      sx[m * C + c] = finite ? amax / 127.f : NAN;  // NaN/Inf in x gives NaN out, as the fp32 path does
+      sxq[m * C + c] = sum;
+    }
+  }
+  const detail::ProblemI8 p{&w, xq.data(), sx.data(), sxq.data(), ck.data(), C, M, S};
+
+  // Tiles -> threads: contiguous ranges of whole tiles, one per thread.
+  const int64_t tiles = (N + detail::kTileCols - 1) / detail::kTileCols;
+  const int nt = clamp_threads(threads, tiles);
+  float* y = static_cast<float*>(out);
+  if (dtype == DType::BF16) {
+    ytmp.resize(M * N);
+    y = ytmp.data();
+  }
+  const detail::TilesI8Fn run = kern.tiles[w.bits];
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int i = 0; i < nt; ++i) run(p, tiles * i / nt, tiles * (i + 1) / nt, y);
+
+  if (dtype == DType::BF16) {
+    uint16_t* o = static_cast<uint16_t*>(out);
+    for (int64_t i = 0; i < M * N; ++i) o[i] = f32_to_bf16(y[i]);
+  }
+}
+
 void dequantize(const QWeight& w, void* out, DType dtype, int threads, Isa isa) {
   check_dtype(dtype);
   check_and_chunk(w);
-  const detail::DequantRowFn row_fn = kernels_for(resolve_isa(isa)).dequant[w.bits];
+  const detail::DequantRowFn row_fn = w.int8 ? int8_layout_row : kernels_for(resolve_isa(isa)).dequant[w.bits];
   const int64_t K = w.K, N = w.N;
   const int nt = clamp_threads(threads, K);
 #pragma omp parallel num_threads(nt) if (nt > 1)

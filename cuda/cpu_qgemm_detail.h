@@ -38,4 +38,34 @@ namespace scalar { Kernels kernels(); }
 namespace avx2 { Kernels kernels(); }
 namespace avx512 { Kernels kernels(); }
 
+// -- the int8-activation kernels (cpu_qgemm_i8.inc) ------------------------------------------------------------
+// A chunk as the int8 kernels walk it: whole packing units [u0, u0 + units) cover rows [r0, r1); the staged
+// activations of rows outside [r0, r1) are 0, so a unit shared by two chunks (a group boundary inside it) is read
+// once by each and counted once.
+struct ChunkI8 {
+  int32_t r0, r1, g;
+  int32_t u0, units;
+  int64_t xoff;  // first quad of this chunk in a staged row of activations
+};
+
+struct ProblemI8 {
+  const QWeight* w;
+  const int32_t* xq;   // [M][S] int8 activations, 4 per int32 ("quads"), in the order of cpu_qgemm_i8.inc
+  const float* sx;     // [M][C] scale of each chunk's int8 activations: x ~ sx * xq
+  const int32_t* sxq;  // [M][C] sum of the chunk's int8 activations
+  const ChunkI8* chunks;
+  int64_t C, M, S;
+};
+
+constexpr int64_t kTileCols = 64;  // columns of one tile of the int8 layout ([tiles][K*bits/32][kTileCols] words)
+
+// y[M][N] fp32: writes (overwrites) the columns of tiles [t0, t1). Threads get disjoint tile ranges.
+using TilesI8Fn = void (*)(const ProblemI8& p, int64_t t0, int64_t t1, float* y);
+struct KernelsI8 {
+  TilesI8Fn tiles[9];  // indexed by bits (2, 3, 4, 8)
+};
+
+namespace avx512vnni { KernelsI8 kernels_i8(); }
+namespace avxvnni { KernelsI8 kernels_i8(); }
+
 }  // namespace minigptq::detail

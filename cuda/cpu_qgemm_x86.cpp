@@ -127,4 +127,100 @@ struct V {
 #pragma GCC pop_options
 #endif
 
+// ------------------------------------------------------------------------------- AVX-512 VNNI (int8 activations)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))), \
+                             apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")
+#endif
+namespace avx512vnni {
+struct VI {
+  using i = __m512i;
+  using f = __m512;
+  using m = __mmask16;
+  static constexpr int L = 16, ACC = 16;  // of 32 zmm registers: 16 for accumulators, the rest for words, quads
+
+  static inline m mask(int valid) { return valid >= L ? m(0xFFFF) : m((1u << valid) - 1); }
+  static inline i load_w(const uint32_t* p) { return _mm512_loadu_si512(p); }
+  static inline i set1(int32_t a) { return _mm512_set1_epi32(a); }
+  static inline i zero() { return _mm512_setzero_si512(); }
+  static inline i and_(i a, i b) { return _mm512_and_si512(a, b); }
+  static inline i merge(i a, i b, i m) { return _mm512_ternarylogic_epi32(a, b, m, 0xEC); }  // (a & m) | b
+  template <int S> static inline i srli(i v) { return _mm512_srli_epi32(v, S); }
+  template <int S> static inline i slli(i v) { return _mm512_slli_epi32(v, S); }
+  static inline i dp(i acc, i u8, i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
+  static inline i mullo(i a, i b) { return _mm512_mullo_epi32(a, b); }
+  static inline i sub(i a, i b) { return _mm512_sub_epi32(a, b); }
+  static inline i load_z(const int16_t* p, m k) { return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, p)); }
+  static inline f cvt(i v) { return _mm512_cvtepi32_ps(v); }
+  static inline f load_f(const float* p, m k) { return _mm512_maskz_loadu_ps(k, p); }
+  static inline void store_f(float* p, f v, m k) { _mm512_mask_storeu_ps(p, k, v); }
+  static inline f set1f(float a) { return _mm512_set1_ps(a); }
+  static inline f zerof() { return _mm512_setzero_ps(); }
+  static inline f mul(f a, f b) { return _mm512_mul_ps(a, b); }
+  static inline f add(f a, f b) { return _mm512_add_ps(a, b); }
+};
+#include "cpu_qgemm_i8.inc"
+}  // namespace avx512vnni
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ------------------------------------------------------------------------- AVX-VNNI on AVX2 (int8 activations)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,avxvnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#endif
+namespace avxvnni {
+struct VI {
+  using i = __m256i;
+  using f = __m256;
+  struct m {  // lane mask and the number of valid lanes (full vectors take the plain load)
+    __m256i v;
+    int n;
+  };
+  static constexpr int L = 8, ACC = 8;  // of 16 ymm registers: 8 for accumulators
+
+  static inline m mask(int valid) {
+    return {_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), valid};
+  }
+  static inline i load_w(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static inline i set1(int32_t a) { return _mm256_set1_epi32(a); }
+  static inline i zero() { return _mm256_setzero_si256(); }
+  static inline i and_(i a, i b) { return _mm256_and_si256(a, b); }
+  static inline i merge(i a, i b, i m) { return _mm256_or_si256(_mm256_and_si256(a, m), b); }
+  template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
+  template <int S> static inline i slli(i v) { return _mm256_slli_epi32(v, S); }
+  static inline i dp(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
+  static inline i mullo(i a, i b) { return _mm256_mullo_epi32(a, b); }
+  static inline i sub(i a, i b) { return _mm256_sub_epi32(a, b); }
+  static inline i load_z(const int16_t* p, m k) {
+    alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(tmp, p, sizeof(int16_t) * (k.n < 0 ? 0 : k.n > L ? L : k.n));
+    return _mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
+  }
+  static inline f cvt(i v) { return _mm256_cvtepi32_ps(v); }
+  static inline f load_f(const float* p, m k) { return k.n == L ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, k.v); }
+  static inline void store_f(float* p, f v, m k) {
+    if (k.n == L) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, k.v, v);
+  }
+  static inline f set1f(float a) { return _mm256_set1_ps(a); }
+  static inline f zerof() { return _mm256_setzero_ps(); }
+  static inline f mul(f a, f b) { return _mm256_mul_ps(a, b); }
+  static inline f add(f a, f b) { return _mm256_add_ps(a, b); }
+};
+#include "cpu_qgemm_i8.inc"
+}  // namespace avxvnni
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
 }  // namespace minigptq::detail

@@ -8,13 +8,15 @@
 namespace minigptq {
 
 struct QWeight {
-  const uint32_t* qweight;   // [K*bits/32, N] codes packed along K (GPTQ layout), rows in sorted order
-  const float* scales;       // [G, N] fp32 scales
-  const int16_t* zeros;      // [G, N] zero points as plain integers (checkpoint_format's +1 already added)
+  const uint32_t* qweight;   // [K*bits/32, N] codes packed along K (GPTQ layout), rows in sorted order;
+                             // int8 layout: [ceil(N/64)][K*bits/32][64] (cpu_qgemm_i8.inc)
+  const float* scales;       // [G, N] fp32 scales (int8 layout: [ceil(N/64)][G][64])
+  const int16_t* zeros;      // [G, N] zero points as plain integers, checkpoint_format's +1 added (int8: tiled)
   const int32_t* row_group;  // [K] group of each sorted row; nondecreasing, in [0, G)
   const int32_t* perm;       // [K] checkpoint row of each sorted row, or nullptr for the identity
   int64_t K, N, G;
   int bits;                  // 2, 3, 4 or 8
+  int int8 = 0;              // 1: the int8 kernels' layout (cpu_qgemm_i8.inc): column tiles, 3-bit codes in planes
 };
 
 // A QWeight from the integer addresses (tensor.data_ptr()) the pybind11 bindings receive from minigptq/kernels.py.

@@ -26,6 +26,10 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="activation / full-precision weight dtype (default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
+    p.add_argument("--cpu-kernel", choices=["auto", "int8", "exact"], default="auto",
+                   help="packed layers on the CPU: int8 = activations quantized to int8 and VNNI integer dot "
+                        "products (fastest; ~0.5%% relative error per layer), exact = fp32 arithmetic, auto = int8 "
+                        "where the CPU has AVX-512 VNNI / AVX-VNNI (default)")
 
 
 def resolve_device(device: str, dtype: str | None = None):

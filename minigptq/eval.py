@@ -44,7 +44,7 @@ def main(args: argparse.Namespace) -> None:
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
     device, dtype = resolve_device(args.device, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=device)
+    model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel)
     seqlen = min(args.seqlen, model.cfg.max_positions)
     tokens = tokenize_file(args.dataset, load_tokenizer(args.model))
     check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {args.dataset}")

@@ -170,7 +170,7 @@ def main(args: argparse.Namespace) -> None:
     from .loader import load_model, weight_bytes
     from .tokenizer import check_token_ids, load_tokenizer
     device, dtype = resolve_device(args.device, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype)
+    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
     tok = load_tokenizer(args.model)
     prompts = [tok.encode(p) for p in args.prompt]
     for p in prompts:
@@ -187,7 +187,9 @@ def main(args: argparse.Namespace) -> None:
         for p, n in zip(args.prompt, new):
             print(p + tok.decode(n))
     n_tok = sum(len(n) for n in new)
-    print(f"\n[{type(model.layers[0].attn.o).__name__}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
+    o = model.layers[0].attn.o
+    kind = type(o).__name__ + (" int8-act" if getattr(o, "_layout", None) is not None and o._layout.int8 else "")
+    print(f"\n[{kind}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
           f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
           f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
           f" ({stats.tokens_per_s:.1f} tokens/s per sequence)", file=sys.stderr)

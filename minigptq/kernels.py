@@ -9,7 +9,12 @@ checkpoint tensors, which stay untouched:
 - rows sorted by group (act-order undone): qweight rows re-packed in that order, `perm` gathers x to match,
   so every group is one contiguous run of rows and its scale/zero are applied once per run;
 - scales as fp32 and zero points unpacked to int16 [G, N] (checkpoint_format's +1 already added), so the
-  kernels never touch qzeros.
+  kernels never touch qzeros;
+- for the int8-activation kernels (`int8=True`, CPU with AVX-512 VNNI or AVX-VNNI): the packed words cut into
+  column tiles of TILE_COLS stored whole ([tiles, K*bits/32, 64]: each tile one sequential stream over K), and 3-bit
+  codes re-packed into the "plane" layout (`pack_planes3`: the same 3 words per 32 rows, arranged so that 4 codes
+  become 4 bytes with a few shifts and masks). The same number of bytes; `int8_reference` is their torch reference:
+  the same int8 scheme with integer accumulation.
 """
 from __future__ import annotations
 
@@ -31,7 +36,10 @@ try:
 except ImportError as e:  # built without a CUDA toolkit, or no CUDA driver on this machine
     _cuda, CUDA_IMPORT_ERROR = None, str(e)
 
-ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
+ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avxvnni": 4, "avx512vnni": 5}
+INT8_ISAS = ("avx512vnni", "avxvnni")
+CHUNK_ROWS = 128  # cuda/cpu_qgemm_detail.h kChunkRows: a chunk is at most this many sorted rows of one group
+TILE_COLS = 64  # cuda/cpu_qgemm_detail.h kTileCols: columns of one tile of the int8 layout
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/qweight.h: DType
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -56,17 +64,32 @@ class KernelLayout:
     qweight: Tensor  # int32 [K*bits/32, N] codes packed along K (GPTQ layout), rows in sorted order
     scales: Tensor  # float32 [G, N]
     zeros: Tensor  # int16 [G, N] zero points, W = scales * (q - zeros)
+    # int8 layout: qweight [T, K*bits/32, 64], scales [T, G, 64], zeros [T, G, 64] in column tiles (T = ceil(N/64))
     row_group: Tensor  # int32 [K] group of each sorted row, nondecreasing
     perm: Tensor | None  # int32 [K] checkpoint row of each sorted row (x is gathered with it); None = identity
     bits: int
+    int8: bool = False  # the int8 kernels' layout: column tiles, 3-bit codes in planes
+    N: int = -1  # out_features (needed with int8, whose tensors are padded to whole tiles)
 
     def __post_init__(self) -> None:
         if self.bits not in VALID_BITS:
             raise ValueError(f"bits={self.bits!r} is not supported; valid: {VALID_BITS}")
-        K, (G, N), dev = self.row_group.numel(), self.scales.shape, self.scales.device
-        _check(self.qweight, "qweight", torch.int32, [K * self.bits // 32, N], "[K*bits/32, N]", dev)
-        _check(self.scales, "scales", torch.float32, [G, N], "[G, N]", dev)
-        _check(self.zeros, "zeros", torch.int16, [G, N], "[G, N]", dev)
+        K, dev = self.row_group.numel(), self.scales.device
+        if self.int8:
+            (T, G, _), N = self.scales.shape, self.N
+            if not (T - 1) * TILE_COLS < N <= T * TILE_COLS:
+                raise ValueError(f"N={N} does not fit {T} tiles of {TILE_COLS} columns")
+            _check(self.qweight, "qweight", torch.int32, [T, K * self.bits // 32, TILE_COLS],
+                   "[ceil(N/64), K*bits/32, 64]", dev)
+            _check(self.scales, "scales", torch.float32, [T, G, TILE_COLS], "[ceil(N/64), G, 64]", dev)
+            _check(self.zeros, "zeros", torch.int16, [T, G, TILE_COLS], "[ceil(N/64), G, 64]", dev)
+        else:
+            G, N = self.scales.shape
+            if self.N not in (-1, N):
+                raise ValueError(f"N={self.N} disagrees with scales {list(self.scales.shape)}")
+            _check(self.qweight, "qweight", torch.int32, [K * self.bits // 32, N], "[K*bits/32, N]", dev)
+            _check(self.scales, "scales", torch.float32, [G, N], "[G, N]", dev)
+            _check(self.zeros, "zeros", torch.int16, [G, N], "[G, N]", dev)
         _check(self.row_group, "row_group", torch.int32, [K], "[K]", dev)
         if self.perm is not None:
             _check(self.perm, "perm", torch.int32, [K], "[K]", dev)
@@ -90,17 +113,70 @@ class KernelLayout:
         return self.K, self.N
 
 
-def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, fmt: str) -> KernelLayout:
-    """The kernel layout of one checkpoint layer (tensors as in pack.py, fmt its checkpoint_format)."""
+def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, bits: int, fmt: str,
+                int8: bool = False) -> KernelLayout:
+    """The kernel layout of one checkpoint layer (tensors as in pack.py, fmt its checkpoint_format); int8: for the
+    int8-activation CPU kernels (ignored off the CPU)."""
     K, N = g_idx.numel(), scales.shape[1]
+    int8 = int8 and qweight.device.type == "cpu"
     zeros = zero_points(qzeros, bits, N, fmt).to(torch.int16)  # (G, N)
     g = g_idx.to(torch.int32)
+    perm = None
     if K > 1 and bool((g[1:] < g[:-1]).any()):  # act-order: sort rows so that each group is contiguous
         perm = torch.argsort(g, stable=True)  # (K,) sorted row -> checkpoint row
         qweight = pack_rows(unpack_rows(qweight, bits, K)[perm], bits)  # (K*bits/32, N)
-        return KernelLayout(qweight, scales.float().contiguous(), zeros, g[perm].contiguous(),
-                            perm.to(torch.int32), bits)
-    return KernelLayout(qweight.contiguous(), scales.float().contiguous(), zeros, g.contiguous(), None, bits)
+        g = g[perm]
+    scales = scales.float()
+    if int8:
+        qweight = to_tiles(pack_planes3(unpack_rows(qweight, bits, K)) if bits == 3 else qweight)
+        scales, zeros = to_tiles(scales), to_tiles(zeros)
+    return KernelLayout(qweight.contiguous(), scales.contiguous(), zeros, g.contiguous(),
+                        None if perm is None else perm.to(torch.int32), bits, int8, N)
+
+
+def to_tiles(words: Tensor) -> Tensor:
+    """[R, N] (packed words, scales or zeros) -> [ceil(N/64), R, 64] (columns past N zero): the int8 kernels'
+    column tiles."""
+    R, N = words.shape
+    T = -(-N // TILE_COLS)
+    padded = torch.zeros(R, T * TILE_COLS, dtype=words.dtype, device=words.device)
+    padded[:, :N] = words
+    return padded.view(R, T, TILE_COLS).transpose(0, 1).contiguous()
+
+
+def from_tiles(tiles: Tensor, N: int) -> Tensor:
+    """The inverse of to_tiles -> [R, N]."""
+    T, R, C = tiles.shape
+    return tiles.transpose(0, 1).reshape(R, T * C)[:, :N]
+
+
+def _plane_positions(K: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For each row r of K (a multiple of 32): (low word row, low bit shift, high word row, high bit shift) in the
+    3-bit plane layout (cuda/cpu_qgemm_i8.inc): row 4s + b of a unit has its low 2 bits in word s // 4 at bit
+    2 * (4b + s % 4) and its high bit in word 2 at bit 8b + s."""
+    r = torch.arange(K, device=device)
+    u, s, b = r // 32, r % 32 // 4, r % 4
+    return 3 * u + s // 4, 2 * (4 * b + s % 4), 3 * u + 2, 8 * b + s
+
+
+def pack_planes3(codes: Tensor) -> Tensor:
+    """3-bit codes [K, N] (K a multiple of 32) -> int32 [3K/32, N] in the plane layout of the int8 kernels."""
+    K, N = codes.shape
+    if K % 32:
+        raise ValueError(f"the 3-bit plane layout needs K divisible by 32, got K={K}")
+    lw, ls, hw, hs = _plane_positions(K, codes.device)
+    c = codes.to(torch.int64)
+    out = torch.zeros(3 * K // 32, N, dtype=torch.int64, device=codes.device)
+    out.index_add_(0, lw, (c & 3) << ls[:, None])  # disjoint bit fields: adding is OR-ing
+    out.index_add_(0, hw, (c >> 2) << hs[:, None])
+    return (out - (out >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # uint32 bit patterns as int32
+
+
+def unpack_planes3(packed: Tensor, K: int) -> Tensor:
+    """The inverse of pack_planes3 -> int32 codes [K, N]."""
+    lw, ls, hw, hs = _plane_positions(K, packed.device)
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    return (((w[lw] >> ls[:, None]) & 3) | (((w[hw] >> hs[:, None]) & 1) << 2)).to(torch.int32)
 
 
 # ------------------------------------------------------------------------------------------------------ CPU
@@ -135,6 +211,9 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
     threads: None = torch.get_num_threads(). isa: "auto" (best available), "avx512", "avx2" or "scalar".
     """
     threads, isa_code = _cpu_args(layout, threads, isa)
+    if layout.int8:
+        raise ValueError("the layout was made for the int8 kernels' layout (make_layout(..., int8=True)); "
+                         "cpu_qgemm_int8 runs it")
     M, K = x.shape if x.dim() == 2 else (0, -1)
     if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
         raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
@@ -159,8 +238,75 @@ def cpu_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float32, thr
         raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
     out = torch.empty(layout.K, layout.N, dtype=dtype)
     _cpu.dequantize(*layout.ptrs, layout.K, layout.N, layout.G, layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
-                    threads, isa_code)
+                    threads, isa_code, int(layout.int8))
     return out
+
+
+def cpu_int8_available() -> bool:
+    """The int8-activation kernels can run here: the module is built and the CPU has AVX-512 VNNI or AVX-VNNI."""
+    return any(isa in INT8_ISAS for isa in cpu_isas())
+
+
+def cpu_qgemm_int8(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: str = "auto") -> Tensor:
+    """y = x @ W with x quantized to int8 per chunk (<= 128 rows of one group, one fp32 scale each) and integer
+    dot products (VNNI): x float32/bfloat16 contiguous [M, K] -> [M, N] in x.dtype. Equals int8_reference exactly.
+
+    layout: made with int8=True. isa: "auto" (AVX-512 VNNI, else AVX-VNNI), "avx512vnni" or "avxvnni".
+    """
+    threads, isa_code = _cpu_args(layout, threads, isa)
+    if not layout.int8:
+        raise ValueError("the layout was made for the fp32 kernels; make_layout(..., int8=True) makes one for these")
+    if isa_code not in (0, ISAS["avxvnni"], ISAS["avx512vnni"]):
+        raise ValueError(f"isa={isa!r}: the int8 kernels run on avx512vnni or avxvnni")
+    M, K = x.shape if x.dim() == 2 else (0, -1)
+    if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
+        raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
+                         f"got {_describe(x)}")
+    return _cpu_qgemm_int8_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
+
+
+def _cpu_qgemm_int8_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
+                         isa_code: int = 0) -> Tensor:
+    M, K = x.shape
+    out = torch.empty(M, N, dtype=x.dtype)
+    _cpu.qgemm_i8(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    return out
+
+
+def chunks_of(row_group: Tensor) -> list[tuple[int, int, int]]:
+    """(r0, r1, group) of every chunk of sorted rows: a run of one group, cut at multiples of CHUNK_ROWS."""
+    g = row_group.tolist()
+    out = []
+    for r, gr in enumerate(g):
+        if r == 0 or gr != g[r - 1] or r % CHUNK_ROWS == 0:
+            out.append([r, r, gr])
+        out[-1][1] = r + 1
+    return [tuple(c) for c in out]
+
+
+def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
+    """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32.
+
+    Per chunk: xq = round(x * (127 / max|x|)) clamped to [-127, 127], sx = max|x| / 127; then
+    y += (s[g] * sx) * float(xq @ q - z[g] * sum(xq)) with the integer products summed exactly (int64).
+    """
+    K, N = layout.K, layout.N
+    words, scales, zeros = layout.qweight, layout.scales, layout.zeros
+    if layout.int8:
+        words, scales, zeros = (from_tiles(t, N) for t in (words, scales, zeros))
+    codes = (unpack_planes3(words, K) if layout.int8 and layout.bits == 3
+             else unpack_rows(words, layout.bits, K)).to(torch.int64)  # (K, N) sorted rows
+    xs = x.float()[:, layout.perm.long()] if layout.perm is not None else x.float()  # (M, K) sorted rows
+    y = torch.zeros(x.shape[0], layout.N)
+    for r0, r1, g in chunks_of(layout.row_group):
+        xc = xs[:, r0:r1]
+        amax = xc.abs().amax(dim=1, keepdim=True)  # (M, 1)
+        c127 = torch.full_like(amax, 127.0)  # tensor / tensor: one rounding (127.0 / t is reciprocal, then multiply)
+        inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+        xq = torch.round(xc * inv).clamp(-127, 127).to(torch.int64)  # (M, r1 - r0)
+        d = xq @ codes[r0:r1] - zeros[g].to(torch.int64) * xq.sum(dim=1, keepdim=True)  # (M, N) exact
+        y = y + (scales[g] * (amax / c127)) * d.float()
+    return y
 
 
 # ----------------------------------------------------------------------------------------------------- CUDA
@@ -240,15 +386,17 @@ def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) ->
 # the modules above: the dispatcher would add its overhead to each of the hundreds of calls a token makes.
 @torch.library.custom_op("minigptq::qgemm", mutates_args=())
 def qgemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor, perm: Tensor | None,
-             bits: int) -> Tensor:
-    """y = x @ W for x [M, K] (checked by the caller) and a KernelLayout's tensors, on x's device."""
+             bits: int, N: int, int8: bool = False) -> Tensor:
+    """y = x @ W for x [M, K] (checked by the caller) and a KernelLayout's tensors (N = layout.N), on x's device."""
     if x.device.type == "cuda":
         return _cuda_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits)
     ptrs = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), row_group.data_ptr(),
             0 if perm is None else perm.data_ptr())
-    return _cpu_qgemm_ptrs(x, ptrs, scales.shape[1], scales.shape[0], bits, torch.get_num_threads())
+    if int8:  # tiled scales [T, G, 64]
+        return _cpu_qgemm_int8_ptrs(x, ptrs, N, scales.shape[1], bits, torch.get_num_threads())
+    return _cpu_qgemm_ptrs(x, ptrs, N, scales.shape[0], bits, torch.get_num_threads())
 
 
 @qgemm_op.register_fake
-def _(x, qweight, scales, zeros, row_group, perm, bits):
-    return x.new_empty(x.shape[0], scales.shape[1])
+def _(x, qweight, scales, zeros, row_group, perm, bits, N, int8=False):
+    return x.new_empty(x.shape[0], N)

@@ -232,16 +232,33 @@ def internal_to_hf(ckpt: Checkpoint) -> dict[str, str]:
     return {ours: hf for hf, ours in ckpt.arch.module_map(ckpt.cfg.num_layers).items()}
 
 
-def build_empty(ckpt: Checkpoint) -> Transformer:
-    """The model on the meta device, with QuantLinear where the checkpoint holds packed weights."""
+def build_empty(ckpt: Checkpoint, cpu_int8: bool = False) -> Transformer:
+    """The model on the meta device, with QuantLinear where the checkpoint holds packed weights (cpu_int8: they run
+    the int8-activation kernels on a CPU that has them)."""
     with torch.device("meta"):
         model = Transformer(ckpt.cfg)
     if ckpt.quant is not None:
         to_hf = internal_to_hf(ckpt)
         for name, mod in list(model.named_modules()):
             if isinstance(mod, nn.Linear) and ckpt.has(to_hf.get(name, "?") + ".qweight"):
-                set_module(model, name, quant_linear_like(mod, ckpt, to_hf[name]))
+                ql = quant_linear_like(mod, ckpt, to_hf[name])
+                ql.cpu_int8 = cpu_int8
+                set_module(model, name, ql)
     return model
+
+
+CPU_KERNELS = ("auto", "int8", "exact")
+
+
+def resolve_cpu_kernel(cpu_kernel: str) -> bool:
+    """"auto" / "int8" / "exact" -> whether QuantLinear runs the int8-activation kernels on the CPU."""
+    from . import kernels
+    if cpu_kernel not in CPU_KERNELS:
+        raise ValueError(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNELS)}")
+    if cpu_kernel == "int8" and not kernels.cpu_int8_available():
+        raise ValueError(f"--cpu-kernel int8 needs AVX-512 VNNI or AVX-VNNI; this CPU / build offers "
+                         f"{kernels.cpu_isas() or 'no compiled kernels'}; use --cpu-kernel exact")
+    return cpu_kernel == "int8" or (cpu_kernel == "auto" and kernels.cpu_int8_available())
 
 
 def quant_linear_like(linear: nn.Linear, ckpt: Checkpoint, hf_name: str) -> nn.Module:
@@ -365,19 +382,26 @@ def check_finite(t: Tensor, what: str, fix: str = "") -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
-               head_dtype: str | torch.dtype | None = None) -> Transformer:
+               head_dtype: str | torch.dtype | None = None, cpu_kernel: str = "auto", fuse: bool = True) -> Transformer:
     """Load a checkpoint folder (full precision or GPTQ) -> Transformer in eval mode, on `device`.
 
     dtype: fp32/fp16/bf16 for the floating tensors, or None for the checkpoint's own dtype.
     head_dtype: store the token embedding and lm_head in this dtype instead (e.g. bf16 with fp32 activations:
     in small models they are most of the bytes read per token); "int8" = lm_head quantized to 8 bits (RTN,
     groups of 128, run by the packed kernels) and the embedding table in bf16; None = dtype.
+    cpu_kernel: for packed layers on the CPU, "int8" = activations quantized to int8 per chunk of 128 inputs and
+    integer dot products (AVX-512 VNNI / AVX-VNNI; about 0.5% relative error per layer, see README), "exact" = fp32
+    arithmetic, "auto" = int8 where the CPU has VNNI, else exact.
+    fuse: run packed q/k/v and gate/up as one kernel call each (same outputs; fewer calls per token).
     """
+    int8 = resolve_cpu_kernel(cpu_kernel)
     ckpt = Checkpoint(path)
-    model = build_empty(ckpt)
+    model = build_empty(ckpt, cpu_int8=int8)
     load_into(model, ckpt, "", parse_dtype(dtype), device)
+    if fuse:
+        fuse_projections(model)
     if head_dtype == "int8":
-        quantize_head(model)
+        quantize_head(model, cpu_int8=int8)
     elif head_dtype is not None:
         head_dtype = parse_dtype(head_dtype)
         for mod in (model.embed, model.lm_head):
@@ -388,7 +412,21 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
     return model.eval()
 
 
-def quantize_head(model: Transformer, group_size: int = 128) -> None:
+def fuse_projections(model: Transformer) -> int:
+    """Give every block's attention (q, k, v) and gated MLP (gate, up) one FusedQuantLinear where their packed
+    layers can share a layout; returns how many were fused."""
+    from .qlinear import FusedQuantLinear
+    n = 0
+    for block in model.layers:
+        for mod, names in ((block.attn, ("q", "k", "v")), (block.mlp, ("gate", "up"))):
+            parts = [getattr(mod, name, None) for name in names]
+            if all(p is not None for p in parts) and FusedQuantLinear.compatible(parts):
+                mod.fused = FusedQuantLinear(parts)
+                n += 1
+    return n
+
+
+def quantize_head(model: Transformer, group_size: int = 128, cpu_int8: bool = False) -> None:
     """Replace lm_head by an 8-bit QuantLinear (round-to-nearest, symmetric, groups of `group_size`); store the
     embedding table in bf16. At 8 bits RTN is near-lossless; the head is then a quarter of its fp32 bytes."""
     from .qlinear import QuantLinear
@@ -396,7 +434,8 @@ def quantize_head(model: Transformer, group_size: int = 128) -> None:
     W = model.lm_head.weight.detach()  # (vocab, token_dim)
     gs = group_size if W.shape[1] % group_size == 0 or W.shape[1] > group_size else -1
     res = rtn(W, QuantConfig(bits=8, group_size=gs))
-    head = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx, None, 8, gs)
+    head = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx, None, 8, gs,
+                                  cpu_int8=cpu_int8)
     model.lm_head = head.to(W.device)
     model.embed.weight = nn.Parameter(model.embed.weight.to(torch.bfloat16), requires_grad=False)
 

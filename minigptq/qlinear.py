@@ -5,7 +5,9 @@ goes to disk. post_load() builds, once, the layout the compiled kernels read (mi
 rows sorted by group for act-order, fp32 scales, unpacked int16 zeros); it is a plain attribute, not a buffer,
 so loaders that enumerate buffers and state_dict() never see it. forward() picks the fastest path for the input:
 
-    CPU,  M <= 16 rows   fused C++ kernel (AVX-512 / AVX2, OpenMP threads = torch.get_num_threads())
+    CPU,  M <= 16 rows   fused C++ kernel: int8 activations and VNNI dot products if `cpu_int8` is set and the CPU
+                         has AVX-512 VNNI / AVX-VNNI, else fp32 (AVX-512 / AVX2); OpenMP threads =
+                         torch.get_num_threads()
     CPU,  M > 16         C++ dequantize to fp32/bf16, then torch.matmul
     CUDA, M <= 16        fused CUDA kernel on the current stream
     CUDA, M > 16         CUDA dequantize to x.dtype, then torch.matmul
@@ -47,6 +49,8 @@ class QuantLinear(nn.Module):
         G = 1 if group_size == -1 else math.ceil(K / group_size)
         self.in_features, self.out_features, self.bits, self.group_size = K, N, bits, group_size
         self.checkpoint_format = "gptq"  # how qzeros is read: "gptq" (v1, stores zero - 1) or "gptq_v2" (raw zero)
+        self.cpu_int8 = False  # on the CPU, run the int8-activation (VNNI) kernels where the CPU has them
+        self._fused = False  # a part of a FusedQuantLinear: its own layout is built only if it is called alone
         self.register_buffer("qweight", torch.zeros(K * bits // 32, N, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(G, N * bits // 32, dtype=torch.int32, device=device))
         self.register_buffer("scales", torch.zeros(G, N, dtype=dtype, device=device))
@@ -58,13 +62,15 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bias: Tensor | None,
-                   bits: int, group_size: int, dtype: torch.dtype = torch.float16) -> "QuantLinear":
+                   bits: int, group_size: int, dtype: torch.dtype = torch.float16,
+                   cpu_int8: bool = False) -> "QuantLinear":
         """Pack a solver result: codes int [N, K], scales [G, N], zeros int [G, N] (raw, W = s * (q - z)), g_idx [K].
 
         qzeros are stored in the v1 form zero - 1 (checkpoint_format "gptq"), so every zero must be >= 1.
         """
         N, K = codes.shape
         mod = cls(K, N, bits, group_size, bias is not None, dtype=dtype, device=codes.device)
+        mod.cpu_int8 = cpu_int8
         G = mod.scales.shape[0]
         for name, t, shape in (("scales", scales, [G, N]), ("zeros", zeros, [G, N]), ("g_idx", g_idx, [K])):
             if list(t.shape) != shape:
@@ -105,7 +111,9 @@ class QuantLinear(nn.Module):
         if G < 1 or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G:
             raise ValueError(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
                              f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
-        self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits, self.checkpoint_format)
+        int8 = self.cpu_int8 and kernels.cpu_int8_available()
+        self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits,
+                                           self.checkpoint_format, int8=int8)
 
     @staticmethod
     def _after_load_state_dict(module: "QuantLinear", incompatible_keys) -> None:
@@ -122,47 +130,29 @@ class QuantLinear(nn.Module):
         return self
 
     def path_for(self, x: Tensor) -> str:
-        """Which implementation forward(x) uses: cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or reference.
+        """Which implementation forward(x) uses: cpu-int8, cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or
+        reference.
 
         The kernels are inference-only: an x that requires grad (with grad mode on) takes the differentiable reference.
         """
-        if x.requires_grad and torch.is_grad_enabled():
-            return "reference"
-        rows = x.numel() // max(x.shape[-1], 1)
-        size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
-        if x.device.type == "cpu" and kernels.cpu_available():
-            return f"cpu-{size}"
-        if x.device.type == "cuda" and kernels.cuda_available():
-            return f"cuda-{size}"
-        return "reference"
+        return kernel_path(x, self._layout)
 
     def forward(self, x: Tensor) -> Tensor:
         L = self._layout
         if L is None:
-            raise RuntimeError("QuantLinear.post_load() must be called after its state is loaded")
+            if not self._fused:
+                raise RuntimeError("QuantLinear.post_load() must be called after its state is loaded")
+            self.post_load()  # a part of a fused projection, called on its own: build its layout now
+            L = self._layout
         K, N = self.in_features, self.out_features
         if x.shape[-1] != K or not x.is_floating_point() or x.is_cpu != L.on_cpu or \
                 (not L.on_cpu and x.device != L.scales.device):
             raise ValueError(f"x must be a floating tensor [..., {K}] on {L.scales.device}, got {x.dtype} "
                              f"{list(x.shape)} on {x.device}")
         x2 = x.reshape(-1, K)  # (M, K)
-        path = self.path_for(x2)
-        if path.startswith("cpu"):
-            xc = (x2 if x2.dtype in kernels.CPU_DTYPES else x2.float()).contiguous()
-            if path == "cpu-dequant":
-                y = xc @ kernels.cpu_dequantize(L, xc.dtype)
-            elif torch.compiler.is_compiling():  # traced by torch.compile: the kernel as a custom op in the graph
-                y = kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits)
-            else:
-                y = kernels.cpu_qgemm(xc, L)
-        elif path.startswith("cuda"):
-            xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
-            if path == "cuda-dequant":
-                y = xc @ kernels.cuda_dequantize(L, xc.dtype)
-            elif torch.compiler.is_compiling():
-                y = kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits)
-            else:
-                y = kernels.cuda_qgemm(xc, L)
+        path = kernel_path(x2, L)
+        if path != "reference":
+            y = kernel_matmul(x2, L, path)
         else:
             if not x.requires_grad:
                 reason = kernels.CPU_IMPORT_ERROR if x.device.type == "cpu" else kernels.cuda_unavailable_reason()
@@ -184,4 +174,80 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}")
+                f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}"
+                f"{', cpu_int8' if self.cpu_int8 else ''}")
+
+
+def kernel_path(x: Tensor, L: kernels.KernelLayout | None) -> str:
+    """The implementation for x [..., K] and layout L: cpu-int8, cpu-fused, cpu-dequant, cuda-fused, cuda-dequant or
+    reference (no kernel here, or x requires grad)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return "reference"
+    rows = x.numel() // max(x.shape[-1], 1)
+    size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
+    if x.device.type == "cpu" and kernels.cpu_available():
+        return "cpu-int8" if size == "fused" and L is not None and L.int8 else f"cpu-{size}"
+    if x.device.type == "cuda" and kernels.cuda_available():
+        return f"cuda-{size}"
+    return "reference"
+
+
+def kernel_matmul(x2: Tensor, L: kernels.KernelLayout, path: str) -> Tensor:
+    """x2 [M, K] @ W by the compiled kernel `path` (kernel_path) -> [M, N], no bias; x2 already checked."""
+    if path.startswith("cpu"):
+        xc = (x2 if x2.dtype in kernels.CPU_DTYPES else x2.float()).contiguous()
+        if path == "cpu-dequant":
+            return xc @ kernels.cpu_dequantize(L, xc.dtype)
+        if torch.compiler.is_compiling():  # traced by torch.compile: the kernel as a custom op in the graph
+            return kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N, L.int8)
+        call = kernels._cpu_qgemm_int8_ptrs if path == "cpu-int8" else kernels._cpu_qgemm_ptrs
+        return call(xc, L.ptrs, L.N, L.G, L.bits, torch.get_num_threads())
+    xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
+    if path == "cuda-dequant":
+        return xc @ kernels.cuda_dequantize(L, xc.dtype)
+    if torch.compiler.is_compiling():
+        return kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N)
+    return kernels.cuda_qgemm(xc, L)
+
+
+class FusedQuantLinear:
+    """Linears that read the same input (q/k/v, gate/up) as one kernel call: y = [part_0(x), part_1(x), ...].
+
+    Built at load time (`fuse`) from the parts' checkpoint tensors concatenated along the outputs, so it holds only a
+    kernel layout and the concatenated bias; the parts keep their checkpoint tensors (state_dict is unchanged) and
+    drop their own layouts. A plain object, not a module: it owns no checkpoint tensor. The output equals the
+    parts' outputs concatenated, bit for bit (same chunks, same activation quantization).
+    """
+
+    def __init__(self, parts: list[QuantLinear]):
+        a = parts[0]
+        self.parts, self.in_features = parts, a.in_features
+        self.splits = [p.out_features for p in parts]
+        cat = [torch.cat([getattr(p, name) for p in parts], dim=1) for name in ("qweight", "qzeros", "scales")]
+        self.layout = kernels.make_layout(*cat[:2], cat[2], a.g_idx, a.bits, a.checkpoint_format,
+                                          int8=a.cpu_int8 and kernels.cpu_int8_available())
+        self.bias = None if a.bias is None else torch.cat([p.bias for p in parts])
+        for p in parts:
+            p._layout, p._fused = None, True
+
+    @staticmethod
+    def compatible(parts: list) -> bool:
+        a = parts[0]
+        return all(isinstance(p, QuantLinear) and p._layout is not None and p.bits == a.bits
+                   and p.group_size == a.group_size and p.in_features == a.in_features
+                   and p.checkpoint_format == a.checkpoint_format and p.cpu_int8 == a.cpu_int8
+                   and (p.bias is None) == (a.bias is None) and p.qweight.device == a.qweight.device
+                   and p.scales.dtype == a.scales.dtype and torch.equal(p.g_idx, a.g_idx) for p in parts)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        L = self.layout
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        path = kernel_path(x2, L)
+        if path == "reference" or x.device != L.scales.device:  # no kernel here, or moved: the parts one by one
+            return torch.cat([p(x) for p in self.parts], dim=-1)
+        y = kernel_matmul(x2, L, path)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], y.shape[-1])

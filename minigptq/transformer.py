@@ -111,11 +111,15 @@ class Attention(nn.Module):
             self.k = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
             self.v = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias)
+        self.fused = None  # q, k, v as one packed kernel call (qlinear.FusedQuantLinear), set by the loader
 
     def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
         B, T, _ = x.shape
         if hasattr(self, "qkv"):
             q, k, v = self.qkv(x).view(B, T, self.h, 3, self.hd).unbind(3)  # BLOOM: per head [q; k; v]
+        elif self.fused is not None:
+            q, k, v = self.fused(x).split(self.fused.splits, dim=-1)
+            q, k, v = q.view(B, T, self.h, self.hd), k.view(B, T, self.kvh, self.hd), v.view(B, T, self.kvh, self.hd)
         else:
             q = self.q(x).view(B, T, self.h, self.hd)
             k = self.k(x).view(B, T, self.kvh, self.hd)
@@ -140,8 +144,12 @@ class MLP(nn.Module):
         self.up = nn.Linear(d, f, bias=bias)
         self.down = nn.Linear(f, d, bias=bias)
         self.act = ACTIVATIONS[cfg.activation]
+        self.fused = None  # gate and up as one packed kernel call (qlinear.FusedQuantLinear), set by the loader
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused is not None:
+            gate, up = self.fused(x).split(self.fused.splits, dim=-1)
+            return self.down(self.act(gate) * up)
         h = self.act(self.gate(x)) * self.up(x) if hasattr(self, "gate") else self.act(self.up(x))
         return self.down(h)
 

@@ -39,9 +39,14 @@ def test_qgemm_custom_op_matches_the_kernel_and_passes_opcheck():
                                 dtype=torch.float32)
     L = ql._layout
     x = torch.randn(3, K, generator=g)
-    args = (x, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits)
+    args = (x, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N)
     torch.testing.assert_close(kernels.qgemm_op(*args), kernels.cpu_qgemm(x, L), rtol=0, atol=0)
     torch.library.opcheck(kernels.qgemm_op, args)  # the fake (shape) function agrees with the real op
+    if kernels.cpu_int8_available():  # the int8 kernels through the same op
+        L8 = kernels.make_layout(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 3, "gptq", int8=True)
+        args8 = (x, L8.qweight, L8.scales, L8.zeros, L8.row_group, L8.perm, L8.bits, L8.N, True)
+        torch.testing.assert_close(kernels.qgemm_op(*args8), kernels.int8_reference(x, L8), rtol=0, atol=0)
+        torch.library.opcheck(kernels.qgemm_op, args8)
 
 
 def test_compiled_decode_gives_the_eager_tokens_and_logits(hf_checkpoints):

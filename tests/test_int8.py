@@ -1,0 +1,173 @@
+"""The int8-activation CPU kernels (AVX-512 VNNI / AVX-VNNI) and the fused q/k/v, gate/up projections.
+
+- The kernels equal their torch reference (kernels.int8_reference: the same int8 scheme with integer accumulation)
+  bit for bit, for every bit width, groups (with a partial last group), act-order, odd shapes and 1..16 rows.
+- They stay within a stated tolerance of the exact fp32 result (the cost of int8 activations).
+- Fused projections give the same logits as separate calls, bit for bit, in both kernel modes.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from minigptq import kernels
+from minigptq.pack import dequantize, pack_cols, pack_rows
+from minigptq.qlinear import QuantLinear
+
+needs_vnni = pytest.mark.skipif(not kernels.cpu_int8_available(),
+                                reason="this CPU has neither AVX-512 VNNI nor AVX-VNNI (the int8 kernels' hardware)")
+ISAS = [isa for isa in kernels.INT8_ISAS if isa in kernels.cpu_isas()]
+INT8_REL_TOL = 0.02  # |y_int8 - y_fp32| / |y_fp32| (Frobenius) for Gaussian activations; measured ~0.006
+
+
+def random_layer(K, N, bits, gs, act_order, seed):
+    g = torch.Generator().manual_seed(seed)
+    G = -(-K // gs)
+    q = torch.randint(0, 2**bits, (K, N), generator=g)
+    z = torch.randint(0, 2**bits, (G, N), generator=g)
+    s = (torch.rand(G, N, generator=g) * 0.05 + 0.001).half()
+    g_idx = (torch.randperm(K, generator=g) // gs if act_order else torch.arange(K) // gs).to(torch.int32)
+    return pack_rows(q, bits), pack_cols(z, bits), s, g_idx
+
+
+CASES = [  # (K, N, group size): partial last groups, N not a multiple of the 64-column tile, tiny and wide
+    (256, 96, 64), (160, 224, 48), (96, 64, 32), (64, 320, -1), (512, 32, 128), (608, 160, 128),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("act_order", [False, True])
+def test_int8_kernels_equal_their_reference_exactly(bits, act_order):
+    unit = 32 if bits == 3 else 32 // bits
+    for i, (K, N, gs) in enumerate(CASES):
+        if K % unit or N % unit:
+            continue
+        gs = K if gs == -1 else gs
+        qw, qz, s, g_idx = random_layer(K, N, bits, gs, act_order, seed=10 * bits + i)
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2", int8=True)
+        exact = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2")
+        assert torch.equal(kernels.cpu_dequantize(L), kernels.cpu_dequantize(exact))  # the M > 16 path
+        for M in (1, 2, 3, 5, 16):
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+            ref = kernels.int8_reference(x, L)
+            for isa in ISAS:
+                y = kernels.cpu_qgemm_int8(x, L, isa=isa)
+                assert torch.equal(y, ref), (bits, act_order, K, N, gs, M, isa, (y - ref).abs().max())
+            y_fp32 = x @ dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2")
+            rel = ((ref - y_fp32).norm() / y_fp32.norm()).item()
+            assert rel < INT8_REL_TOL, (bits, K, N, M, rel)
+
+
+@needs_vnni
+def test_int8_kernels_bf16_and_threads():
+    qw, qz, s, g_idx = random_layer(512, 192, 4, 128, True, seed=1)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", int8=True)
+    x = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)).bfloat16()
+    ref = kernels.int8_reference(x, L)
+    for threads in (1, 2, 3):
+        y = kernels.cpu_qgemm_int8(x, L, threads=threads)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref.bfloat16())
+
+
+@needs_vnni
+def test_int8_kernels_exact_when_every_step_is_exact():
+    """Activations already on an int8 grid with power-of-two scales: the int8 path loses nothing, and equals the
+    fp32 result computed in float64."""
+    K, N, bits = 256, 128, 4
+    qw, qz, _, g_idx = random_layer(K, N, bits, 128, False, seed=3)
+    s = torch.full((2, N), 2.0**-6).half()
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(-127, 128, (3, K), generator=g).float() * 2.0**-5
+    x[:, 0], x[:, 128] = 127 * 2.0**-5, -127 * 2.0**-5  # max |x| of each chunk = 127 * 2^-5: scale 2^-5 exactly
+    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", int8=True)
+    W = dequantize(qw, qz, s.double(), g_idx, bits, "gptq")
+    assert torch.equal(kernels.cpu_qgemm_int8(x, L).double(), x.double() @ W)
+
+
+@needs_vnni
+def test_int8_layout_and_bad_calls():
+    q = torch.randint(0, 8, (64, 96))
+    assert torch.equal(kernels.unpack_planes3(kernels.pack_planes3(q), 64), q.int())
+    words = torch.randint(-2**31, 2**31, (10, 100), dtype=torch.int32)
+    assert kernels.to_tiles(words).shape == (2, 10, 64) and torch.equal(kernels.from_tiles(kernels.to_tiles(words), 100),
+                                                                         words)
+    qw, qz, s, g_idx = random_layer(128, 64, 4, 32, False, seed=5)
+    L8 = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", int8=True)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
+    x = torch.randn(1, 128)
+    with pytest.raises(ValueError, match="fp32 kernels"):
+        kernels.cpu_qgemm_int8(x, L)
+    with pytest.raises(ValueError, match="int8 kernels' layout"):
+        kernels.cpu_qgemm(x, L8)
+    with pytest.raises(ValueError, match="isa"):
+        kernels.cpu_qgemm_int8(x, L8, isa="avx2")
+    with pytest.raises(ValueError, match="K=128"):
+        kernels.cpu_qgemm_int8(torch.randn(1, 64), L8)
+    y = kernels.cpu_qgemm_int8(torch.full((1, 128), float("nan")), L8)
+    assert torch.isnan(y).all()  # NaN in, NaN out, as the fp32 kernels
+
+
+@needs_vnni
+def test_quantlinear_int8_path_and_bias():
+    g = torch.Generator().manual_seed(6)
+    args = (torch.randint(0, 16, (96, 256), generator=g), torch.rand(2, 96, generator=g) * 0.1,
+            torch.randint(1, 16, (2, 96), generator=g), torch.arange(256) // 128, torch.randn(96, generator=g), 4, 128)
+    exact, int8 = QuantLinear.from_codes(*args), QuantLinear.from_codes(*args, cpu_int8=True)
+    x = torch.randn(2, 3, 256, generator=g)
+    assert int8.path_for(x) == "cpu-int8" and exact.path_for(x) == "cpu-fused"
+    assert int8.path_for(torch.randn(17, 256)) == "cpu-dequant"  # prefill: dequantize + matmul, same in both
+    y = int8(x)
+    ref = kernels.int8_reference(x.reshape(6, 256), int8._layout) + int8.bias.float()
+    assert torch.equal(y.reshape(6, 96), ref)
+    assert ((y - exact(x)).norm() / exact(x).norm()).item() < INT8_REL_TOL
+
+
+def test_cpu_kernel_setting(monkeypatch):
+    from minigptq.loader import resolve_cpu_kernel
+    assert resolve_cpu_kernel("exact") is False
+    assert resolve_cpu_kernel("auto") is kernels.cpu_int8_available()
+    monkeypatch.setattr(kernels, "cpu_int8_available", lambda: False)
+    assert resolve_cpu_kernel("auto") is False
+    with pytest.raises(ValueError, match="needs AVX-512 VNNI or AVX-VNNI"):
+        resolve_cpu_kernel("int8")
+    with pytest.raises(ValueError, match="auto, int8, exact"):
+        resolve_cpu_kernel("fast")
+
+
+@pytest.fixture(scope="module")
+def tiny_gptq(hf_checkpoints, tmp_path_factory):
+    """4-bit act-order checkpoints of a tiny Llama (q/k/v and gate/up fusable) and a tiny OPT (q/k/v with biases)."""
+    from conftest import WIKI_VALID
+    from minigptq.quantize import quantize_model
+    from minigptq.quantizer import QuantConfig
+    root = tmp_path_factory.mktemp("fuse")
+    calib = root / "calib.txt"
+    calib.write_text(WIKI_VALID.read_text()[:20000])
+    return {kind: quantize_model(hf_checkpoints(kind), root / kind, qcfg=QuantConfig(bits=4, group_size=32,
+                                                                                      act_order=True),
+                                 dataset=calib, nsamples=4, seqlen=64, log=lambda m: None)
+            for kind in ("llama-gqa-tied", "opt")}
+
+
+@pytest.mark.parametrize("kind,fused_per_block", [("llama-gqa-tied", 2), ("opt", 1)])
+@pytest.mark.parametrize("cpu_kernel", ["exact", "int8"])
+def test_fused_projections_equal_separate_calls(tiny_gptq, kind, fused_per_block, cpu_kernel):
+    from minigptq import load_model
+    from minigptq.generate import generate
+    from minigptq.loader import fuse_projections
+    if cpu_kernel == "int8" and not kernels.cpu_int8_available():
+        pytest.skip("no VNNI on this CPU")
+    sep = load_model(tiny_gptq[kind], dtype="fp32", cpu_kernel=cpu_kernel, fuse=False)
+    fused = load_model(tiny_gptq[kind], dtype="fp32", cpu_kernel=cpu_kernel)
+    assert sum(m.fused is not None for m in fused.modules() if hasattr(m, "fused")) == 2 * fused_per_block
+    assert all(getattr(m, "fused", None) is None for m in sep.modules())
+    tokens = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        for T in (1, 9):  # the fused kernels (decode-sized) and the dequantize path are both exact
+            assert torch.equal(fused(tokens[:1, :T]), sep(tokens[:1, :T]))
+        a, _ = generate(fused, tokens.tolist(), max_new_tokens=6)
+        b, _ = generate(sep, tokens.tolist(), max_new_tokens=6)
+    assert a == b
+    assert fused.state_dict().keys() == sep.state_dict().keys()  # fusion adds no tensor to the checkpoint
+    assert fuse_projections(sep) == 2 * fused_per_block
