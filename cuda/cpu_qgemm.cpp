@@ -94,7 +94,7 @@ void invalid(const std::string& what) { throw std::invalid_argument(what); }
 
 // Sizes, then one pass over row_group / perm: their values index memory, so they are checked on every call
 // (O(K), negligible next to the O(K*N) kernel). Returns the chunks of the sorted rows.
-std::vector<Chunk> check_and_chunk(const QWeight& w) {
+std::vector<Chunk> check_and_chunk(const QWeight& w, int32_t chunk_rows = detail::kChunkRows) {
   if (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8)
     invalid("bits=" + std::to_string(w.bits) + " is not supported; valid: 2, 3, 4, 8");
   const int64_t unit = w.bits == 3 ? 32 : 32 / w.bits;
@@ -112,7 +112,7 @@ std::vector<Chunk> check_and_chunk(const QWeight& w) {
     if (w.perm && (w.perm[r] < 0 || w.perm[r] >= w.K))
       invalid("perm[" + std::to_string(r) + "]=" + std::to_string(w.perm[r]) + " is outside [0, " +
               std::to_string(w.K) + ")");
-    if (r == 0 || g != prev || r % detail::kChunkRows == 0) chunks.push_back({int32_t(r), int32_t(r), g});
+    if (r == 0 || g != prev || r % chunk_rows == 0) chunks.push_back({int32_t(r), int32_t(r), g});
     chunks.back().r1 = int32_t(r + 1);
     prev = g;
   }
@@ -252,7 +252,7 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   check_dtype(dtype);
   if (M <= 0) invalid("M=" + std::to_string(M) + " must be positive");
   if (!w.int8) invalid("the int8 kernels read the int8 layout (make_layout(..., int8=True))");
-  const std::vector<Chunk> chunks = check_and_chunk(w);
+  const std::vector<Chunk> chunks = check_and_chunk(w, detail::kChunkRowsI8);
   const Isa resolved = resolve_isa(isa == Isa::Auto ? Isa::AutoVnni : isa);
   const detail::KernelsI8 kern = resolved == Isa::Avx512Vnni ? detail::avx512vnni::kernels_i8()
                                  : resolved == Isa::AvxVnni  ? detail::avxvnni::kernels_i8()
@@ -276,7 +276,7 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
     for (int b = 0; b < 4; ++b) order[4 * q + b] = quad_row(w.bits, q, b);
   thread_local std::vector<float> xs, ytmp, sx;
   thread_local std::vector<int32_t> xq, sxq;
-  int8_t span[detail::kChunkRows + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
+  int8_t span[detail::kChunkRowsI8 + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
   if (w.perm || dtype == DType::BF16) xs.resize(K);
   xq.resize(M * S);
   sx.resize(M * C);

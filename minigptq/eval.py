@@ -18,14 +18,24 @@ from .data import eval_windows, tokenize_file
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, progress: bool = True) -> float:
-    """windows (n, seqlen) of token ids -> perplexity of the model on them."""
+def perplexity(model, windows: torch.Tensor, progress: bool = True, chunk: int | None = None) -> float:
+    """windows (n, seqlen) of token ids -> perplexity of the model on them.
+
+    chunk: feed each window `chunk` tokens at a time through the KV cache, as decoding does (the same result in exact
+    arithmetic; with chunk <= 16 every packed layer runs its decode kernel, e.g. the int8 one).
+    """
+    from .transformer import KVCache
     device = model.embed.weight.device
     nll, count = 0.0, 0
     t0 = time.perf_counter()
     for i, w in enumerate(windows):
         w = w[None].to(device)  # (1, seqlen)
-        logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
+        if chunk:
+            cache = KVCache(model.cfg, 1, w.shape[1], model.act_dtype, device)
+            logits = torch.cat([model(w[:, s:s + chunk], cache, s) for s in range(0, w.shape[1], chunk)], dim=1)
+            logits = logits[0, :-1].float()
+        else:
+            logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
         nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
         count += w.shape[1] - 1
         if progress:
@@ -43,6 +53,8 @@ def main(args: argparse.Namespace) -> None:
         raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+    if args.chunk is not None and args.chunk < 1:
+        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
     device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel)
     seqlen = min(args.seqlen, model.cfg.max_positions)
@@ -50,7 +62,7 @@ def main(args: argparse.Namespace) -> None:
     check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {args.dataset}")
     windows = eval_windows(tokens, seqlen, args.max_windows)
     print(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {args.dataset}", file=sys.stderr)
-    ppl = perplexity(model, windows, progress=not args.quiet)
+    ppl = perplexity(model, windows, progress=not args.quiet, chunk=args.chunk)
     print(f"perplexity {ppl:.4f}")
 
 
@@ -63,6 +75,9 @@ def parser() -> argparse.ArgumentParser:
                                                     "wiki.test.raw) or a .jsonl file with a \"text\" field")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048, capped at the context)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="feed each window N tokens at a time through the KV cache, as decoding does (N <= 16 runs "
+                        "every packed layer through its decode kernel, e.g. --cpu-kernel int8); default: whole windows")
     add_device_flags(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_debug_flag(p)

@@ -40,6 +40,7 @@ ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avxvnni": 4, "avx512vnn
 INT8_ISAS = ("avx512vnni", "avxvnni")
 CHUNK_ROWS = 128  # cuda/cpu_qgemm_detail.h kChunkRows: a chunk is at most this many sorted rows of one group
 TILE_COLS = 64  # cuda/cpu_qgemm_detail.h kTileCols: columns of one tile of the int8 layout
+CHUNK_ROWS_INT8 = 32  # cuda/cpu_qgemm_detail.h kChunkRowsI8: rows sharing one int8 activation scale
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/qweight.h: DType
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -273,12 +274,12 @@ def _cpu_qgemm_int8_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits:
     return out
 
 
-def chunks_of(row_group: Tensor) -> list[tuple[int, int, int]]:
-    """(r0, r1, group) of every chunk of sorted rows: a run of one group, cut at multiples of CHUNK_ROWS."""
+def chunks_of(row_group: Tensor, rows: int = CHUNK_ROWS) -> list[tuple[int, int, int]]:
+    """(r0, r1, group) of every chunk of sorted rows: a run of one group, cut at multiples of `rows`."""
     g = row_group.tolist()
     out = []
     for r, gr in enumerate(g):
-        if r == 0 or gr != g[r - 1] or r % CHUNK_ROWS == 0:
+        if r == 0 or gr != g[r - 1] or r % rows == 0:
             out.append([r, r, gr])
         out[-1][1] = r + 1
     return [tuple(c) for c in out]
@@ -287,7 +288,7 @@ def chunks_of(row_group: Tensor) -> list[tuple[int, int, int]]:
 def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32.
 
-    Per chunk: xq = round(x * (127 / max|x|)) clamped to [-127, 127], sx = max|x| / 127; then
+    Per chunk (CHUNK_ROWS_INT8 rows of one group): xq = round(x * (127 / max|x|)) clamped to [-127, 127], sx = max|x| / 127; then
     y += (s[g] * sx) * float(xq @ q - z[g] * sum(xq)) with the integer products summed exactly (int64).
     """
     K, N = layout.K, layout.N
@@ -298,7 +299,7 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
              else unpack_rows(words, layout.bits, K)).to(torch.int64)  # (K, N) sorted rows
     xs = x.float()[:, layout.perm.long()] if layout.perm is not None else x.float()  # (M, K) sorted rows
     y = torch.zeros(x.shape[0], layout.N)
-    for r0, r1, g in chunks_of(layout.row_group):
+    for r0, r1, g in chunks_of(layout.row_group, CHUNK_ROWS_INT8):
         xc = xs[:, r0:r1]
         amax = xc.abs().amax(dim=1, keepdim=True)  # (M, 1)
         c127 = torch.full_like(amax, 127.0)  # tensor / tensor: one rounding (127.0 / t is reciprocal, then multiply)

@@ -105,7 +105,8 @@ def measure(args) -> dict:
     if args.synthetic:
         model = synthetic_model(args.synthetic, args.bits, dtype, device, args.layers)
     else:
-        model = load_model(args.path, dtype=args.act, device=device, head_dtype=args.head_dtype)
+        model = load_model(args.path, dtype=args.act, device=device, head_dtype=args.head_dtype,
+                           cpu_kernel=getattr(args, "cpu_kernel", "exact"), fuse=getattr(args, "fuse", False))
     quant = [m for m in model.layers.modules() if isinstance(m, QuantLinear)]  # the blocks' linears only
     lin = [m for m in model.layers.modules() if isinstance(m, torch.nn.Linear)]
     layer_bytes = sum(sum(b.numel() * b.element_size() for b in m.buffers()) for m in quant) + \
@@ -150,6 +151,9 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="CPU threads (default: all)")
     p.add_argument("--head-dtype", default="bf16", choices=["fp32", "fp16", "bf16", "int8"],
                    help="dtype of the embedding/lm_head for the quantized variants on CPU (default bf16)")
+    p.add_argument("--cpu-kernels", default="exact,int8",
+                   help="CPU kernels to run the GPTQ checkpoints with: exact (fp32 arithmetic, one call per linear) "
+                        "and/or int8 (int8 activations, VNNI, fused q/k/v and gate/up); default exact,int8")
     p.add_argument("--compile", action="store_true",
                    help="also run the quantized variants (and the full-precision baseline) with the decode step "
                         "compiled by torch.compile")
@@ -191,8 +195,13 @@ def main(argv=None) -> None:
         variants["bf16"] = dict(act="bf16", path=args.model, bits=None, head_dtype=None, compile=False)
     for bits, path in ((4, args.q4), (3, args.q3)):
         if path or args.synthetic:
-            variants[f"gptq {bits}-bit"] = dict(act=base, path=path, bits=bits, compile=False,
-                                                head_dtype=args.head_dtype if args.device == "cpu" else None)
+            head = args.head_dtype if args.device == "cpu" else None
+            # the fp32 kernels, one call per linear; on the CPU also the int8 kernels with fused q/k/v and gate/up
+            variants[f"gptq {bits}-bit"] = dict(act=base, path=path, bits=bits, compile=False, head_dtype=head,
+                                                cpu_kernel="exact", fuse=False)
+            if args.device == "cpu" and not args.synthetic and "int8" in args.cpu_kernels:
+                variants[f"gptq {bits}-bit int8"] = dict(act=base, path=path, bits=bits, compile=False,
+                                                         head_dtype=head, cpu_kernel="int8", fuse=True)
     if args.compile:
         variants.update({f"{name} compiled": dict(spec, compile=True) for name, spec in list(variants.items())
                          if name != "bf16"})
