@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "cpu_decode.h"
 #include "cpu_qgemm.h"
 
 namespace py = pybind11;
@@ -51,6 +52,27 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       py::arg("isa"), py::arg("int8") = 0, py::call_guard<py::gil_scoped_release>(),
       "out[K, N] = the dequantized weight in checkpoint row order (dtype 0 = fp32, 2 = bf16); int8 = 1 for the "
       "int8 layout.");
+  m.def(
+      "rms_norm",
+      [](uintptr_t x, uintptr_t w, float eps, int64_t M, int64_t D, uintptr_t out) {
+        rms_norm(reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w), eps, M, D,
+                 reinterpret_cast<float*>(out));
+      },
+      py::arg("x"), py::arg("w"), py::arg("eps"), py::arg("M"), py::arg("D"), py::arg("out"),
+      "out[M, D] = w * x / sqrt(mean(x^2) + eps), fp32.");
+  m.def(
+      "attn_decode",
+      [](uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_row, int64_t kv_row, int64_t head_stride, uintptr_t cos,
+         uintptr_t sin, uintptr_t k_cache, uintptr_t v_cache, uintptr_t mask, int64_t mask_heads,
+         int64_t mask_stride, uintptr_t out, int64_t B, int64_t H, int64_t KVH, int64_t hd, int64_t Smax,
+         int64_t slot, int threads) {
+        const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
+        attn_decode(DecodeAttn{f(q), f(k), f(v), q_row, kv_row, head_stride, f(cos), f(sin),
+                               reinterpret_cast<float*>(k_cache), reinterpret_cast<float*>(v_cache), f(mask),
+                               mask_heads, mask_stride, reinterpret_cast<float*>(out), B, H, KVH, hd, Smax, slot},
+                    threads);
+      },
+      "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32; see cuda/cpu_decode.h.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
   m.def(
       "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },

@@ -310,6 +310,46 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     return y
 
 
+# ----------------------------------------------------------------------------- CPU decode-step operations
+# One call each for what a decode step otherwise spends a dozen torch operators on (cuda/cpu_decode.cpp). Their
+# references and fallbacks are RMSNorm and Attention in minigptq/transformer.py, which call these only for fp32
+# tensors on the CPU outside torch.compile, after checking shapes; the wrappers check what would corrupt memory.
+def cpu_rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """w * x / sqrt(mean(x^2, -1) + eps) for contiguous fp32 CPU x [..., D] and w [D]."""
+    D = w.numel()
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.shape[-1] != D or not x.is_contiguous() \
+            or not w.is_contiguous() or not x.is_cpu or not w.is_cpu or x.numel() == 0:
+        raise ValueError(f"x must be contiguous float32 [..., {D}] on the CPU, w float32 [{D}], got "
+                         f"{_describe(x)}, {_describe(w)}")
+    out = torch.empty_like(x)
+    _cpu.rms_norm(x.data_ptr(), w.data_ptr(), float(eps), x.numel() // D, D, out.data_ptr())
+    return out
+
+
+def cpu_attn_decode(q: Tensor, k: Tensor, v: Tensor, q_row: int, kv_row: int, head_stride: int,
+                    cos: Tensor | None, sin: Tensor | None, k_cache: Tensor, v_cache: Tensor, layer: int,
+                    mask: Tensor | None, H: int, slot: int) -> Tensor:
+    """One new token per sequence (cuda/cpu_decode.h): RoPE on q/k, k/v written to the caches (layers, B, KVH, Smax,
+    hd) at `slot`, attention over slots [0, slot] -> [B, 1, H*hd]. q/k/v are fp32 views into one or three
+    contiguous tensors, addressed by row and head strides (in elements); cos/sin [B, 1, 1, hd] or None; mask:
+    additive [B, 1 or H, 1, slot + 1] or None. All fp32, contiguous, on the CPU (checked by the caller)."""
+    L_, B, KVH, Smax, hd = k_cache.shape
+    if not 0 <= layer < L_ or not 0 <= slot < Smax or H % KVH or v_cache.shape != k_cache.shape or \
+            (cos is not None and (cos.numel() != B * hd or sin.numel() != B * hd)) or \
+            (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1 or mask.shape[1] not in (1, H))):
+        raise ValueError(f"attn_decode: layer={layer}, slot={slot}, H={H} do not fit the cache "
+                         f"{list(k_cache.shape)} or the cos/mask shapes")
+    out = torch.empty(B, 1, H * hd)
+    step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
+    _cpu.attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), q_row, kv_row, head_stride,
+                     0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
+                     k_cache.data_ptr() + layer * step, v_cache.data_ptr() + layer * step,
+                     0 if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
+                     0 if mask is None else mask.shape[-1], out.data_ptr(), B, H, KVH, hd, Smax, slot,
+                     torch.get_num_threads())
+    return out
+
+
 # ----------------------------------------------------------------------------------------------------- CUDA
 _cuda_status: str | None = None  # why the CUDA kernels cannot run here ("" = they can), computed once
 

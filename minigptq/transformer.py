@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .config import ModelConfig
 
 
@@ -23,9 +24,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if _cpu_fast(x) and self.weight.dtype == torch.float32 and x.is_contiguous():
+            return kernels.cpu_rms_norm(x, self.weight, self.eps)  # one call (cuda/cpu_decode.cpp), same math
         # Normalise in fp32 as Llama does, whatever the activation dtype (one fused op: x * rsqrt(mean(x^2) + eps)).
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+def _cpu_fast(x: Tensor) -> bool:
+    """x may take the CPU decode-step operations of cuda/cpu_decode.cpp: fp32 on the CPU, inference, not traced."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and kernels._cpu is not None \
+        and not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
@@ -115,6 +124,9 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
         B, T, _ = x.shape
+        if T == 1 and ctx.cache is not None and _cpu_fast(x) and ctx.cache.k.dtype == torch.float32 and \
+                (ctx.cos is None or ctx.cos.dtype == torch.float32) and (ctx.mask is None or ctx.mask.is_contiguous()):
+            return self.o(self._decode_step(x, ctx, layer))
         if hasattr(self, "qkv"):
             q, k, v = self.qkv(x).view(B, T, self.h, 3, self.hd).unbind(3)  # BLOOM: per head [q; k; v]
         elif self.fused is not None:
@@ -133,6 +145,24 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
                                            enable_gqa=self.kvh != self.h)  # (B, heads, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
+
+    def _decode_step(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
+        """One token per sequence on the CPU: the projections, then RoPE, the cache write and the attention in one
+        call (kernels.cpu_attn_decode) -> (B, 1, heads * hd), what forward's torch path computes."""
+        h, kvh, hd = self.h, self.kvh, self.hd
+        if hasattr(self, "qkv"):  # BLOOM: per head [q; k; v]
+            y = self.qkv(x).contiguous()
+            q, k, v, q_row, kv_row, stride = y, y[..., hd:], y[..., 2 * hd:], 3 * h * hd, 3 * h * hd, 3 * hd
+        elif self.fused is not None:  # [q | k | v]
+            y = self.fused(x).contiguous()
+            q, k, v = y, y[..., h * hd:], y[..., (h + kvh) * hd:]
+            q_row = kv_row = (h + 2 * kvh) * hd
+            stride = hd
+        else:
+            q, k, v = self.q(x).contiguous(), self.k(x).contiguous(), self.v(x).contiguous()
+            q_row, kv_row, stride = h * hd, kvh * hd, hd
+        return kernels.cpu_attn_decode(q, k, v, q_row, kv_row, stride, ctx.cos, ctx.sin, ctx.cache.k, ctx.cache.v,
+                                       layer, ctx.mask, h, ctx.start)
 
 
 class MLP(nn.Module):

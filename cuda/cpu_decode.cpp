@@ -1,0 +1,123 @@
+// The small operations of a CPU decode step, each one call instead of a dozen torch operators: at batch 1 a token
+// of a small model spends more time dispatching those operators than computing them. Plain C++ compiled for
+// AVX-512 / AVX2 / baseline (target_clones picks at load time). Their torch references, and the fallback wherever
+// these do not apply, are the modules in minigptq/transformer.py (RMSNorm, Attention).
+#include "cpu_decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MINIGPTQ_CLONES __attribute__((target_clones("avx512f", "avx2,fma", "default")))
+#else
+#define MINIGPTQ_CLONES
+#endif
+
+namespace minigptq {
+
+namespace {
+
+// sum_d a[d] * b[d], in 16 independent partial sums so that the compiler vectorizes it (a float reduction in one
+// accumulator may not be reordered, so it would stay scalar).
+inline float dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += a[d + j] * b[d + j];
+  float s = 0.f;
+  for (; d < n; ++d) s += a[d] * b[d];
+  for (int j = 0; j < 16; ++j) s += acc[j];
+  return s;
+}
+
+}  // namespace
+
+MINIGPTQ_CLONES
+void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t D, float* out) {
+  if (M <= 0 || D <= 0) throw std::invalid_argument("rms_norm: M and D must be positive");
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * D;
+    const float ss = dot(xr, xr, D);
+    const float r = 1.f / std::sqrt(ss / float(D) + eps);
+    float* o = out + m * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = w[d] * (xr[d] * r);
+  }
+}
+
+namespace {
+
+// q or k of one head, rotated in place: x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+inline void rope(float* x, const float* cos, const float* sin, int64_t hd) {
+  const int64_t h = hd / 2;
+  for (int64_t d = 0; d < h; ++d) {
+    const float a = x[d], b = x[d + h];
+    x[d] = a * cos[d] - b * sin[d];
+    x[d + h] = b * cos[d + h] + a * sin[d + h];
+  }
+}
+
+}  // namespace
+
+MINIGPTQ_CLONES
+void attn_decode(const DecodeAttn& a, int threads) {
+  if (a.B <= 0 || a.H <= 0 || a.KVH <= 0 || a.H % a.KVH || a.hd <= 0 || a.hd % 2 || a.slot < 0 ||
+      a.slot >= a.Smax || (a.mask && a.mask_heads != 1 && a.mask_heads != a.H) || a.H / a.KVH > 64)
+    throw std::invalid_argument("attn_decode: inconsistent sizes (B=" + std::to_string(a.B) + ", H=" +
+                                std::to_string(a.H) + ", KVH=" + std::to_string(a.KVH) + ", hd=" +
+                                std::to_string(a.hd) + ", slot=" + std::to_string(a.slot) + ", Smax=" +
+                                std::to_string(a.Smax) + ")");
+  const int64_t hd = a.hd, S = a.slot + 1, group = a.H / a.KVH, work = a.B * a.KVH;
+  const float scale = 1.f / std::sqrt(float(hd));
+  // One (sequence, kv head) per iteration: its new key and value go into the cache, then the `group` query heads
+  // that share it attend together, so each cached key and value is loaded once for all of them.
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, S * a.H * hd >= (1 << 16) ? work : 1)));
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t i = 0; i < work; ++i) {
+    const int64_t b = i / a.KVH, g = i % a.KVH;
+    const float* cos = a.cos ? a.cos + b * hd : nullptr;
+    const float* sin = a.sin ? a.sin + b * hd : nullptr;
+    float* kc = a.k_cache + (b * a.KVH + g) * a.Smax * hd;
+    float* vc = a.v_cache + (b * a.KVH + g) * a.Smax * hd;
+    const float* kn = a.k + b * a.kv_row + g * a.head_stride;
+    const float* vn = a.v + b * a.kv_row + g * a.head_stride;
+    for (int64_t d = 0; d < hd; ++d) kc[a.slot * hd + d] = kn[d], vc[a.slot * hd + d] = vn[d];
+    if (cos) rope(kc + a.slot * hd, cos, sin, hd);
+    std::vector<float> q(group * hd), p(group * S);
+    for (int64_t j = 0; j < group; ++j) {
+      const float* qh = a.q + b * a.q_row + (g * group + j) * a.head_stride;
+      std::copy(qh, qh + hd, q.data() + j * hd);
+      if (cos) rope(q.data() + j * hd, cos, sin, hd);
+    }
+    float mx[64], sum[64];
+    for (int64_t j = 0; j < group; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < group; ++j) {
+        const int64_t h = g * group + j;
+        const float* mask = a.mask ? a.mask + (b * a.mask_heads + (a.mask_heads == 1 ? 0 : h)) * a.mask_stride
+                                   : nullptr;
+        const float v = dot(q.data() + j * hd, kc + s * hd, hd) * scale + (mask ? mask[s] : 0.f);
+        p[j * S + s] = v;
+        mx[j] = std::max(mx[j], v);
+      }
+    for (int64_t j = 0; j < group; ++j)
+      for (int64_t s = 0; s < S; ++s) sum[j] += (p[j * S + s] = std::exp(p[j * S + s] - mx[j]));
+    float* o = a.out + b * a.H * hd + g * group * hd;  // the group's heads are adjacent in out
+    std::fill(o, o + group * hd, 0.f);
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < group; ++j) {
+        const float w = p[j * S + s] / sum[j];
+        float* oj = o + j * hd;
+        const float* vs = vc + s * hd;
+        for (int64_t d = 0; d < hd; ++d) oj[d] += w * vs[d];
+      }
+  }
+}
+
+}  // namespace minigptq

@@ -1,0 +1,26 @@
+// The small operations of a CPU decode step (cpu_decode.cpp). fp32 only; raw pointers, no torch headers.
+#pragma once
+#include <cstdint>
+
+namespace minigptq {
+
+// out[M][D] = w * (x * 1/sqrt(mean(x^2) + eps)) per row: RMSNorm as minigptq/transformer.py computes it in fp32.
+void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t D, float* out);
+
+// One new token per sequence: rotate q and k (RoPE, rotate-half; cos/sin null = no rotation), write k and v into the
+// cache at `slot`, attend over slots [0, slot] with an optional additive mask, write out[B][H*hd].
+// q/k/v head h of row b starts at q + b * q_row + h * head_stride (k and v: kv_row), so one fused q|k|v output
+// (head_stride hd) and BLOOM's per-head [q; k; v] layout (head_stride 3 hd) are both read in place.
+struct DecodeAttn {
+  const float *q, *k, *v;
+  int64_t q_row, kv_row, head_stride;
+  const float *cos, *sin;       // [B][hd] for this token's position, or null
+  float *k_cache, *v_cache;     // this layer's [B][KVH][Smax][hd]
+  const float* mask;            // [B][mask_heads][mask_stride] additive (-inf = masked), or null
+  int64_t mask_heads, mask_stride;
+  float* out;                   // [B][H*hd]
+  int64_t B, H, KVH, hd, Smax, slot;
+};
+void attn_decode(const DecodeAttn& a, int threads);  // threads: OpenMP threads over (sequence, kv head)
+
+}  // namespace minigptq
