@@ -79,7 +79,7 @@ def test_int8_kernels_exact_when_every_step_is_exact():
     s = torch.full((2, N), 2.0**-6).half()
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-127, 128, (3, K), generator=g).float() * 2.0**-5
-    x[:, 0], x[:, 128] = 127 * 2.0**-5, -127 * 2.0**-5  # max |x| of each chunk = 127 * 2^-5: scale 2^-5 exactly
+    x[:, ::kernels.CHUNK_ROWS_INT8] = 127 * 2.0**-5  # max |x| of every chunk = 127 * 2^-5: its scale is 2^-5 exactly
     L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", int8=True)
     W = dequantize(qw, qz, s.double(), g_idx, bits, "gptq")
     assert torch.equal(kernels.cpu_qgemm_int8(x, L).double(), x.double() @ W)
