@@ -128,6 +128,17 @@ int clamp_threads(int threads, int64_t work_items) {
 #endif
 }
 
+// run(y) writes fp32 results of n elements; they land in `out` directly, or through a buffer converted to bf16.
+template <class Run>
+void with_fp32_output(DType dtype, int64_t n, void* out, Run run) {
+  if (dtype == DType::F32) return run(static_cast<float*>(out));
+  thread_local std::vector<float> y;
+  y.resize(n);
+  run(y.data());
+  uint16_t* o = static_cast<uint16_t*>(out);
+  for (int64_t i = 0; i < n; ++i) o[i] = f32_to_bf16(y[i]);
+}
+
 void check_dtype(DType dtype) {
   if (dtype != DType::F32 && dtype != DType::BF16)
     invalid("dtype code " + std::to_string(int(dtype)) + " is not supported on the CPU; valid: 0 (fp32), 2 (bf16)");
@@ -173,7 +184,7 @@ void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, i
   const int64_t K = w.K, N = w.N, C = int64_t(chunks.size());
 
   // Stage x: fp32, sorted row order, and its sum over each chunk (for the zero-point term).
-  thread_local std::vector<float> xs, xsum, ytmp;
+  thread_local std::vector<float> xs, xsum;
   xs.resize(M * K);
   xsum.assign(M * C, 0.f);
   for (int64_t m = 0; m < M; ++m) {
@@ -200,19 +211,11 @@ void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, i
   const int64_t panel_cols = (tiles + panels - 1) / panels * tile;
   panels = (N + panel_cols - 1) / panel_cols;
 
-  float* y = static_cast<float*>(out);
-  if (dtype == DType::BF16) {
-    ytmp.resize(M * N);
-    y = ytmp.data();
-  }
   const detail::PanelFn panel = kern.panel[w.bits];
+  with_fp32_output(dtype, M * N, out, [&](float* y) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < panels; ++i) panel(p, i * panel_cols, std::min(N, (i + 1) * panel_cols), y);
-
-  if (dtype == DType::BF16) {
-    uint16_t* o = static_cast<uint16_t*>(out);
-    for (int64_t i = 0; i < M * N; ++i) o[i] = f32_to_bf16(y[i]);
-  }
+    for (int64_t i = 0; i < panels; ++i) panel(p, i * panel_cols, std::min(N, (i + 1) * panel_cols), y);
+  });
 }
 
 // -- int8 activations ---------------------------------------------------------------------------------------------
@@ -274,7 +277,7 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   int order[32];  // order[i] = row (within a unit) of staged byte i: byte b of quad q is row quad_row(q, b)
   for (int q = 0; q < Q; ++q)
     for (int b = 0; b < 4; ++b) order[4 * q + b] = quad_row(w.bits, q, b);
-  thread_local std::vector<float> xs, ytmp, sx;
+  thread_local std::vector<float> xs, sx;
   thread_local std::vector<int32_t> xq, sxq;
   int8_t span[detail::kChunkRowsI8 + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
   if (w.perm || dtype == DType::BF16) xs.resize(K);
@@ -324,19 +327,11 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   // Tiles -> threads: contiguous ranges of whole tiles, one per thread.
   const int64_t tiles = (N + detail::kTileCols - 1) / detail::kTileCols;
   const int nt = clamp_threads(threads, tiles);
-  float* y = static_cast<float*>(out);
-  if (dtype == DType::BF16) {
-    ytmp.resize(M * N);
-    y = ytmp.data();
-  }
   const detail::TilesI8Fn run = kern.tiles[w.bits];
+  with_fp32_output(dtype, M * N, out, [&](float* y) {
 #pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int i = 0; i < nt; ++i) run(p, tiles * i / nt, tiles * (i + 1) / nt, y);
-
-  if (dtype == DType::BF16) {
-    uint16_t* o = static_cast<uint16_t*>(out);
-    for (int64_t i = 0; i < M * N; ++i) o[i] = f32_to_bf16(y[i]);
-  }
+    for (int i = 0; i < nt; ++i) run(p, tiles * i / nt, tiles * (i + 1) / nt, y);
+  });
 }
 
 void dequantize(const QWeight& w, void* out, DType dtype, int threads, Isa isa) {

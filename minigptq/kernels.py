@@ -215,19 +215,25 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
     if layout.int8:
         raise ValueError("the layout was made for the int8 kernels' layout (make_layout(..., int8=True)); "
                          "cpu_qgemm_int8 runs it")
+    _check_cpu_x(x, layout)
+    return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
+
+
+def _check_cpu_x(x: Tensor, layout: KernelLayout) -> None:
     M, K = x.shape if x.dim() == 2 else (0, -1)
     if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
         raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
                          f"got {_describe(x)}")
-    return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
 
 
 def _cpu_qgemm_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
-                    isa_code: int = 0) -> Tensor:
-    """The module call for a checked x [M, K]; ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm)."""
+                    isa_code: int = 0, int8: bool = False) -> Tensor:
+    """The module call for a checked x [M, K]; ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm);
+    int8: the int8-activation kernels (the layout must be an int8 one)."""
     M, K = x.shape
     out = torch.empty(M, N, dtype=x.dtype)
-    _cpu.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    (_cpu.qgemm_i8 if int8 else _cpu.qgemm)(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits,
+                                            out.data_ptr(), threads, isa_code)
     return out
 
 
@@ -249,8 +255,9 @@ def cpu_int8_available() -> bool:
 
 
 def cpu_qgemm_int8(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: str = "auto") -> Tensor:
-    """y = x @ W with x quantized to int8 per chunk (<= 128 rows of one group, one fp32 scale each) and integer
-    dot products (VNNI): x float32/bfloat16 contiguous [M, K] -> [M, N] in x.dtype. Equals int8_reference exactly.
+    """y = x @ W with x quantized to int8 per chunk (<= CHUNK_ROWS_INT8 rows of one group, one fp32 scale each) and
+    integer dot products (VNNI): x float32/bfloat16 contiguous [M, K] -> [M, N] in x.dtype. Equals int8_reference
+    exactly.
 
     layout: made with int8=True. isa: "auto" (AVX-512 VNNI, else AVX-VNNI), "avx512vnni" or "avxvnni".
     """
@@ -259,19 +266,8 @@ def cpu_qgemm_int8(x: Tensor, layout: KernelLayout, threads: int | None = None, 
         raise ValueError("the layout was made for the fp32 kernels; make_layout(..., int8=True) makes one for these")
     if isa_code not in (0, ISAS["avxvnni"], ISAS["avx512vnni"]):
         raise ValueError(f"isa={isa!r}: the int8 kernels run on avx512vnni or avxvnni")
-    M, K = x.shape if x.dim() == 2 else (0, -1)
-    if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
-        raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
-                         f"got {_describe(x)}")
-    return _cpu_qgemm_int8_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
-
-
-def _cpu_qgemm_int8_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
-                         isa_code: int = 0) -> Tensor:
-    M, K = x.shape
-    out = torch.empty(M, N, dtype=x.dtype)
-    _cpu.qgemm_i8(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
-    return out
+    _check_cpu_x(x, layout)
+    return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code, int8=True)
 
 
 def chunks_of(row_group: Tensor, rows: int = CHUNK_ROWS) -> list[tuple[int, int, int]]:
@@ -433,9 +429,8 @@ def qgemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_grou
         return _cuda_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits)
     ptrs = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), row_group.data_ptr(),
             0 if perm is None else perm.data_ptr())
-    if int8:  # tiled scales [T, G, 64]
-        return _cpu_qgemm_int8_ptrs(x, ptrs, N, scales.shape[1], bits, torch.get_num_threads())
-    return _cpu_qgemm_ptrs(x, ptrs, N, scales.shape[0], bits, torch.get_num_threads())
+    G = scales.shape[1] if int8 else scales.shape[0]  # int8: tiled scales [T, G, 64]
+    return _cpu_qgemm_ptrs(x, ptrs, N, G, bits, torch.get_num_threads(), int8=int8)
 
 
 @qgemm_op.register_fake

@@ -200,8 +200,7 @@ def kernel_matmul(x2: Tensor, L: kernels.KernelLayout, path: str) -> Tensor:
             return xc @ kernels.cpu_dequantize(L, xc.dtype)
         if torch.compiler.is_compiling():  # traced by torch.compile: the kernel as a custom op in the graph
             return kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N, L.int8)
-        call = kernels._cpu_qgemm_int8_ptrs if path == "cpu-int8" else kernels._cpu_qgemm_ptrs
-        return call(xc, L.ptrs, L.N, L.G, L.bits, torch.get_num_threads())
+        return kernels._cpu_qgemm_ptrs(xc, L.ptrs, L.N, L.G, L.bits, torch.get_num_threads(), int8=path == "cpu-int8")
     xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
     if path == "cuda-dequant":
         return xc @ kernels.cuda_dequantize(L, xc.dtype)

@@ -103,21 +103,26 @@ def test_partially_quantized_stories260k_loads_in_peers(tmp_path):
         check_close(ours(out, tokens), torch.load(tmp_path / f"{loader}.pt"), f"stories260k in {loader}")
 
 
-@pytest.mark.parametrize("bits,sym,desc_act", [(4, True, False), (3, False, True)])
-def test_gptqmodel_checkpoints_load_in_minigptq(hf_checkpoints, tmp_path, bits, sym, desc_act):
-    src = hf_checkpoints("llama-gqa-tied")
+def gptqmodel_checkpoint(src, tmp_path, bits: int, sym: bool, desc_act: bool, seed: int):
+    """GPTQModel quantizes `src` (8 windows of 64 tokens, group 32) -> (its checkpoint, tokens, its logits on them)."""
     calib = calibration_windows(tokenize_file(WIKI_VALID, load_tokenizer(src)), 8, 64, seed=0)
     torch.save(calib, tmp_path / "calib.pt")
-    tokens = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(seed))
     torch.save(tokens, tmp_path / "tokens.pt")
     out = tmp_path / "peer-q"
     run_peer([{"op": "quantize", "model": str(src), "out": str(out), "calib": str(tmp_path / "calib.pt"),
                "bits": bits, "group_size": 32, "sym": sym, "desc_act": desc_act},
               {"op": "logits", "loader": "gptqmodel", "model": str(out), "tokens": str(tmp_path / "tokens.pt"),
                "out": str(tmp_path / "peer.pt")}], tmp_path)
+    return out, tokens, torch.load(tmp_path / "peer.pt")
+
+
+@pytest.mark.parametrize("bits,sym,desc_act", [(4, True, False), (3, False, True)])
+def test_gptqmodel_checkpoints_load_in_minigptq(hf_checkpoints, tmp_path, bits, sym, desc_act):
+    out, tokens, peer = gptqmodel_checkpoint(hf_checkpoints("llama-gqa-tied"), tmp_path, bits, sym, desc_act, seed=2)
     model = load_model(out, dtype="fp32")
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
-    check_close(ours(out, tokens), torch.load(tmp_path / "peer.pt"), f"GPTQModel {bits}-bit checkpoint in minigptq")
+    check_close(ours(out, tokens), peer, f"GPTQModel {bits}-bit checkpoint in minigptq")
 
 
 @pytest.mark.parametrize("bits", [3, 4])
@@ -134,15 +139,7 @@ def test_gptqmodel_asymmetric_checkpoint_with_wrapped_zero_points(hf_checkpoints
         if name.endswith(("q_proj.weight", "up_proj.weight", "down_proj.weight")):
             sd[name][:24, :32] = sd[name][:24, :32].abs()  # rows 0-23, first group of 32 inputs: min >= 0 -> zero 0
     save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    calib = calibration_windows(tokenize_file(WIKI_VALID, load_tokenizer(src)), 8, 64, seed=0)
-    torch.save(calib, tmp_path / "calib.pt")
-    tokens = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(3))
-    torch.save(tokens, tmp_path / "tokens.pt")
-    out = tmp_path / "peer-q"
-    run_peer([{"op": "quantize", "model": str(src), "out": str(out), "calib": str(tmp_path / "calib.pt"),
-               "bits": bits, "group_size": 32, "sym": False, "desc_act": False},
-              {"op": "logits", "loader": "gptqmodel", "model": str(out), "tokens": str(tmp_path / "tokens.pt"),
-               "out": str(tmp_path / "peer.pt")}], tmp_path)
+    out, tokens, peer = gptqmodel_checkpoint(src, tmp_path, bits, False, False, seed=3)
     qcfg = json.loads((out / "quantize_config.json").read_text())
     assert qcfg.get("checkpoint_format", qcfg.get("format")) == "gptq" and qcfg["sym"] is False, qcfg
     q = load_file(out / "model.safetensors")
@@ -151,4 +148,4 @@ def test_gptqmodel_asymmetric_checkpoint_with_wrapped_zero_points(hf_checkpoints
     zeros = zero_points(qz, bits, N, "gptq")
     assert int((zeros[0, :24] == 0).sum()) >= 12, zeros[0, :24]  # the wrapped fields are really there
     assert not torch.equal(unpack_cols(qz, bits, N) + 1, zeros)  # ... and the naive reading gets them wrong
-    check_close(ours(out, tokens), torch.load(tmp_path / "peer.pt"), f"GPTQModel asym {bits}-bit wrapped zeros")
+    check_close(ours(out, tokens), peer, f"GPTQModel asym {bits}-bit wrapped zeros")

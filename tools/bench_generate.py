@@ -161,6 +161,9 @@ def main(argv=None) -> None:
                    help="also measure llama.cpp on this GGUF file with the same prompts (CPU)")
     p.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"),
                    help="interpreter of the venv that has llama-cpp-python (default .venv-llamacpp/bin/python)")
+    p.add_argument("--gptqmodel", action="store_true",
+                   help="also measure GPTQModel's CPU decode of the --q4 checkpoint (tools/bench_gptqmodel_decode.py in "
+                        "the peer venv .venv-peer)")
     p.add_argument("--memory-plan", action="store_true",
                    help="with --synthetic: no timing; the full model's weight bytes in fp16 / 4-bit / 3-bit and the "
                         "80 GiB GPUs they need (with the fp16 KV cache of the full context), from the shapes alone; "
@@ -210,6 +213,11 @@ def main(argv=None) -> None:
             raise SystemExit(f"--llamacpp needs llama-cpp-python: {args.llamacpp_python} does not exist (see "
                              f"tools/bench_llamacpp.py for the two commands that make it)")
         variants[f"llama.cpp {Path(args.llamacpp).stem.rsplit('.', 1)[-1]}"] = dict(gguf=args.llamacpp)
+    if args.gptqmodel:
+        peer = ROOT / ".venv-peer" / "bin" / "python"
+        if not args.q4 or not peer.exists():
+            raise SystemExit("--gptqmodel needs --q4 and the peer venv .venv-peer (bash tools/install.sh --test)")
+        variants["GPTQModel 4-bit"] = dict(peer=str(peer), path=args.q4)
     vocab = SYNTHETIC[args.synthetic]["vocab_size"] if args.synthetic else \
         json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(0)  # the same random prompts for every variant, llama.cpp included
@@ -222,6 +230,9 @@ def main(argv=None) -> None:
             spec = variants[name]
             if "gguf" in spec:
                 cmd = [args.llamacpp_python, str(ROOT / "tools" / "bench_llamacpp.py"), spec["gguf"], "--prompts",
+                       str(prompts_file), "--steps", str(args.steps), "--threads", str(args.threads)]
+            elif "peer" in spec:
+                cmd = [spec["peer"], str(ROOT / "tools" / "bench_gptqmodel_decode.py"), spec["path"], "--prompts",
                        str(prompts_file), "--steps", str(args.steps), "--threads", str(args.threads)]
             else:
                 cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
@@ -249,7 +260,7 @@ def main(argv=None) -> None:
     for name, r in results.items():
         r["speedup_vs_" + base] = {c: round(results[base]["contexts"][c]["median_ms_per_token"] /
                                             v["median_ms_per_token"], 2) for c, v in r["contexts"].items()}
-        if "block_linear_bytes" in r:  # llama.cpp reports its whole model size only
+        if "block_linear_bytes" in r:  # llama.cpp and GPTQModel report their whole model size only
             r["block_linear_bytes_ratio_vs_" + base] = round(results[base]["block_linear_bytes"] /
                                                               r["block_linear_bytes"], 2)
     if args.synthetic and args.layers:
@@ -271,7 +282,10 @@ def main(argv=None) -> None:
                        f"timed one by one (synchronised on GPU); median per run, then the median over {args.rounds} "
                        f"rounds run in alternating order; the same random prompts for every variant. 'compiled': "
                        f"decode step through torch.compile (dynamic shapes), compilation done in a warm-up. llama.cpp: "
-                       f"tools/bench_llamacpp.py, llama_decode of one token + argmax of the last logits row",
+                       f"tools/bench_llamacpp.py, llama_decode of one token + argmax of the last logits row. "
+                       f"GPTQModel: tools/bench_gptqmodel_decode.py, its forward with past_key_values + argmax. "
+                       f"'int8': --cpu-kernel int8 with fused q/k/v and gate/up; the plain GPTQ variants run the exact "
+                       f"fp32 kernels one linear at a time (the previous code path)",
            "projection": note,
            "results": results}
     out = Path(args.out or ROOT / "bench" / "results" / f"generate_{args.device}_{model_name}.json")

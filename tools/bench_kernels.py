@@ -2,7 +2,8 @@
 
 For each weight shape (Llama-2-7B's linears and OPT-175B's FC2) and batch (1, 4, 16 rows) it times, side by side
 in one loop (so background load hits every candidate alike):
-    CPU:  torch fp32 and bf16 x @ W^T, and the 4-bit and 3-bit fused kernels with fp32 and bf16 activations
+    CPU:  torch fp32 and bf16 x @ W^T, and the 4-bit and 3-bit fused kernels with fp32 and bf16 activations, both the
+          exact fp32 kernels (q4_*, q3_*) and, where the CPU has VNNI, the int8-activation kernels (q4i8_*, q3i8_*)
     CUDA: torch fp16 x @ W^T, and the 4-bit and 3-bit fused kernels with fp16 activations
 and reports milliseconds (median and best), speedups over the dense matmul of the same activation dtype, and the
 GB/s each achieves (bytes it must read / time) next to the device's measured copy bandwidth.
@@ -53,14 +54,14 @@ def _size(text: str) -> int:
     return int(text[:-1]) * 1024 if text.endswith("K") else int(text[:-1]) * 2**20 if text.endswith("M") else int(text)
 
 
-def random_layout(K: int, N: int, bits: int, device: str) -> kernels.KernelLayout:
+def random_layout(K: int, N: int, bits: int, device: str, int8: bool = False) -> kernels.KernelLayout:
     """A random quantized layer in kernel layout (random words are valid packed codes of any width)."""
     G = -(-K // GROUP_SIZE)
     qweight = torch.randint(-2**31, 2**31, (K * bits // 32, N), dtype=torch.int32, device=device)
     qzeros = torch.randint(-2**31, 2**31, (G, N * bits // 32), dtype=torch.int32, device=device)
     scales = (torch.rand(G, N, device=device) * 0.01).half()
     g_idx = (torch.arange(K, device=device) // GROUP_SIZE).to(torch.int32)
-    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, "gptq")
+    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, "gptq", int8=int8)
 
 
 def layout_bytes(L: kernels.KernelLayout) -> int:
@@ -93,12 +94,12 @@ def timed_loop(fns: dict, reps: int, device: str) -> dict:
     return times
 
 
-def copy_bandwidth(device: str, nbytes: int = 512 * 2**20) -> float:
-    """GB/s of a large tensor copy (bytes read + bytes written per second)."""
+def copy_bandwidth(device: str, nbytes: int = 512 * 2**20) -> tuple[float, float]:
+    """(copy, read) GB/s of large tensors: a copy (bytes read + bytes written per second) and a sum (bytes read)."""
     a = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     b = torch.empty_like(a)
-    t = timed_loop({"copy": lambda: b.copy_(a)}, 10, device)["copy"]
-    return 2 * nbytes / min(t) / 1e9
+    t = timed_loop({"copy": lambda: b.copy_(a), "read": lambda: a.sum()}, 10, device)
+    return 2 * nbytes / min(t["copy"]) / 1e9, nbytes / min(t["read"]) / 1e9
 
 
 def rotating(objs: list):
@@ -117,12 +118,14 @@ def bench_shape(name: str, K: int, N: int, batches: list[int], device: str, reps
     dense = {dt: [torch.randn(N, K, device=device).to(dt)] for dt in dense_dtypes}
     for dt, ws in dense.items():
         ws += [ws[0].clone() for _ in range(copies_for(ws[0].numel() * ws[0].element_size(), cache_bytes) - 1)]
+    modes = ["", "i8"] if device == "cpu" and kernels.cpu_int8_available() else [""]
     quant = {}
     for bits in (4, 3):
-        first = random_layout(K, N, bits, device)
-        quant[bits] = [first] + [random_layout(K, N, bits, device)
-                                 for _ in range(copies_for(layout_bytes(first), cache_bytes) - 1)]
-    gemm = kernels.cpu_qgemm if device == "cpu" else kernels.cuda_qgemm
+        for mode in modes:
+            first = random_layout(K, N, bits, device, int8=mode == "i8")
+            quant[f"{bits}{mode}"] = [first] + [random_layout(K, N, bits, device, int8=mode == "i8")
+                                                for _ in range(copies_for(layout_bytes(first), cache_bytes) - 1)]
+    gemms = {"": kernels.cpu_qgemm if device == "cpu" else kernels.cuda_qgemm, "i8": kernels.cpu_qgemm_int8}
     rows = []
     for M in batches:
         fns, nbytes = {}, {}
@@ -132,10 +135,10 @@ def bench_shape(name: str, K: int, N: int, batches: list[int], device: str, reps
             w_next = rotating(dense[dt])
             fns[f"torch_{tag}"] = lambda x=x, w_next=w_next: torch.nn.functional.linear(x, w_next())
             nbytes[f"torch_{tag}"] = N * K * x.element_size() + M * (K + N) * x.element_size()
-            for bits in (4, 3):
-                L_next = rotating(quant[bits])
-                fns[f"q{bits}_{tag}"] = lambda x=x, L_next=L_next: gemm(x, L_next())
-                nbytes[f"q{bits}_{tag}"] = layout_bytes(quant[bits][0]) + M * (K + N) * x.element_size()
+            for key, layouts in quant.items():
+                L_next, gemm = rotating(layouts), gemms[key[1:]]
+                fns[f"q{key}_{tag}"] = lambda x=x, L_next=L_next, gemm=gemm: gemm(x, L_next())
+                nbytes[f"q{key}_{tag}"] = layout_bytes(layouts[0]) + M * (K + N) * x.element_size()
         times = timed_loop(fns, reps, device)
         row = dict(shape=name, K=K, N=N, batch=M, reps=reps)
         for k, t in times.items():
@@ -144,8 +147,8 @@ def bench_shape(name: str, K: int, N: int, batches: list[int], device: str, reps
             row[f"{k}_GBps"] = round(nbytes[k] / statistics.median(t) / 1e9, 2)
         for dt in dense_dtypes:
             tag = str(dt).removeprefix("torch.")
-            for bits in (4, 3):
-                row[f"speedup_q{bits}_{tag}"] = round(row[f"torch_{tag}_ms"] / row[f"q{bits}_{tag}_ms"], 2)
+            for key in quant:
+                row[f"speedup_q{key}_{tag}"] = round(row[f"torch_{tag}_ms"] / row[f"q{key}_{tag}_ms"], 2)
         rows.append(row)
         print(f"{name:24s} K={K:5d} N={N:5d} M={M:2d}  " +
               "  ".join(f"{k}={row[k + '_ms']:.3f}ms" for k in times) + "  " +
@@ -184,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         machine = dict(gpu=prop.name, sm_count=prop.multi_processor_count, memory_bytes=prop.total_memory,
                        cuda=torch.version.cuda, host_cpu=cpu_info()["cpu_model"])
         cache = getattr(prop, "L2_cache_size", 50 * 2**20)
-    bw = copy_bandwidth(args.device)
-    print(f"copy bandwidth: {bw:.1f} GB/s", flush=True)
+    bw, read_bw = copy_bandwidth(args.device)
+    print(f"copy bandwidth: {bw:.1f} GB/s, read bandwidth: {read_bw:.1f} GB/s", flush=True)
 
     rows, skipped = [], []
     for name, K, N in SHAPES:
@@ -197,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for k in [k for k in r if k.endswith("_GBps")]:
             r[k.replace("_GBps", "_frac_of_copy_bw")] = round(r[k] / bw, 3)
+            r[k.replace("_GBps", "_frac_of_read_bw")] = round(r[k] / read_bw, 3)
 
     dense = "float32" if args.device == "cpu" else "float16"
     m1 = [r for r in rows if r["batch"] == 1]
@@ -205,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         goals = {f"{bits}-bit >= {target}x over torch fp32 matvec (batch 1)": dict(
             speedups={r["shape"]: r[f"speedup_q{bits}_{dense}"] for r in m1},
             met=all(r[f"speedup_q{bits}_{dense}"] >= target for r in m1)) for bits, target in ((4, 4), (3, 5))}
+        if f"q4i8_{dense}_GBps" in m1[0]:
+            for bits in (4, 3):
+                fr = {r["shape"]: r[f"q{bits}i8_{dense}_frac_of_copy_bw"] for r in m1}
+                goals[f"{bits}-bit int8 kernel >= 0.85 of the copy bandwidth (batch 1)"] = dict(
+                    fractions=fr, fractions_of_read_bw={r["shape"]: r[f"q{bits}i8_{dense}_frac_of_read_bw"]
+                                                        for r in m1}, met=all(v >= 0.85 for v in fr.values()))
     machine["load_average_after"] = list(os.getloadavg())
     result = dict(
         device=args.device, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -214,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         method=("times are per call (median and best of `reps` interleaved rounds, after one warm-up); weights "
                 "rotate over copies so the working set is >= 4x the last-level cache; GBps = bytes the call must "
                 "read or write (weights incl. scales/zeros, x, y) / median time; quantized layers use group size "
-                f"{GROUP_SIZE}, no act-order; speedup = torch time / kernel time for the same activation dtype"),
-        copy_bandwidth_GBps=round(bw, 2), goals=goals, skipped=skipped, results=rows)
+                f"{GROUP_SIZE}, no act-order; speedup = torch time / kernel time for the same activation dtype; "
+                "copy bandwidth = (bytes read + bytes written) / time of a 512 MiB copy, read bandwidth = bytes / "
+                "time of a 512 MiB sum (best of 10); q*i8 = int8-activation kernels"),
+        copy_bandwidth_GBps=round(bw, 2), read_bandwidth_GBps=round(read_bw, 2), goals=goals, skipped=skipped,
+        results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {out}")
     for goal, v in goals.items():
-        print(f"goal {goal}: {'met' if v['met'] else 'NOT met'} {v['speedups']}")
+        print(f"goal {goal}: {'met' if v['met'] else 'NOT met'} {v.get('speedups', v.get('fractions'))}")
     return 0
 
 
