@@ -46,7 +46,7 @@ def _hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], 
     try:
         for x in xs:
             try:
-                block(x, ctx)
+                block(x.float(), ctx)
             except _StopForward:
                 pass
     finally:
@@ -92,8 +92,8 @@ def top_source(ckpt: Checkpoint) -> str:
 
 
 def available_memory(device: torch.device) -> int | None:
-    """Bytes that can still be allocated: free GPU memory, or on CPU the smaller of MemAvailable and the cgroup's
-    remaining limit; None if unknown."""
+    """Bytes that can still be allocated: free GPU memory, or on CPU the smaller of MemAvailable and what the
+    process's memory cgroup (v1 or v2) still allows, reclaimable file pages counted as free; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     found = []
@@ -101,25 +101,58 @@ def available_memory(device: torch.device) -> int | None:
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):
                 found.append(int(line.split()[1]) * 1024)
-        limit = open("/sys/fs/cgroup/memory.max").read().strip()
-        if limit != "max":
-            found.append(int(limit) - int(open("/sys/fs/cgroup/memory.current").read()))
     except (OSError, ValueError):
         pass
+    cg = _cgroup_free()
+    if cg is not None:
+        found.append(cg)
     return min(found) if found else None
 
 
-def check_memory(ckpt: Checkpoint, nsamples: int, seqlen: int, device: torch.device) -> None:
-    """Refuse up front when the calibration activations cannot fit: the driver holds a block's inputs and outputs
-    for every window in fp32, plus one block's fp32 weights."""
+def _cgroup_free() -> int | None:
+    """Limit minus usage of this process's memory cgroup (usage without its inactive file pages), or None."""
+    try:
+        for line in open("/proc/self/cgroup"):
+            _, ctrl, path = line.rstrip("\n").split(":", 2)
+            if ctrl == "memory":  # v1
+                base, limit, usage, inactive = f"/sys/fs/cgroup/memory{path}", "memory.limit_in_bytes", \
+                    "memory.usage_in_bytes", "total_inactive_file"
+                break
+            if ctrl == "":  # v2
+                base, limit, usage, inactive = f"/sys/fs/cgroup{path}", "memory.max", "memory.current", "inactive_file"
+        else:
+            return None
+        lim = open(f"{base}/{limit}").read().strip()
+        if lim == "max" or int(lim) >= 2**60:
+            return None
+        stat = dict(line.split() for line in open(f"{base}/memory.stat"))
+        return int(lim) - int(open(f"{base}/{usage}").read()) + int(stat.get(inactive, 0))
+    except (OSError, ValueError, UnboundLocalError):
+        return None
+
+
+def peak_bytes(ckpt: Checkpoint, nsamples: int, seqlen: int, act_dtype: torch.dtype) -> dict[str, int]:
+    """What the driver holds at its peak, by part: the calibration activations (one set, between blocks), one
+    block's fp32 weights, the solver's K x K matrices (the Hessian and at most two more) for the widest input."""
     cfg = ckpt.cfg
-    acts = 2 * nsamples * seqlen * cfg.hidden_size * 4
-    block = 4 * (4 * cfg.hidden_size * cfg.num_heads * cfg.head_dim + 3 * cfg.hidden_size * cfg.intermediate_size)
+    K = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
+    return dict(activations=nsamples * seqlen * cfg.hidden_size * torch.empty(0, dtype=act_dtype).element_size(),
+                block=4 * (2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
+                           + 3 * cfg.hidden_size * cfg.intermediate_size),
+                solver=3 * K * K * 4)
+
+
+def check_memory(ckpt: Checkpoint, nsamples: int, seqlen: int, device: torch.device,
+                 act_dtype: torch.dtype = torch.float32) -> None:
+    """Refuse up front when the driver's working set (peak_bytes) cannot fit in the memory available."""
+    need = peak_bytes(ckpt, nsamples, seqlen, act_dtype)
     free = available_memory(device)
-    if free is not None and acts + block > free:
-        raise ValueError(f"the calibration activations need about {(acts + block) / 2**30:.1f} GiB (2 x nsamples "
-                         f"{nsamples} x seqlen {seqlen} x hidden {cfg.hidden_size} x 4 bytes, plus one block) but only "
-                         f"{free / 2**30:.1f} GiB of {device.type} memory is available; lower --nsamples or --seqlen")
+    if free is not None and sum(need.values()) > free:
+        raise ValueError(f"quantizing needs about {sum(need.values()) / 2**30:.1f} GiB (calibration activations "
+                         f"{need['activations'] / 2**30:.1f} GiB for nsamples {nsamples} x seqlen {seqlen} x hidden "
+                         f"{ckpt.cfg.hidden_size}, one block {need['block'] / 2**30:.1f} GiB, solver "
+                         f"{need['solver'] / 2**30:.1f} GiB) but only {free / 2**30:.1f} GiB of {device.type} memory "
+                         f"is available; lower --nsamples or --seqlen, or keep the activations in --act-dtype bf16")
 
 
 def top_tensors(model: nn.Module, ckpt: Checkpoint, out_dtype) -> dict[str, Tensor]:
@@ -144,11 +177,14 @@ def _progress(text: str) -> None:
 @torch.inference_mode()
 def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
                         device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print,
-                        fmt: str = "gptq", fused_all_or_none: bool = False) -> dict:
+                        fmt: str = "gptq", fused_all_or_none: bool = False,
+                        act_dtype: torch.dtype = torch.float32) -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
     fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
     true-sequential group cannot be packed, keep the whole group in full precision (vLLM fuses q/k/v and gate/up).
+    act_dtype: the dtype the calibration activations are kept in between blocks (bf16/fp16 halve their memory; the
+    blocks still compute in fp32).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
     """
@@ -163,12 +199,12 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
     top = top_tensors(model, ckpt, out_dtype)  # before any work: they must be finite in the output dtype
     n, T = calib.shape
     ctx, pos = model.context(1, T, device, torch.float32)
-    xs = [model.embed_tokens(calib[j:j + 1].to(device), pos) for j in range(n)]  # n x (1, T, hidden)
+    xs = [model.embed_tokens(calib[j:j + 1].to(device), pos).to(act_dtype) for j in range(n)]  # n x (1, T, hidden)
     done = run.done_blocks()
     L = ckpt.cfg.num_layers
     t_start = time.perf_counter()
     for i in range(L):
-        load_into(model, ckpt, f"layers.{i}.", torch.float32, device)
+        load_into(model, ckpt, f"layers.{i}.", torch.float32, device, copy=True)  # ours to overwrite, freed below
         block = model.layers[i]
         source = block_source(ckpt, i)
         if i in done:
@@ -215,13 +251,13 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                               f"{time.perf_counter() - t_start:6.0f}s")
             tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))
             _check_stored(tensors, str(ckpt.path))
-        nxt = [block(x, ctx) for x in xs]
-        bad = next((j for j, y in enumerate(nxt) if not torch.isfinite(y).all()), None)
-        if bad is not None:
-            raise ValueError(f"non-finite activations (NaN/Inf) at the output of block {i} "
-                             f"({ckpt.arch.layer_prefix.format(i=i).rstrip('.')}) for calibration window {bad}; "
-                             f"the checkpoint's weights overflow or contain NaN/Inf")
-        xs = nxt
+        for j, x in enumerate(xs):  # the outputs replace the inputs window by window: one set of activations
+            y = block(x.float(), ctx)
+            if not torch.isfinite(y).all():
+                raise ValueError(f"non-finite activations (NaN/Inf) at the output of block {i} "
+                                 f"({ckpt.arch.layer_prefix.format(i=i).rstrip('.')}) for calibration window {j}; "
+                                 f"the checkpoint's weights overflow or contain NaN/Inf")
+            xs[j] = y.to(act_dtype)
         if i not in done:
             run.save_block(i, tensors, records, source)
             errs = [r["error"] for r in records if r["method"] == method]

@@ -63,16 +63,23 @@ class Hessian:
 
 
 def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], None]) -> tuple[Tensor, float]:
-    """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping up to 1.0."""
-    mean_diag = torch.diag(H).mean()
+    """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping up to 1.0.
+
+    H is damped in place (its diagonal is restored before a retry) and must not be used afterwards. Memory: at most
+    two K x K matrices besides H at any time (the factor and the inverse), each freed as soon as the next exists.
+    """
+    diag = torch.diag(H).clone()  # [K]
+    mean_diag = diag.mean()
     while True:
-        Hd = H.clone()  # [K, K]
-        Hd.diagonal().add_(percdamp * mean_diag)  # H[i, i] += percdamp * mean(diag H)   (paper, Step 3)
-        L, info = torch.linalg.cholesky_ex(Hd)  # H = L L^T
+        H.diagonal().copy_(diag + percdamp * mean_diag)  # H[i, i] += percdamp * mean(diag H)   (paper, Step 3)
+        L, info = torch.linalg.cholesky_ex(H)  # H = L L^T
         if info.item() == 0:
             # H^-1 from L, then its upper factor U (H^-1 = U^T U): row i of U, divided by U[i, i], is the OBS
             # update for column i given all later columns -- Algorithm 1's Hinv.
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)  # [K, K]
+            Hinv = torch.cholesky_inverse(L)  # [K, K]
+            del L
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)  # [K, K]
+            del Hinv
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, percdamp
         if percdamp >= 1.0:
@@ -108,7 +115,6 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         raise ValueError(f"need W [N, K] and H [K, K]; got W {tuple(W.shape)} and H {tuple(H.shape)}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype=dtype, copy=True)  # [N, K] updated in place below
-    H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K]
     if not torch.isfinite(W).all():
         raise ValueError("W contains NaN or Inf; cannot quantize")
     if not torch.isfinite(H).all():
@@ -118,10 +124,9 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     gs = K if cfg.group_size == -1 else cfg.group_size
     G = cfg.num_groups(K)
 
-    # Dead inputs (always zero in the calibration data): their weights cannot matter, so set them to 0 and
-    # give H a unit diagonal there, which keeps it invertible.
+    # Dead inputs (always zero in the calibration data): their weights cannot matter, so set them to 0 (and below
+    # give H a unit diagonal there, which keeps it invertible).
     dead = torch.diag(H) == 0  # [K]
-    H[dead, dead] = 1
     W[:, dead] = 0
 
     # Grids computed up front: static_groups (every group on the unpermuted W), and group_size = -1 (one grid
@@ -136,17 +141,22 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
     # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
     if cfg.act_order:
-        perm = torch.sort(torch.diag(H), descending=True, stable=True).indices  # [K]
+        diag = torch.diag(H).clone()  # [K]
+        diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
+        perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
+        H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
     else:
         perm = torch.arange(K, device=W.device)  # [K]
+        H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
+    H.diagonal()[dead[perm]] = 1
     invperm = torch.argsort(perm)  # [K]
     W = W[:, perm]  # [N, K] in processing order
-    H = H[perm][:, perm]  # [K, K]
     # group_of[j]: group of the j-th processed column. Dynamic groups are consecutive in processing order;
     # static groups belong to the original column.
     group_of = (perm // gs).tolist() if upfront else [j // gs for j in range(K)]
 
     Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
+    del H  # damped in place: not needed any more
     codes = torch.zeros_like(W)  # [N, K] integer codes (as floats), processing order
     loss = torch.zeros((), dtype=dtype, device=W.device)
 

@@ -339,23 +339,26 @@ def check_checkpoint(ckpt: Checkpoint) -> None:
 
 
 def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: torch.dtype | None = None,
-              device="cpu") -> None:
+              device="cpu", copy: bool = False) -> None:
     """Assign the checkpoint's tensors to every parameter/buffer of `model` whose internal name starts with `prefix`.
 
     Floating tensors are cast to `dtype` (None: keep the checkpoint's), except the packed layers' own tensors
     (QuantLinear keeps fp16 scales whatever the activation dtype). Name, shape or dtype problems and NaN/Inf in a
     tensor (as stored, or after the cast) raise ValueError naming the tensor.
+    copy: give every tensor its own memory even where no cast or move is needed. Without it such tensors are views
+    of the memory-mapped file; writing into them (the quantization driver does) would turn the mapped pages into
+    private copies that live as long as the mapping.
     """
     from .qlinear import QuantLinear
     for hf, mod, leaf in _plan(model, ckpt, prefix):
-        t = ckpt.get(hf)
+        t = src = ckpt.get(hf)
         keep = isinstance(mod, QuantLinear) and leaf != "bias"
         if t.is_floating_point():
             check_finite(t, f"{ckpt.path}: tensor {hf}")
             if dtype is not None and not keep:
                 t = t.to(dtype)
                 check_finite(t, f"{ckpt.path}: tensor {hf}", "load it in fp32 or bf16 (--dtype)")
-        t = t.to(device)
+        t = t.to(device, copy=copy and t.data_ptr() == src.data_ptr())
         if leaf in mod._parameters:
             mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
         else:

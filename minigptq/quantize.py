@@ -72,13 +72,14 @@ def default_out(model: str | Path, method: str, bits: int, group_size: int) -> P
 def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
                    method: str = "gptq", dataset: str | Path | None = None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
-                   resume: bool = False, fmt: str = "gptq", target: str | None = None,
+                   resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
                    log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
     "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
     target: "vllm" refuses settings vLLM would not serve and keeps the layers it fuses all quantized or all kept.
+    act_dtype: dtype of the calibration activations kept between blocks (fp32; bf16 or fp16 halve their memory).
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see checkpoint.check_out).
     """
@@ -91,7 +92,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     for name, v, lo in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"--{name} must be an integer >= {lo}, got {v!r}")
-    out_dtype = parse_dtype(dtype)
+    out_dtype, acts = parse_dtype(dtype), parse_dtype(act_dtype)
     device, _ = resolve_device(device)
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
@@ -102,13 +103,13 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     seqlen = min(seqlen, ckpt.cfg.max_positions)
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
                     overwrite)
-    check_memory(ckpt, nsamples, seqlen, device)
+    check_memory(ckpt, nsamples, seqlen, device, acts)
     t0 = time.perf_counter()
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     # What a resumed run must share with the interrupted one: the settings and the inputs' contents (not their
     # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
-                    version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
+                    act_dtype=act_dtype, version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
                     model_sha256=top_source(ckpt))
     with PartialRun(out, resume=resume, overwrite=overwrite, log=log) as partial:
         partial.start(settings)
@@ -116,7 +117,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
             f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
         top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
-                                  fused_all_or_none=target == "vllm")
+                                  fused_all_or_none=target == "vllm", act_dtype=acts)
         records = partial.records()
         calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
         partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
@@ -169,7 +170,8 @@ def main(args: argparse.Namespace) -> None:
                        mse=args.mse)
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
-                   overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target)
+                   overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
+                   act_dtype=args.act_dtype)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -203,6 +205,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the parts left unquantized (embeddings, norms, lm_head; default fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    p.add_argument("--act-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="dtype the calibration activations are kept in between blocks (default fp32; bf16 halves their "
+                        "memory, the blocks still compute in fp32)")
     p.add_argument("--format", choices=["gptq", "gptq_v2"], default="gptq",
                    help="checkpoint format: gptq (v1, default, widest compatibility) or gptq_v2 (raw zero points; "
                         "GPTQModel loads other tools' asymmetric checkpoints only in this form)")
