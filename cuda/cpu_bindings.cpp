@@ -5,12 +5,28 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <memory>
+#include <tuple>
+#include <vector>
 
 #include "cpu_decode.h"
 #include "cpu_qgemm.h"
 
 namespace py = pybind11;
 using namespace minigptq;
+
+namespace {
+
+// The fixed part of one block's decode step: its packed layers and norms, made once per block by minigptq/kernels.py
+// (decode_block_plan) and kept; each step then passes only x, the position and the cache.
+struct BlockPlan {
+  QWeight layers[4];  // qkv, o, gate_up, down
+  DecodeBlock blk;
+};
+
+using LayerPtrs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, int64_t, int64_t, int64_t, int>;
+
+}  // namespace
 
 PYBIND11_MODULE(_cpu_kernels, m) {
   m.doc() = "GPTQ CPU kernels (fused dequantize + matmul, dequantize); use minigptq.kernels, not this module.";
@@ -73,6 +89,40 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                     threads);
       },
       "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32; see cuda/cpu_decode.h.");
+  py::class_<BlockPlan>(m, "BlockPlan", "The fixed pointers and sizes of one block for decode_block.");
+  m.def(
+      "block_plan",
+      [](std::vector<LayerPtrs> layers, std::vector<uintptr_t> biases, uintptr_t attn_norm, uintptr_t mlp_norm,
+         float eps, int int8, int64_t D, int64_t H, int64_t KVH, int64_t hd, int64_t F) {
+        if (layers.size() != 4 || biases.size() != 4) throw std::invalid_argument("block_plan: 4 layers, 4 biases");
+        auto plan = std::make_unique<BlockPlan>();
+        for (int i = 0; i < 4; ++i) {
+          const auto& [qw, sc, z, rg, pm, K, N, G, bits] = layers[i];
+          plan->layers[i] = make_qweight(qw, sc, z, rg, pm, K, N, G, bits);
+          plan->layers[i].int8 = int8;
+        }
+        const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
+        plan->blk = DecodeBlock{f(attn_norm), f(mlp_norm), eps, &plan->layers[0], &plan->layers[1],
+                                &plan->layers[2], &plan->layers[3], f(biases[0]), f(biases[1]), f(biases[2]),
+                                f(biases[3]), int8, D, H, KVH, hd, F};
+        return plan;
+      },
+      "A BlockPlan from 4 layers (qweight, scales, zeros, row_group, perm, K, N, G, bits) and 4 bias pointers "
+      "(0 = none), in the order qkv, o, gate_up, down.");
+  m.def(
+      "decode_block",
+      [](const BlockPlan& plan, uintptr_t x, int64_t B, uintptr_t cos, uintptr_t sin, uintptr_t k_cache,
+         uintptr_t v_cache, uintptr_t mask, int64_t mask_heads, int64_t mask_stride, int64_t Smax, int64_t slot,
+         int threads) {
+        const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
+        const DecodeBlock& b = plan.blk;
+        DecodeAttn a{nullptr, nullptr, nullptr, 0, 0, 0, f(cos), f(sin), reinterpret_cast<float*>(k_cache),
+                     reinterpret_cast<float*>(v_cache), f(mask), mask_heads, mask_stride, nullptr, B, b.H, b.KVH,
+                     b.hd, Smax, slot};
+        decode_block(b, reinterpret_cast<float*>(x), a, threads);
+      },
+      py::call_guard<py::gil_scoped_release>(),
+      "One block's decode step in place on x[B, D] (cuda/cpu_decode.h: decode_block); k/v_cache: this layer's.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
   m.def(
       "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },

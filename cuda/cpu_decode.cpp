@@ -4,6 +4,8 @@
 // these do not apply, are the modules in minigptq/transformer.py (RMSNorm, Attention).
 #include "cpu_decode.h"
 
+#include "cpu_qgemm.h"
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -118,6 +120,49 @@ void attn_decode(const DecodeAttn& a, int threads) {
         for (int64_t d = 0; d < hd; ++d) oj[d] += w * vs[d];
       }
   }
+}
+
+namespace {
+
+void linear(const QWeight& w, const float* bias, const float* x, int64_t M, float* y, int int8, int threads) {
+  if (int8)
+    qgemm_i8(w, x, DType::F32, M, y, threads, Isa::Auto);
+  else
+    qgemm(w, x, DType::F32, M, y, threads, Isa::Auto);
+  if (bias)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < w.N; ++n) y[m * w.N + n] += bias[n];
+}
+
+}  // namespace
+
+void decode_block(const DecodeBlock& blk, float* x, const DecodeAttn& attn_in, int threads) {
+  const int64_t B = attn_in.B, D = blk.D, F = blk.F, hd = blk.hd, H = blk.H, KVH = blk.KVH;
+  const int64_t nqkv = (H + 2 * KVH) * hd;
+  if (blk.qkv->N != nqkv || blk.qkv->K != D || blk.o->K != H * hd || blk.o->N != D || blk.gate_up->K != D ||
+      blk.gate_up->N != 2 * F || blk.down->K != F || blk.down->N != D)
+    throw std::invalid_argument("decode_block: the layers' shapes do not match D, H, KVH, hd, F");
+  thread_local std::vector<float> h, qkv, att, gu, act;
+  h.resize(B * D), qkv.resize(B * nqkv), att.resize(B * H * hd), gu.resize(B * 2 * F), act.resize(B * F);
+  // attention: x += o(attn(qkv(norm(x))))
+  rms_norm(x, blk.attn_norm, blk.eps, B, D, h.data());
+  linear(*blk.qkv, blk.qkv_bias, h.data(), B, qkv.data(), blk.int8, threads);
+  DecodeAttn a = attn_in;
+  a.q = qkv.data(), a.k = qkv.data() + H * hd, a.v = qkv.data() + (H + KVH) * hd;
+  a.q_row = a.kv_row = nqkv, a.head_stride = hd, a.out = att.data();
+  attn_decode(a, threads);
+  linear(*blk.o, blk.o_bias, att.data(), B, h.data(), blk.int8, threads);
+  for (int64_t i = 0; i < B * D; ++i) x[i] += h[i];
+  // MLP: x += down(silu(gate) * up)
+  rms_norm(x, blk.mlp_norm, blk.eps, B, D, h.data());
+  linear(*blk.gate_up, blk.gate_up_bias, h.data(), B, gu.data(), blk.int8, threads);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t f = 0; f < F; ++f) {
+      const float g = gu[b * 2 * F + f], u = gu[b * 2 * F + F + f];
+      act[b * F + f] = g / (1.f + std::exp(-g)) * u;
+    }
+  linear(*blk.down, blk.down_bias, act.data(), B, h.data(), blk.int8, threads);
+  for (int64_t i = 0; i < B * D; ++i) x[i] += h[i];
 }
 
 }  // namespace minigptq

@@ -23,4 +23,19 @@ struct DecodeAttn {
 };
 void attn_decode(const DecodeAttn& a, int threads);  // threads: OpenMP threads over (sequence, kv head)
 
+// One Llama-family block for one new token per sequence, in place on x[B][D]:
+//   x += o(attn(rope(qkv(rms_norm(x)))));  x += down(silu(gate) * up) with [gate | up] = gate_up(rms_norm(x))
+// The four packed linears run the fused kernels (int8 ones where `int8` is set), attention is attn_decode.
+// The reference, and the fallback everywhere else, is Block.forward in minigptq/transformer.py.
+struct QWeight;  // qweight.h
+struct DecodeBlock {
+  const float *attn_norm, *mlp_norm;  // [D] RMSNorm weights
+  float eps;
+  const QWeight *qkv, *o, *gate_up, *down;  // packed [q | k | v], o, [gate | up], down
+  const float *qkv_bias, *o_bias, *gate_up_bias, *down_bias;  // fp32 or null
+  int int8;                                 // 1: the int8-activation kernels (layouts made for them)
+  int64_t D, H, KVH, hd, F;                 // hidden, heads, kv heads, head dim, intermediate
+};
+void decode_block(const DecodeBlock& blk, float* x, const DecodeAttn& attn, int threads);
+
 }  // namespace minigptq

@@ -346,6 +346,58 @@ def cpu_attn_decode(q: Tensor, k: Tensor, v: Tensor, q_row: int, kv_row: int, he
     return out
 
 
+class DecodeBlockPlan:
+    """One block's fixed pointers for cpu_decode_block, with the tensors they point into kept alive."""
+
+    def __init__(self, block, cfg, layouts: list[KernelLayout], biases: list[Tensor | None]):
+        self.parts = (block.attn.fused, block.mlp.fused, block.attn.o, block.mlp.down)
+        self.keep = (layouts, biases, block.attn_norm.weight, block.mlp_norm.weight)
+        self.handle = _cpu.block_plan(
+            [(*L.ptrs, L.K, L.N, L.G, L.bits) for L in layouts], [0 if b is None else b.data_ptr() for b in biases],
+            block.attn_norm.weight.data_ptr(), block.mlp_norm.weight.data_ptr(), float(block.attn_norm.eps),
+            int(layouts[0].int8), cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+            cfg.intermediate_size)
+
+    def current(self, block) -> bool:
+        """The block still has the layers (and layouts) this plan points into."""
+        a, m, o, d = self.parts
+        return block.attn.fused is a and block.mlp.fused is m and block.attn.o is o and block.mlp.down is d \
+            and o._layout is self.keep[0][1] and d._layout is self.keep[0][3]
+
+    @classmethod
+    def make(cls, block, cfg) -> "DecodeBlockPlan | None":
+        """The plan, or None if this block cannot run as one call (see Transformer.decode_plans)."""
+        if _cpu is None:
+            return None
+        attn, mlp = block.attn, block.mlp
+        fq, fg, o, d = attn.fused, mlp.fused, attn.o, mlp.down
+        if fq is None or fg is None or getattr(o, "_layout", None) is None or getattr(d, "_layout", None) is None:
+            return None
+        layouts = [fq.layout, o._layout, fg.layout, d._layout]
+        if not all(L.on_cpu for L in layouts) or len({L.int8 for L in layouts}) != 1 or any(
+                w.dtype != torch.float32 for w in (block.attn_norm.weight, block.mlp_norm.weight)):
+            return None
+        biases = [None if b is None else b.float().contiguous() for b in (fq.bias, o.bias, fg.bias, d.bias)]
+        return cls(block, cfg, layouts, biases)
+
+
+def cpu_decode_block(plan: DecodeBlockPlan, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor,
+                     v_cache: Tensor, layer: int, mask: Tensor | None, slot: int) -> None:
+    """Block `layer`'s decode step in place on x [B, 1, hidden] (fp32, contiguous, CPU; checked by the caller):
+    cuda/cpu_decode.h: decode_block. Caches (layers, B, KVH, Smax, hd) fp32; mask additive [B, 1|H, 1, slot+1]."""
+    L_, B, KVH, Smax, hd = k_cache.shape
+    if not 0 <= layer < L_ or not 0 <= slot < Smax or x.shape[0] != B or \
+            (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1)):
+        raise ValueError(f"decode_block: layer={layer}, slot={slot} or x {list(x.shape)} do not fit the cache "
+                         f"{list(k_cache.shape)}")
+    step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
+    _cpu.decode_block(plan.handle, x.data_ptr(), B, 0 if cos is None else cos.data_ptr(),
+                      0 if sin is None else sin.data_ptr(), k_cache.data_ptr() + layer * step,
+                      v_cache.data_ptr() + layer * step, 0 if mask is None else mask.data_ptr(),
+                      0 if mask is None else mask.shape[1], 0 if mask is None else mask.shape[-1], Smax, slot,
+                      torch.get_num_threads())
+
+
 # ----------------------------------------------------------------------------------------------------- CUDA
 _cuda_status: str | None = None  # why the CUDA kernels cannot run here ("" = they can), computed once
 

@@ -226,6 +226,23 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def decode_plans(self) -> list | None:
+        """One kernels.DecodeBlockPlan per block when every block can run its CPU decode step as one C++ call
+        (cuda/cpu_decode.h: decode_block): a Llama-family block (RMSNorm, pre-norm, SiLU-gated MLP) whose q/k/v and
+        gate/up are fused packed layers, o and down packed too, fp32 norms. Else None: the modules run, which is
+        also the reference. Made once; remade when a layer's kernel layout changes (e.g. after .to())."""
+        cfg = self.cfg
+        if cfg.norm != "rms" or not cfg.pre_norm or cfg.residual_from_norm or cfg.fused_qkv or not cfg.gated_mlp \
+                or cfg.activation not in ("silu", "swish") or cfg.positions == "alibi":
+            return None
+        plans = self.__dict__.get("_decode_plans")
+        if plans is not None and all(p.current(b) for p, b in zip(plans, self.layers)):
+            return plans
+        plans = [kernels.DecodeBlockPlan.make(b, cfg) for b in self.layers]
+        plans = None if any(p is None for p in plans) else plans
+        self.__dict__["_decode_plans"] = plans
+        return plans
+
     @property
     def act_dtype(self) -> torch.dtype:
         """Activation dtype: that of the norms (embeddings and lm_head may be stored narrower)."""
@@ -293,8 +310,14 @@ class Transformer(nn.Module):
         dtype = self.act_dtype
         ctx, pos = self.context(B, T, tokens.device, dtype, key_valid, cache, start)
         x = self.embed_tokens(tokens, pos)
-        for block in self.layers:
-            x = block(x, ctx)
+        plans = self.decode_plans() if T == 1 and cache is not None and _cpu_fast(x) else None
+        if plans is not None and (ctx.mask is None or ctx.mask.is_contiguous()):
+            x = x.contiguous()  # (B, 1, hidden), updated in place block by block by one C++ call each
+            for i, plan in enumerate(plans):
+                kernels.cpu_decode_block(plan, x, ctx.cos, ctx.sin, cache.k, cache.v, i, ctx.mask, start)
+        else:
+            for block in self.layers:
+                x = block(x, ctx)
         if last_only:
             x = x[:, -1:]
         return self.head(x)

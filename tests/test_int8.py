@@ -171,3 +171,34 @@ def test_fused_projections_equal_separate_calls(tiny_gptq, kind, fused_per_block
     assert a == b
     assert fused.state_dict().keys() == sep.state_dict().keys()  # fusion adds no tensor to the checkpoint
     assert fuse_projections(sep) == 2 * fused_per_block
+
+
+@pytest.mark.parametrize("cpu_kernel", ["exact", "int8"])
+def test_decode_block_in_one_call_equals_the_modules(tiny_gptq, monkeypatch, cpu_kernel):
+    """The CPU decode step as one C++ call per block (Transformer.decode_plans) gives the modules' logits, for a
+    single sequence and a left-padded batch."""
+    from minigptq import load_model
+    from minigptq.generate import generate
+    from minigptq.transformer import KVCache, Transformer
+    if cpu_kernel == "int8" and not kernels.cpu_int8_available():
+        pytest.skip("no VNNI on this CPU")
+    model = load_model(tiny_gptq["llama-gqa-tied"], dtype="fp32", cpu_kernel=cpu_kernel)
+    assert model.decode_plans() is not None and len(model.decode_plans()) == model.cfg.num_layers
+    tokens = torch.randint(3, 500, (1, 12), generator=torch.Generator().manual_seed(8))
+
+    def steps(plans_on: bool) -> list[torch.Tensor]:
+        with monkeypatch.context() as m:
+            if not plans_on:
+                m.setattr(Transformer, "decode_plans", lambda self: None)
+            cache = KVCache(model.cfg, 1, 16, torch.float32, "cpu")
+            with torch.inference_mode():
+                model(tokens[:, :8], cache, 0)
+                return [model(tokens[:, t:t + 1], cache, t) for t in range(8, 12)]
+    for a, b in zip(steps(True), steps(False)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    batch = [tokens[0, :9].tolist(), tokens[0, :5].tolist()]  # left-padded: the padding mask goes to C++ too
+    new_fast, _ = generate(model, batch, max_new_tokens=5)
+    with monkeypatch.context() as m:
+        m.setattr(Transformer, "decode_plans", lambda self: None)
+        new_ref, _ = generate(model, batch, max_new_tokens=5)
+    assert new_fast == new_ref
