@@ -6,6 +6,10 @@
 
 #include "cpu_qgemm.h"
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -67,58 +71,98 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t hd) {
 
 }  // namespace
 
+namespace {
+
+// One query head (already rotated) over S cached keys and values: out[hd] = softmax(q k^T * scale + mask) v.
+// scores: scratch [S]. The generic version; head_avx512 below is the same for hd a multiple of 16 (up to 256).
+void head_generic(const float* q, const float* kc, const float* vc, const float* mask, int64_t S, int64_t hd,
+                  float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    scores[s] = dot(q, kc + s * hd, hd) * scale + (mask ? mask[s] : 0.f);
+    mx = std::max(mx, scores[s]);
+  }
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
+  std::fill(out, out + hd, 0.f);
+  for (int64_t s = 0; s < S; ++s) {
+    const float w = scores[s] / sum;
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * vc[s * hd + d];
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// q and the output accumulators stay in registers; one horizontal add per score.
+__attribute__((target("avx512f"))) void head_avx512(const float* q, const float* kc, const float* vc,
+                                                     const float* mask, int64_t S, int64_t hd, float scale,
+                                                     float* scores, float* out) {
+  const int nv = int(hd / 16);
+  __m512 qv[16], acc[16];
+  for (int i = 0; i < nv; ++i) qv[i] = _mm512_loadu_ps(q + 16 * i);
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    const float* k = kc + s * hd;
+    __m512 t = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
+    for (int i = 1; i < nv; ++i) t = _mm512_fmadd_ps(qv[i], _mm512_loadu_ps(k + 16 * i), t);
+    scores[s] = _mm512_reduce_add_ps(t) * scale + (mask ? mask[s] : 0.f);
+    mx = std::max(mx, scores[s]);
+  }
+  float sum = 0.f;
+  for (int64_t s = 0; s < S; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
+  const float inv = 1.f / sum;
+  for (int i = 0; i < nv; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t s = 0; s < S; ++s) {
+    const __m512 w = _mm512_set1_ps(scores[s] * inv);
+    const float* v = vc + s * hd;
+    for (int i = 0; i < nv; ++i) acc[i] = _mm512_fmadd_ps(w, _mm512_loadu_ps(v + 16 * i), acc[i]);
+  }
+  for (int i = 0; i < nv; ++i) _mm512_storeu_ps(out + 16 * i, acc[i]);
+}
+#endif
+
+}  // namespace
+
 MINIGPTQ_CLONES
 void attn_decode(const DecodeAttn& a, int threads) {
   if (a.B <= 0 || a.H <= 0 || a.KVH <= 0 || a.H % a.KVH || a.hd <= 0 || a.hd % 2 || a.slot < 0 ||
-      a.slot >= a.Smax || (a.mask && a.mask_heads != 1 && a.mask_heads != a.H) || a.H / a.KVH > 64)
+      a.slot >= a.Smax || (a.mask && a.mask_heads != 1 && a.mask_heads != a.H))
     throw std::invalid_argument("attn_decode: inconsistent sizes (B=" + std::to_string(a.B) + ", H=" +
                                 std::to_string(a.H) + ", KVH=" + std::to_string(a.KVH) + ", hd=" +
                                 std::to_string(a.hd) + ", slot=" + std::to_string(a.slot) + ", Smax=" +
                                 std::to_string(a.Smax) + ")");
-  const int64_t hd = a.hd, S = a.slot + 1, group = a.H / a.KVH, work = a.B * a.KVH;
+  const int64_t hd = a.hd, S = a.slot + 1, group = a.H / a.KVH;
   const float scale = 1.f / std::sqrt(float(hd));
-  // One (sequence, kv head) per iteration: its new key and value go into the cache, then the `group` query heads
-  // that share it attend together, so each cached key and value is loaded once for all of them.
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, S * a.H * hd >= (1 << 16) ? work : 1)));
-#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
-  for (int64_t i = 0; i < work; ++i) {
-    const int64_t b = i / a.KVH, g = i % a.KVH;
-    const float* cos = a.cos ? a.cos + b * hd : nullptr;
-    const float* sin = a.sin ? a.sin + b * hd : nullptr;
-    float* kc = a.k_cache + (b * a.KVH + g) * a.Smax * hd;
-    float* vc = a.v_cache + (b * a.KVH + g) * a.Smax * hd;
-    const float* kn = a.k + b * a.kv_row + g * a.head_stride;
-    const float* vn = a.v + b * a.kv_row + g * a.head_stride;
-    for (int64_t d = 0; d < hd; ++d) kc[a.slot * hd + d] = kn[d], vc[a.slot * hd + d] = vn[d];
-    if (cos) rope(kc + a.slot * hd, cos, sin, hd);
-    std::vector<float> q(group * hd), p(group * S);
-    for (int64_t j = 0; j < group; ++j) {
-      const float* qh = a.q + b * a.q_row + (g * group + j) * a.head_stride;
-      std::copy(qh, qh + hd, q.data() + j * hd);
-      if (cos) rope(q.data() + j * hd, cos, sin, hd);
+  // The new keys (rotated) and values go into the cache first; then every (sequence, query head) attends.
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t g = 0; g < a.KVH; ++g) {
+      float* kc = a.k_cache + ((b * a.KVH + g) * a.Smax + a.slot) * hd;
+      float* vc = a.v_cache + ((b * a.KVH + g) * a.Smax + a.slot) * hd;
+      std::copy(a.k + b * a.kv_row + g * a.head_stride, a.k + b * a.kv_row + g * a.head_stride + hd, kc);
+      std::copy(a.v + b * a.kv_row + g * a.head_stride, a.v + b * a.kv_row + g * a.head_stride + hd, vc);
+      if (a.cos) rope(kc, a.cos + b * hd, a.sin + b * hd, hd);
     }
-    float mx[64], sum[64];
-    for (int64_t j = 0; j < group; ++j) mx[j] = -INFINITY, sum[j] = 0.f;
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < group; ++j) {
-        const int64_t h = g * group + j;
-        const float* mask = a.mask ? a.mask + (b * a.mask_heads + (a.mask_heads == 1 ? 0 : h)) * a.mask_stride
-                                   : nullptr;
-        const float v = dot(q.data() + j * hd, kc + s * hd, hd) * scale + (mask ? mask[s] : 0.f);
-        p[j * S + s] = v;
-        mx[j] = std::max(mx[j], v);
-      }
-    for (int64_t j = 0; j < group; ++j)
-      for (int64_t s = 0; s < S; ++s) sum[j] += (p[j * S + s] = std::exp(p[j * S + s] - mx[j]));
-    float* o = a.out + b * a.H * hd + g * group * hd;  // the group's heads are adjacent in out
-    std::fill(o, o + group * hd, 0.f);
-    for (int64_t s = 0; s < S; ++s)
-      for (int64_t j = 0; j < group; ++j) {
-        const float w = p[j * S + s] / sum[j];
-        float* oj = o + j * hd;
-        const float* vs = vc + s * hd;
-        for (int64_t d = 0; d < hd; ++d) oj[d] += w * vs[d];
-      }
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx512 = __builtin_cpu_supports("avx512f");
+  const auto head = avx512 && hd % 16 == 0 && hd <= 256 ? head_avx512 : head_generic;
+#else
+  const auto head = head_generic;
+#endif
+  const int64_t work = a.B * a.H;
+  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(threads, S * a.H * hd >= (1 << 15) ? work : 1)));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> q(hd), scores(S);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < work; ++i) {
+      const int64_t b = i / a.H, h = i % a.H;
+      const float* qh = a.q + b * a.q_row + h * a.head_stride;
+      std::copy(qh, qh + hd, q.data());
+      if (a.cos) rope(q.data(), a.cos + b * hd, a.sin + b * hd, hd);
+      const float* mask = a.mask ? a.mask + (b * a.mask_heads + (a.mask_heads == 1 ? 0 : h)) * a.mask_stride
+                                 : nullptr;
+      const int64_t kv = (b * a.KVH + h / group) * a.Smax * hd;
+      head(q.data(), a.k_cache + kv, a.v_cache + kv, mask, S, hd, scale, scores.data(), a.out + b * a.H * hd + h * hd);
+    }
   }
 }
 
