@@ -24,6 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch import Tensor
 
+from . import Error
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja")
 SHARD_BYTES = 4 * 2**30  # the assembled checkpoint is split into shards of at most this size
@@ -136,28 +138,28 @@ def check_out(out: str | Path, model: str | Path, overwrite: bool) -> Path:
     """
     given = Path(out)
     if str(out) == "" or given.name in ("", ".", ".."):
-        raise ValueError(f"--out {str(out)!r} must name a new folder, e.g. {Path(model).name}-gptq")
+        raise Error(f"--out {str(out)!r} must name a new folder, e.g. {Path(model).name}-gptq")
     if given.is_symlink():
-        raise ValueError(f"--out {given} is a symbolic link (to {os.readlink(given)!r}); give a real folder path")
+        raise Error(f"--out {given} is a symbolic link (to {os.readlink(given)!r}); give a real folder path")
     o = Path(os.path.abspath(given)).parent.resolve() / given.name  # resolve the parent, never the name itself
     m, cwd = Path(model).resolve(), Path.cwd().resolve()
     if o == m or o in m.parents:
-        raise ValueError(f"--out {given} {'is' if o == m else 'contains'} the model folder {model}; "
+        raise Error(f"--out {given} {'is' if o == m else 'contains'} the model folder {model}; "
                          f"choose a folder outside it (the source model is never replaced)")
     if o == cwd or o in cwd.parents:
-        raise ValueError(f"--out {given} is the current folder or contains it; choose a new folder")
+        raise Error(f"--out {given} is the current folder or contains it; choose a new folder")
     if o.exists():
         if not o.is_dir():
-            raise ValueError(f"--out {given} exists and is not a folder; choose a new folder name")
+            raise Error(f"--out {given} exists and is not a folder; choose a new folder name")
         if not overwrite:
             raise FileExistsError(f"output {given} already exists; pass --overwrite to replace it")
         if not written_by_minigptq(o):
-            raise ValueError(f"--out {given} exists and is not a checkpoint minigptq wrote (no minigptq "
+            raise Error(f"--out {given} exists and is not a checkpoint minigptq wrote (no minigptq "
                              f"quantize_config.json); --overwrite only replaces minigptq's own checkpoints: remove "
                              f"it yourself or choose another --out")
         foreign = sorted(p.name for p in o.iterdir() if not _is_our_file(p.name) or not p.is_file())
         if foreign:
-            raise ValueError(f"--out {given} holds files minigptq did not write ({', '.join(foreign[:5])}"
+            raise Error(f"--out {given} holds files minigptq did not write ({', '.join(foreign[:5])}"
                              f"{' ...' if len(foreign) > 5 else ''}); --overwrite would delete them: move them "
                              f"away or choose another --out")
     parent = next(p for p in o.parents if p.exists())
@@ -233,7 +235,7 @@ class PartialRun:
         elif old.get("fingerprint") != fp:
             changed = [k for k in sorted(set(settings) | set(old.get("settings", {})))
                        if settings.get(k) != old.get("settings", {}).get(k)]
-            raise ValueError(f"cannot resume {self.dir}: it was started with other settings or inputs (changed: "
+            raise Error(f"cannot resume {self.dir}: it was started with other settings or inputs (changed: "
                              f"{', '.join(changed) or 'unknown'}); rerun with those, or pass --overwrite to start over")
         else:
             self.state = old
@@ -296,7 +298,7 @@ class PartialRun:
         """Block i's saved tensors, after checking that its full-precision weights are those it was made from."""
         from .loader import SafetensorsFile
         if self.state["blocks"][str(i)]["source"] != source:
-            raise ValueError(f"cannot resume: the model's weights of block {i} changed since the interrupted run; "
+            raise Error(f"cannot resume: the model's weights of block {i} changed since the interrupted run; "
                              f"pass --overwrite to start over")
         f = SafetensorsFile(self.block_file(i))
         return {k: f.get(k).clone() for k in f.keys()}

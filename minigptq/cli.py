@@ -8,9 +8,12 @@ and has no use for (quantize keeps finished blocks for --resume after an interru
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from typing import Callable
+
+from . import Error
 
 # Errors that mean "the input was wrong", not "minigptq has a bug": a one-line message and exit code 2.
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
@@ -37,7 +40,7 @@ def resolve_device(device: str, dtype: str | None = None):
     import torch
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda given but no CUDA GPU is available; use --device cpu")
+        raise Error("--device cuda given but no CUDA GPU is available; use --device cpu")
     return dev, dtype or ("fp32" if dev.type == "cpu" else "fp16")
 
 
@@ -53,9 +56,28 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+class _Stderr(logging.Handler):
+    """The "minigptq" logger's messages on stderr, written around any progress bar (tqdm.write)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(quiet: bool) -> None:
+    """The CLIs show the library's INFO messages (--quiet: warnings only); the library itself prints nothing."""
+    logger = logging.getLogger("minigptq")
+    for h in [h for h in logger.handlers if isinstance(h, _Stderr)]:
+        logger.removeHandler(h)
+    logger.addHandler(_Stderr())
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    logger.propagate = False
+
+
 def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser, argv=None) -> None:
     """Parse argv, call main(args); errors end as one line 'error: ...' and an exit code (module docstring)."""
     args = parser.parse_args(argv)
+    setup_logging(getattr(args, "quiet", False))
     import threading
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from . import Error
+
 LOADERS = ("transformers", "GPTQModel", "vLLM current (>= 0.22)", "vLLM older (0.21)")
 
 
@@ -67,7 +69,7 @@ def report(path: str | Path) -> list[Verdict]:
     ckpt = Checkpoint(path)
     q = ckpt.quant
     if q is None:
-        raise ValueError(f"{path} is not a GPTQ checkpoint (no quantization_config)")
+        raise Error(f"{path} is not a GPTQ checkpoint (no quantization_config)")
     bits, gs, sym, desc_act, fmt = q["bits"], q["group_size"], q["sym"], q["desc_act"], q["checkpoint_format"]
     layers, fused = layer_facts(ckpt)
     quantizer = " ".join(map(str, (q.get("meta") or {}).get("quantizer", []))).lower()

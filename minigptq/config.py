@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import Error
+
 # Sanity bounds on config.json sizes: far above any real model, low enough that a hostile value is refused before
 # anything is built from it.
 MAX_DIM = 2**20        # hidden / intermediate / head widths
@@ -53,16 +55,16 @@ class ModelConfig:
     def __post_init__(self):
         """Cross-field checks (each field's own type and range were checked by Fields)."""
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise Error(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
-            raise ValueError(f"head_dim={self.head_dim} must be even for rotary position embeddings")
+            raise Error(f"head_dim={self.head_dim} must be even for rotary position embeddings")
         for name in ("bos_token_id", "pad_token_id"):
             i = getattr(self, name)
             if i is not None and not 0 <= i < self.vocab_size:
-                raise ValueError(f"{name}={i} lies outside the vocabulary [0, {self.vocab_size})")
+                raise Error(f"{name}={i} lies outside the vocabulary [0, {self.vocab_size})")
         bad = [i for i in self.eos_token_ids if not 0 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"eos_token_id {bad} lies outside the vocabulary [0, {self.vocab_size})")
+            raise Error(f"eos_token_id {bad} lies outside the vocabulary [0, {self.vocab_size})")
 
     @property
     def token_dim(self) -> int:
@@ -75,11 +77,11 @@ def read_json(path: Path) -> dict:
     try:
         obj = json.loads(Path(path).read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise Error(f"{path} is not valid JSON: {e}") from None
     except IsADirectoryError:
-        raise ValueError(f"{path} is a folder, expected a JSON file") from None
+        raise Error(f"{path} is a folder, expected a JSON file") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} must hold a JSON object {{...}}, got a {type(obj).__name__}")
+        raise Error(f"{path} must hold a JSON object {{...}}, got a {type(obj).__name__}")
     return obj
 
 
@@ -99,7 +101,7 @@ class Fields:
             if self.d.get(k) is not None:
                 return k, self.d[k]
         if default is _REQUIRED:
-            raise ValueError(f"the field {' / '.join(map(repr, keys))} is missing")
+            raise Error(f"the field {' / '.join(map(repr, keys))} is missing")
         return keys[0], default
 
     def int(self, keys, default=_REQUIRED, lo: int = 1, hi: int = MAX_DIM) -> int | None:
@@ -107,40 +109,40 @@ class Fields:
         if v is None:
             return None
         if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise ValueError(f"the field {k!r} must be an integer in [{lo}, {hi}], got {v!r}")
+            raise Error(f"the field {k!r} must be an integer in [{lo}, {hi}], got {v!r}")
         return v
 
     def float(self, keys, default=_REQUIRED, lo: float = 0.0, hi: float = math.inf) -> float:
         """A finite number in (lo, hi]: integers are accepted (JSON writes 10000.0 as 10000)."""
         k, v = self._get(keys, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v <= hi):
-            raise ValueError(f"the field {k!r} must be a finite number in ({lo}, {hi}], got {v!r}")
+            raise Error(f"the field {k!r} must be a finite number in ({lo}, {hi}], got {v!r}")
         return float(v)
 
     def bool(self, key: str, default: bool) -> bool:
         k, v = self._get(key, default)
         if not isinstance(v, bool):
-            raise ValueError(f"the field {k!r} must be true or false, got {v!r}")
+            raise Error(f"the field {k!r} must be true or false, got {v!r}")
         return v
 
     def str(self, key: str, default=_REQUIRED, choices=None) -> str:
         k, v = self._get(key, default)
         if not isinstance(v, str) or (choices is not None and v not in choices):
             valid = f"one of {', '.join(sorted(choices))}" if choices is not None else "a string"
-            raise ValueError(f"the field {k!r} must be {valid}, got {v!r}")
+            raise Error(f"the field {k!r} must be {valid}, got {v!r}")
         return v
 
     def dict(self, keys) -> dict:
         k, v = self._get(keys, {})
         if not isinstance(v, dict):
-            raise ValueError(f"the field {k!r} must be an object {{...}} or null, got {v!r}")
+            raise Error(f"the field {k!r} must be an object {{...}} or null, got {v!r}")
         return v
 
     def token_id(self, key: str) -> int | None:
         """A special token id; negative means "none" (old Llama configs write pad_token_id -1)."""
         k, v = self._get(key, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise ValueError(f"the field {k!r} must be a token id (an integer; negative or null = none), got {v!r}")
+            raise Error(f"the field {k!r} must be a token id (an integer; negative or null = none), got {v!r}")
         return None if v is None or v < 0 else v
 
     def token_ids(self, key: str) -> tuple[int, ...]:
@@ -148,7 +150,7 @@ class Fields:
         k, v = self._get(key, None)
         vs = v if isinstance(v, list) else [] if v is None else [v]
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in vs):
-            raise ValueError(f"the field {k!r} must be a token id >= 0 or a list of them, got {v!r}")
+            raise Error(f"the field {k!r} must be a token id >= 0 or a list of them, got {v!r}")
         return tuple(vs)
 
     def common(self) -> dict:

@@ -20,7 +20,9 @@ from typing import Callable
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
+from . import Error
 from .checkpoint import PartialRun, tensor_digest
 from .compat import trivial_g_idx
 from .gptq import Hessian, gptq
@@ -148,7 +150,7 @@ def check_memory(ckpt: Checkpoint, nsamples: int, seqlen: int, device: torch.dev
     need = peak_bytes(ckpt, nsamples, seqlen, act_dtype)
     free = available_memory(device)
     if free is not None and sum(need.values()) > free:
-        raise ValueError(f"quantizing needs about {sum(need.values()) / 2**30:.1f} GiB (calibration activations "
+        raise Error(f"quantizing needs about {sum(need.values()) / 2**30:.1f} GiB (calibration activations "
                          f"{need['activations'] / 2**30:.1f} GiB for nsamples {nsamples} x seqlen {seqlen} x hidden "
                          f"{ckpt.cfg.hidden_size}, one block {need['block'] / 2**30:.1f} GiB, solver "
                          f"{need['solver'] / 2**30:.1f} GiB) but only {free / 2**30:.1f} GiB of {device.type} memory "
@@ -169,27 +171,22 @@ def top_tensors(model: nn.Module, ckpt: Checkpoint, out_dtype) -> dict[str, Tens
     return top
 
 
-def _progress(text: str) -> None:
-    end = "\r" if sys.stderr.isatty() else "\n"
-    print(f"\x1b[2K{text}" if sys.stderr.isatty() else text, end=end, file=sys.stderr, flush=True)
-
-
 @torch.inference_mode()
 def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
                         device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print,
                         fmt: str = "gptq", fused_all_or_none: bool = False,
-                        act_dtype: torch.dtype = torch.float32) -> dict:
+                        act_dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
     fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
     true-sequential group cannot be packed, keep the whole group in full precision (vLLM fuses q/k/v and gate/up).
     act_dtype: the dtype the calibration activations are kept in between blocks (bf16/fp16 halve their memory; the
-    blocks still compute in fp32).
+    blocks still compute in fp32). log receives one line per block; progress: also show a progress bar (tqdm).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
     """
     if ckpt.quant is not None:
-        raise ValueError(f"{ckpt.path} is already a GPTQ checkpoint; quantize the full-precision model instead")
+        raise Error(f"{ckpt.path} is already a GPTQ checkpoint; quantize the full-precision model instead")
     device = torch.device(device)
     model = build_empty(ckpt)
     to_hf = internal_to_hf(ckpt)
@@ -203,6 +200,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
     done = run.done_blocks()
     L = ckpt.cfg.num_layers
     t_start = time.perf_counter()
+    bar = tqdm(total=L, desc="quantizing", unit="block", disable=not progress, file=sys.stderr, leave=False)
     for i in range(L):
         load_into(model, ckpt, f"layers.{i}.", torch.float32, device, copy=True)  # ours to overwrite, freed below
         block = model.layers[i]
@@ -235,7 +233,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     try:
                         res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
                     except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
-                        raise ValueError(f"{hf}: {e}") from None
+                        raise Error(f"{hf}: {e}") from None
                     ql = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx,
                                                 None if lin.bias is None else lin.bias.to(torch.float16),
                                                 qcfg.bits, qcfg.group_size, dtype=torch.float16)
@@ -247,25 +245,24 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     records.append(dict(block=i, module=hf, method=method, error=float(res.loss),
                                         percdamp=float(res.percdamp), seconds=time.perf_counter() - t0,
                                         g_idx_trivial=trivial_g_idx(res.g_idx, qcfg.group_size)))
-                    _progress(f"block {i + 1}/{L} {name:<8} err {res.loss:10.4g}  damp {res.percdamp:g}  "
-                              f"{time.perf_counter() - t_start:6.0f}s")
+                    bar.set_postfix_str(f"{name} err {res.loss:.4g}")
             tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))
             _check_stored(tensors, str(ckpt.path))
         for j, x in enumerate(xs):  # the outputs replace the inputs window by window: one set of activations
             y = block(x.float(), ctx)
             if not torch.isfinite(y).all():
-                raise ValueError(f"non-finite activations (NaN/Inf) at the output of block {i} "
+                raise Error(f"non-finite activations (NaN/Inf) at the output of block {i} "
                                  f"({ckpt.arch.layer_prefix.format(i=i).rstrip('.')}) for calibration window {j}; "
                                  f"the checkpoint's weights overflow or contain NaN/Inf")
             xs[j] = y.to(act_dtype)
         if i not in done:
             run.save_block(i, tensors, records, source)
             errs = [r["error"] for r in records if r["method"] == method]
-            _progress(f"block {i + 1}/{L} done: mean error {sum(errs) / max(len(errs), 1):.4g}, "
-                      f"{time.perf_counter() - t_start:.0f}s")
-            if sys.stderr.isatty():
-                print(file=sys.stderr)
+            log(f"block {i + 1}/{L} done: mean error {sum(errs) / max(len(errs), 1):.4g}, "
+                f"{time.perf_counter() - t_start:.0f}s")
+        bar.update(1)
         model.layers[i] = block.to("meta")  # free this block's weights before loading the next
+    bar.close()
     return top
 
 

@@ -1,24 +1,31 @@
 """Perplexity with the paper's protocol, and the `python -m minigptq.eval` command.
 
-Test text joined with "\\n\\n", tokenized once, non-overlapping windows of `seqlen` tokens (2048 or the model's
-context if smaller); ppl = exp(mean negative log-likelihood over every predicted token of every window).
+The test text as the paper's code builds it (WikiText-2's rows joined with "\\n\\n", PTB's sentences joined with a
+space: the presets `wikitext2` and `ptb`), tokenized once without BOS, non-overlapping windows of `seqlen` tokens
+(2048 or the model's context if smaller); ppl = exp(mean negative log-likelihood over every predicted token of every
+window).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
+from tqdm import tqdm
+
+from . import Error
 from .cli import add_debug_flag, add_device_flags, resolve_device, run
-from .data import eval_windows, tokenize_file
+from .data import PRESETS, eval_windows, preset_text, tokenize_file
+
+log = logging.getLogger("minigptq")
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, progress: bool = True, chunk: int | None = None) -> float:
+def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int | None = None) -> float:
     """windows (n, seqlen) of token ids -> perplexity of the model on them.
 
     chunk: feed each window `chunk` tokens at a time through the KV cache, as decoding does (the same result in exact
@@ -27,8 +34,8 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, chunk: int |
     from .transformer import KVCache
     device = model.embed.weight.device
     nll, count = 0.0, 0
-    t0 = time.perf_counter()
-    for i, w in enumerate(windows):
+    bar = tqdm(windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr, leave=False)
+    for i, w in enumerate(bar):
         w = w[None].to(device)  # (1, seqlen)
         if chunk:
             cache = KVCache(model.cfg, 1, w.shape[1], model.act_dtype, device)
@@ -38,11 +45,7 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True, chunk: int |
             logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
         nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
         count += w.shape[1] - 1
-        if progress:
-            print(f"\r  window {i + 1}/{len(windows)}  ppl {math.exp(nll / count):.3f}  "
-                  f"{time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
-    if progress:
-        print(file=sys.stderr)
+        bar.set_postfix_str(f"ppl {math.exp(nll / count):.3f}")
     return math.exp(nll / count)
 
 
@@ -50,19 +53,24 @@ def main(args: argparse.Namespace) -> None:
     from .loader import load_model
     from .tokenizer import check_token_ids, load_tokenizer
     if args.seqlen < 2:
-        raise ValueError(f"--seqlen must be >= 2, got {args.seqlen}")
+        raise Error(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
-        raise ValueError(f"--max-windows must be >= 1, got {args.max_windows}")
+        raise Error(f"--max-windows must be >= 1, got {args.max_windows}")
     if args.chunk is not None and args.chunk < 1:
-        raise ValueError(f"--chunk must be >= 1, got {args.chunk}")
+        raise Error(f"--chunk must be >= 1, got {args.chunk}")
     device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel)
     seqlen = min(args.seqlen, model.cfg.max_positions)
-    tokens = tokenize_file(args.dataset, load_tokenizer(args.model))
-    check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {args.dataset}")
+    tok = load_tokenizer(args.model)
+    if args.dataset in PRESETS:
+        text, source = preset_text(args.dataset, args.data_dir)
+        tokens = torch.tensor(tok.encode(text, bos=False), dtype=torch.long)
+    else:
+        tokens, source = tokenize_file(args.dataset, tok), args.dataset
+    check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {source}")
     windows = eval_windows(tokens, seqlen, args.max_windows)
-    print(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {args.dataset}", file=sys.stderr)
-    ppl = perplexity(model, windows, progress=not args.quiet, chunk=args.chunk)
+    log.info(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {source}")
+    ppl = perplexity(model, windows, progress=not args.quiet and sys.stderr.isatty(), chunk=args.chunk)
     print(f"perplexity {ppl:.4f}")
 
 
@@ -71,8 +79,12 @@ def parser() -> argparse.ArgumentParser:
                                 description="Perplexity of a checkpoint (full precision or GPTQ) on a text file, with "
                                             "the GPTQ paper's protocol (non-overlapping windows).")
     p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--dataset", required=True, help="test text: a .txt file (lines joined with blank lines, e.g. "
-                                                    "wiki.test.raw) or a .jsonl file with a \"text\" field")
+    p.add_argument("--dataset", required=True,
+                   help="wikitext2 or ptb (the paper's test sets from --data-dir, joined as its code joins them: "
+                        "WikiText-2 rows with blank lines, PTB sentences with spaces), or a file: .txt (lines joined "
+                        "with blank lines) or .jsonl with a \"text\" field")
+    p.add_argument("--data-dir", default="../shared/data",
+                   help="folder holding wikitext2/wiki.test.raw and ptb/ptb.test.txt (default ../shared/data)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048, capped at the context)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--chunk", type=int, default=None,

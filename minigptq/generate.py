@@ -6,6 +6,8 @@ max tokens. Timing follows the paper's latency protocol: per-step wall time, syn
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import statistics
 import sys
 import time
@@ -15,8 +17,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from . import Error
 from .cli import add_debug_flag, add_device_flags, resolve_device, run
 from .transformer import KVCache, Transformer
+
+log = logging.getLogger("minigptq")
 
 
 @dataclass
@@ -24,6 +29,7 @@ class GenerationStats:
     prefill_s: float = 0.0                               # time to process the prompts and give the first token
     step_s: list[float] = field(default_factory=list)    # wall time of every later decode step
     kv_cache_bytes: int = 0
+    finish: list[str] = field(default_factory=list)     # per prompt: "eos", "stop" (a stop string) or "length"
 
     @property
     def median_ms(self) -> float:
@@ -53,13 +59,13 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: to
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise Error(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not (0 <= temperature < float("inf")):  # also NaN
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        raise Error(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
     if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
+        raise Error(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise Error(f"top_p must be in (0, 1], got {top_p}")
 
 
 def compiled_decode_step(model: Transformer) -> Callable[..., Tensor]:
@@ -78,42 +84,48 @@ def compiled_decode_step(model: Transformer) -> Callable[..., Tensor]:
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
-             seed: int | None = None, on_step: Callable[[Tensor], None] | None = None, compile: bool = False
+             seed: int | None = None, on_step: Callable[[Tensor], None] | None = None, compile: bool = False,
+             stop: Callable[[int, list[int]], bool] | None = None, cache: KVCache | None = None, start: int = 0
              ) -> tuple[list[list[int]], GenerationStats]:
     """Generate up to max_new_tokens for each prompt (token id lists) -> (new tokens per prompt, stats).
 
-    Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output).
+    Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output), or
+    when stop(b, new tokens of prompt b) returns True (its last token is included: see StopStrings).
     on_step(tokens (B,)) is called with each new token, e.g. to stream text. compile: run the decode steps through
     torch.compile (compiled_decode_step; the first steps of the first call pay the compilation); the prompt's
-    prefill stays eager.
+    prefill stays eager. cache, start: continue one sequence (B = 1) whose first `start` tokens are already in
+    `cache` (a chat that keeps its KV cache across turns); the prompt is then only the tokens after them.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    ctx_len = model.cfg.max_positions
+        raise Error("every prompt needs at least one token")
+    if start and (len(prompts) != 1 or cache is None):
+        raise Error("continuing from a cache (start > 0) needs one prompt and its cache")
+    ctx_len = model.cfg.max_positions if cache is None else min(model.cfg.max_positions, cache.max_len)
     T0 = max(len(p) for p in prompts)
-    if T0 >= ctx_len:
-        raise ValueError(f"the prompt has {T0} tokens but the model's context is {ctx_len}; shorten it")
-    if T0 + max_new_tokens > ctx_len:
-        print(f"note: max_new_tokens lowered from {max_new_tokens} to {ctx_len - T0} to fit the context of "
-              f"{ctx_len}", file=sys.stderr)
-        max_new_tokens = ctx_len - T0
+    if start + T0 >= ctx_len:
+        raise Error(f"the prompt has {start + T0} tokens but the model's context is {ctx_len}; shorten it")
+    if start + T0 + max_new_tokens > ctx_len:
+        log.warning(f"note: max_new_tokens lowered from {max_new_tokens} to {ctx_len - start - T0} to fit the "
+                    f"context of {ctx_len}")
+        max_new_tokens = ctx_len - start - T0
     device, dtype = model.embed.weight.device, model.act_dtype
-    B, S = len(prompts), T0 + max_new_tokens
+    B, S = len(prompts), start + T0 + max_new_tokens
     tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S): real tokens, False for left padding
+    valid[:, :start] = True
     for b, p in enumerate(prompts):
         tokens[b, T0 - len(p):] = torch.tensor(p, device=device)
-        valid[b, T0 - len(p):] = True
-    padded = not bool(valid[:, :T0].all())
-    cache = KVCache(model.cfg, B, S, dtype, device)
+        valid[b, start + T0 - len(p):] = True
+    padded = not bool(valid[:, :start + T0].all())
+    cache = cache if cache is not None else KVCache(model.cfg, B, S, dtype, device)
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stats = GenerationStats(kv_cache_bytes=cache.nbytes)
 
     sync()
     t = time.perf_counter()
-    logits = model(tokens, cache, 0, valid[:, :T0] if padded else None, last_only=True)  # (B, 1, V)
+    logits = model(tokens, cache, start, valid[:, :start + T0] if padded else None, last_only=True)  # (B, 1, V)
     nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
     sync()
     stats.prefill_s = time.perf_counter() - t
@@ -121,37 +133,67 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = [False] * B  # by `stop`
     step = compiled_decode_step(model) if compile else model
     for i in range(max_new_tokens):
         out[:, i] = nxt
         if eos_ids:  # without EOS ids no step needs to look at the tokens (no host sync beyond the timing)
             done |= torch.isin(nxt, eos)
+        if stop is not None:
+            rows = out[:, :i + 1].tolist()
+            for b in range(B):
+                if not stopped[b] and not bool(done[b]) and stop(b, rows[b]):
+                    stopped[b] = True
+                    done[b] = True
         if on_step is not None:
             on_step(nxt)
-        if i == max_new_tokens - 1 or (eos_ids and bool(done.all())):
+        if i == max_new_tokens - 1 or ((eos_ids or stop is not None) and bool(done.all())):
             break
         t = time.perf_counter()
-        logits = step(nxt[:, None], cache, T0 + i, valid[:, :T0 + i + 1] if padded else None)  # (B, 1, V)
+        pos = start + T0 + i
+        logits = step(nxt[:, None], cache, pos, valid[:, :pos + 1] if padded else None)  # (B, 1, V)
         nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
-        if eos_ids:
+        if eos_ids or stop is not None:
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         sync()
         stats.step_s.append(time.perf_counter() - t)
     result = []
-    for row in out[:, :i + 1].tolist():
-        cut = next((j for j, tok in enumerate(row) if tok in eos_ids), len(row))
+    for b, row in enumerate(out[:, :i + 1].tolist()):
+        cut = next((j for j, tok in enumerate(row) if tok in eos_ids), None)
+        if stopped[b]:  # everything up to the token that completed the stop string
+            cut = next(j + 1 for j in range(len(row)) if stop(b, row[:j + 1]))
+        stats.finish.append("stop" if stopped[b] else "eos" if cut is not None else "length")
         result.append(row[:cut])
     return result, stats
 
 
-class TextStream:
-    """Prints the text of new tokens as they come (batch 1), holding back incomplete UTF-8 characters."""
+class StopStrings:
+    """stop(b, new_ids) for generate: True once the text of the new tokens contains one of `strings`."""
 
-    def __init__(self, tokenizer, prompt: list[int], eos_ids, file=sys.stdout):
-        self.tok, self.anchor, self.eos, self.file = tokenizer, prompt[-4:], set(eos_ids), file
+    def __init__(self, tokenizer, strings: list[str]):
+        if any(not isinstance(x, str) or not x for x in strings):
+            raise Error(f"stop strings must be non-empty strings, got {strings!r}")
+        self.tok, self.strings = tokenizer, list(strings)
+
+    def __call__(self, b: int, ids: list[int]) -> bool:
+        tail = self.tok.decode(ids[-64:]) if len(ids) > 64 else self.tok.decode(ids)
+        return any(x in tail for x in self.strings)
+
+    def cut(self, text: str) -> str:
+        """text up to (not including) the first stop string."""
+        at = min((i for i in (text.find(x) for x in self.strings) if i >= 0), default=len(text))
+        return text[:at]
+
+
+class TextStream:
+    """Prints the text of new tokens as they come (batch 1), holding back incomplete UTF-8 characters and any
+    text that may be the start of a stop string; nothing after EOS or a stop string is shown."""
+
+    def __init__(self, tokenizer, prompt: list[int], eos_ids, file=sys.stdout, stops: list[str] = ()):
+        self.tok, self.anchor, self.eos, self.file, self.stops = tokenizer, prompt[-4:], set(eos_ids), file, stops
         self.ids: list[int] = []
         self.shown = 0
-        self.done = False  # set at EOS: nothing after it is shown
+        self.done = False  # set at EOS or a stop string: nothing after it is shown
         self.base = len(tokenizer.decode(self.anchor))  # decode with context so leading spaces survive
 
     def __call__(self, nxt: Tensor) -> None:
@@ -161,7 +203,15 @@ class TextStream:
             return
         self.ids.append(tok)
         text = self.tok.decode(self.anchor + self.ids)[self.base:]
-        if not text.endswith("\ufffd"):
+        if text.endswith("\ufffd"):
+            return
+        at = min((i for i in (text.find(x) for x in self.stops) if i >= 0), default=-1)
+        if at >= 0:
+            text, self.done = text[:at], True
+        else:  # hold back a suffix that may still grow into a stop string
+            hold = max((k for x in self.stops for k in range(1, len(x)) if text.endswith(x[:k])), default=0)
+            text = text[:len(text) - hold]
+        if len(text) > self.shown:
             print(text[self.shown:], end="", flush=True, file=self.file)
             self.shown = len(text)
 
@@ -170,29 +220,47 @@ def main(args: argparse.Namespace) -> None:
     from .loader import load_model, weight_bytes
     from .tokenizer import check_token_ids, load_tokenizer
     device, dtype = resolve_device(args.device, args.dtype)
+    tok = load_tokenizer(args.model)  # before the weights: a prompt or template problem is reported at once
+    chat = args.chat or args.system is not None
+    if chat:
+        system = [{"role": "system", "content": args.system}] if args.system is not None else []
+        prompts = [tok.apply_chat_template(system + [{"role": "user", "content": p}]) for p in args.prompt]
+    else:
+        prompts = [tok.encode(p) for p in args.prompt]
+    stops = StopStrings(tok, args.stop) if args.stop else None
     model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
-    tok = load_tokenizer(args.model)
-    prompts = [tok.encode(p) for p in args.prompt]
     for p in prompts:
         check_token_ids(p, model.cfg.vocab_size, "the prompt")
+        if len(p) >= model.cfg.max_positions:
+            raise Error(f"the prompt has {len(p)} tokens but the model's context is {model.cfg.max_positions}; "
+                             f"shorten it")
     eos = tuple(dict.fromkeys(tok.eos_ids + model.cfg.eos_token_ids))
-    stream = TextStream(tok, prompts[0], eos) if len(prompts) == 1 and not args.quiet else None
-    if stream:
+    stream = TextStream(tok, prompts[0], eos, stops=args.stop or ()) \
+        if len(prompts) == 1 and not args.quiet and not args.json else None
+    if stream and not chat:
         print(args.prompt[0], end="", flush=True)
     new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile)
-    if stream:
+                          eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile, stop=stops)
+    texts = [stops.cut(tok.decode(n)) if stops else tok.decode(n) for n in new]
+    if args.json:
+        for p, ids, n, text, fin in zip(args.prompt, prompts, new, texts, stats.finish):
+            print(json.dumps(dict(prompt=p, completion=text, prompt_tokens=len(ids), completion_tokens=len(n),
+                                  finish_reason=fin, prefill_ms=round(stats.prefill_s * 1000, 2),
+                                  median_ms_per_token=round(stats.median_ms, 3), batch=len(prompts))), flush=True)
+    elif stream:
         print()
     else:
-        for p, n in zip(args.prompt, new):
-            print(p + tok.decode(n))
+        for i, (p, text) in enumerate(zip(args.prompt, texts)):
+            if len(prompts) > 1:
+                print(f"--- [{i + 1}/{len(prompts)}]")
+            print(text if chat else p + text)
     n_tok = sum(len(n) for n in new)
     o = model.layers[0].attn.o
     kind = type(o).__name__ + (" int8-act" if getattr(o, "_layout", None) is not None and o._layout.int8 else "")
-    print(f"\n[{kind}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
-          f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
-          f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
-          f" ({stats.tokens_per_s:.1f} tokens/s per sequence)", file=sys.stderr)
+    log.info(f"\n[{kind}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
+             f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
+             f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
+             f" ({stats.tokens_per_s:.1f} tokens/s per sequence)")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -202,6 +270,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint folder (config.json, weights, tokenizer)")
     p.add_argument("--prompt", required=True, action="append",
                    help="prompt text; repeat the flag for a batch of prompts (left-padded)")
+    p.add_argument("--chat", action="store_true",
+                   help="send each prompt as a user message through the model's chat template (tokenizer_config.json)")
+    p.add_argument("--system", default=None, help="system message for --chat (implies --chat)")
+    p.add_argument("--stop", action="append", default=None,
+                   help="stop when the generated text contains this string (the text is cut before it); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
@@ -215,7 +288,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compile the decode step with torch.compile (fuses the small ops between the matmuls; the "
                         "first tokens wait for the compilation, and the timing then includes it: see "
                         "tools/bench_generate.py --compile for steady-state figures)")
-    p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the full texts at the end")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (prompt, completion, token counts, finish reason, timings)")
+    p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the texts at the end, no timings")
     add_debug_flag(p)
     return p
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from . import Error
 from minigptq.quantizer import QuantConfig, QuantResult, dequantize, dequantize_groups, find_params, quantize
 
 __all__ = ["Hessian", "QuantResult", "gptq"]
@@ -50,7 +51,7 @@ class Hessian:
         """Accumulate activations x [..., K] (any leading dims, any float dtype)."""
         K = self.H.shape[0]
         if x.shape[-1] != K:
-            raise ValueError(f"activations have {x.shape[-1]} features in the last dim, expected in_features={K}")
+            raise Error(f"activations have {x.shape[-1]} features in the last dim, expected in_features={K}")
         x = x.detach().reshape(-1, K).to(device=self.H.device, dtype=torch.float32)  # [b, K], b = tokens
         b = x.shape[0]
         if b == 0:
@@ -83,7 +84,7 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], 
             if info.item() == 0 and torch.isfinite(U).all():
                 return U, percdamp
         if percdamp >= 1.0:
-            raise ValueError(
+            raise Error(
                 "Hessian not positive definite even at percdamp=1.0; the calibration activations may contain "
                 "NaN/Inf, or H was not built as a sum of x x^T"
             )
@@ -112,13 +113,13 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
       8      W[:, i+B:] <- W[:, i+B:] - E Hinv[i:i+B, i+B:]
     """
     if W.dim() != 2 or H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"need W [N, K] and H [K, K]; got W {tuple(W.shape)} and H {tuple(H.shape)}")
+        raise Error(f"need W [N, K] and H [K, K]; got W {tuple(W.shape)} and H {tuple(H.shape)}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype=dtype, copy=True)  # [N, K] updated in place below
     if not torch.isfinite(W).all():
-        raise ValueError("W contains NaN or Inf; cannot quantize")
+        raise Error("W contains NaN or Inf; cannot quantize")
     if not torch.isfinite(H).all():
-        raise ValueError("H contains NaN or Inf; the calibration activations may contain NaN/Inf")
+        raise Error("H contains NaN or Inf; the calibration activations may contain NaN/Inf")
     N, K = W.shape
     maxq = 2**cfg.bits - 1
     gs = K if cfg.group_size == -1 else cfg.group_size

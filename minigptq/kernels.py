@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import Error
 from .pack import VALID_BITS, pack_rows, unpack_rows, zero_points
 
 try:
@@ -54,7 +55,7 @@ def _describe(t: Tensor) -> str:
 
 def _check(t: Tensor, name: str, dtype: torch.dtype, shape: list[int], what: str, device: torch.device) -> None:
     if t.dtype != dtype or list(t.shape) != shape or not t.is_contiguous() or t.device != device:
-        raise ValueError(f"{name} must be {str(dtype).removeprefix('torch.')} contiguous {what}={shape} on {device}, "
+        raise Error(f"{name} must be {str(dtype).removeprefix('torch.')} contiguous {what}={shape} on {device}, "
                          f"got {_describe(t)}")
 
 
@@ -74,12 +75,12 @@ class KernelLayout:
 
     def __post_init__(self) -> None:
         if self.bits not in VALID_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; valid: {VALID_BITS}")
+            raise Error(f"bits={self.bits!r} is not supported; valid: {VALID_BITS}")
         K, dev = self.row_group.numel(), self.scales.device
         if self.int8:
             (T, G, _), N = self.scales.shape, self.N
             if not (T - 1) * TILE_COLS < N <= T * TILE_COLS:
-                raise ValueError(f"N={N} does not fit {T} tiles of {TILE_COLS} columns")
+                raise Error(f"N={N} does not fit {T} tiles of {TILE_COLS} columns")
             _check(self.qweight, "qweight", torch.int32, [T, K * self.bits // 32, TILE_COLS],
                    "[ceil(N/64), K*bits/32, 64]", dev)
             _check(self.scales, "scales", torch.float32, [T, G, TILE_COLS], "[ceil(N/64), G, 64]", dev)
@@ -87,7 +88,7 @@ class KernelLayout:
         else:
             G, N = self.scales.shape
             if self.N not in (-1, N):
-                raise ValueError(f"N={self.N} disagrees with scales {list(self.scales.shape)}")
+                raise Error(f"N={self.N} disagrees with scales {list(self.scales.shape)}")
             _check(self.qweight, "qweight", torch.int32, [K * self.bits // 32, N], "[K*bits/32, N]", dev)
             _check(self.scales, "scales", torch.float32, [G, N], "[G, N]", dev)
             _check(self.zeros, "zeros", torch.int16, [G, N], "[G, N]", dev)
@@ -96,10 +97,10 @@ class KernelLayout:
             _check(self.perm, "perm", torch.int32, [K], "[K]", dev)
         unit = 32 if self.bits == 3 else 32 // self.bits
         if K % unit or K == 0 or N == 0:
-            raise ValueError(f"K={K} must be a positive multiple of {unit} for {self.bits}-bit, N={N} positive")
+            raise Error(f"K={K} must be a positive multiple of {unit} for {self.bits}-bit, N={N} positive")
         if G == 0 or int(self.row_group.min()) < 0 or int(self.row_group.max()) >= G or \
                 bool((self.row_group[1:] < self.row_group[:-1]).any()):
-            raise ValueError(f"row_group must be nondecreasing with values in [0, G={G})")
+            raise Error(f"row_group must be nondecreasing with values in [0, G={G})")
         # Derived once: a decode step calls the kernels hundreds of times, and each tensor query costs a microsecond.
         object.__setattr__(self, "K", K)
         object.__setattr__(self, "N", N)
@@ -164,7 +165,7 @@ def pack_planes3(codes: Tensor) -> Tensor:
     """3-bit codes [K, N] (K a multiple of 32) -> int32 [3K/32, N] in the plane layout of the int8 kernels."""
     K, N = codes.shape
     if K % 32:
-        raise ValueError(f"the 3-bit plane layout needs K divisible by 32, got K={K}")
+        raise Error(f"the 3-bit plane layout needs K divisible by 32, got K={K}")
     lw, ls, hw, hs = _plane_positions(K, codes.device)
     c = codes.to(torch.int64)
     out = torch.zeros(3 * K // 32, N, dtype=torch.int64, device=codes.device)
@@ -194,14 +195,14 @@ def _cpu_args(layout: KernelLayout, threads: int | None, isa: str) -> tuple[int,
     if _cpu is None:
         raise RuntimeError(f"minigptq._cpu_kernels is not built ({CPU_IMPORT_ERROR}); pip install -e . builds it")
     if not layout.on_cpu:
-        raise ValueError(f"the layout must be on the CPU, got {layout.scales.device}")
+        raise Error(f"the layout must be on the CPU, got {layout.scales.device}")
     if threads is None:
         threads = torch.get_num_threads()
     elif not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads={threads!r} must be a positive integer")
+        raise Error(f"threads={threads!r} must be a positive integer")
     isa_code = ISAS.get(isa)
     if isa_code is None:
-        raise ValueError(f"isa={isa!r} is not one of {list(ISAS)}")
+        raise Error(f"isa={isa!r} is not one of {list(ISAS)}")
     return threads, isa_code
 
 
@@ -213,7 +214,7 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
     """
     threads, isa_code = _cpu_args(layout, threads, isa)
     if layout.int8:
-        raise ValueError("the layout was made for the int8 kernels' layout (make_layout(..., int8=True)); "
+        raise Error("the layout was made for the int8 kernels' layout (make_layout(..., int8=True)); "
                          "cpu_qgemm_int8 runs it")
     _check_cpu_x(x, layout)
     return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code)
@@ -222,7 +223,7 @@ def cpu_qgemm(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: 
 def _check_cpu_x(x: Tensor, layout: KernelLayout) -> None:
     M, K = x.shape if x.dim() == 2 else (0, -1)
     if M < 1 or K != layout.K or x.dtype not in CPU_DTYPES or not x.is_cpu or not x.is_contiguous():
-        raise ValueError(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
+        raise Error(f"x must be a float32 or bfloat16 contiguous CPU tensor [M, K={layout.K}] with M >= 1, "
                          f"got {_describe(x)}")
 
 
@@ -242,7 +243,7 @@ def cpu_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float32, thr
     """The dequantized weight W^T [K, N] in checkpoint row order (= pack.dequantize), float32 or bfloat16."""
     threads, isa_code = _cpu_args(layout, threads, isa)
     if dtype not in CPU_DTYPES:
-        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        raise Error(f"dtype must be float32 or bfloat16, got {dtype}")
     out = torch.empty(layout.K, layout.N, dtype=dtype)
     _cpu.dequantize(*layout.ptrs, layout.K, layout.N, layout.G, layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
                     threads, isa_code, int(layout.int8))
@@ -263,9 +264,9 @@ def cpu_qgemm_int8(x: Tensor, layout: KernelLayout, threads: int | None = None, 
     """
     threads, isa_code = _cpu_args(layout, threads, isa)
     if not layout.int8:
-        raise ValueError("the layout was made for the fp32 kernels; make_layout(..., int8=True) makes one for these")
+        raise Error("the layout was made for the fp32 kernels; make_layout(..., int8=True) makes one for these")
     if isa_code not in (0, ISAS["avxvnni"], ISAS["avx512vnni"]):
-        raise ValueError(f"isa={isa!r}: the int8 kernels run on avx512vnni or avxvnni")
+        raise Error(f"isa={isa!r}: the int8 kernels run on avx512vnni or avxvnni")
     _check_cpu_x(x, layout)
     return _cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code, int8=True)
 
@@ -315,7 +316,7 @@ def cpu_rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     D = w.numel()
     if x.dtype != torch.float32 or w.dtype != torch.float32 or x.shape[-1] != D or not x.is_contiguous() \
             or not w.is_contiguous() or not x.is_cpu or not w.is_cpu or x.numel() == 0:
-        raise ValueError(f"x must be contiguous float32 [..., {D}] on the CPU, w float32 [{D}], got "
+        raise Error(f"x must be contiguous float32 [..., {D}] on the CPU, w float32 [{D}], got "
                          f"{_describe(x)}, {_describe(w)}")
     out = torch.empty_like(x)
     _cpu.rms_norm(x.data_ptr(), w.data_ptr(), float(eps), x.numel() // D, D, out.data_ptr())
@@ -333,7 +334,7 @@ def cpu_attn_decode(q: Tensor, k: Tensor, v: Tensor, q_row: int, kv_row: int, he
     if not 0 <= layer < L_ or not 0 <= slot < Smax or H % KVH or v_cache.shape != k_cache.shape or \
             (cos is not None and (cos.numel() != B * hd or sin.numel() != B * hd)) or \
             (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1 or mask.shape[1] not in (1, H))):
-        raise ValueError(f"attn_decode: layer={layer}, slot={slot}, H={H} do not fit the cache "
+        raise Error(f"attn_decode: layer={layer}, slot={slot}, H={H} do not fit the cache "
                          f"{list(k_cache.shape)} or the cos/mask shapes")
     out = torch.empty(B, 1, H * hd)
     step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
@@ -388,7 +389,7 @@ def cpu_decode_block(plan: DecodeBlockPlan, x: Tensor, cos: Tensor | None, sin: 
     L_, B, KVH, Smax, hd = k_cache.shape
     if not 0 <= layer < L_ or not 0 <= slot < Smax or x.shape[0] != B or \
             (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1)):
-        raise ValueError(f"decode_block: layer={layer}, slot={slot} or x {list(x.shape)} do not fit the cache "
+        raise Error(f"decode_block: layer={layer}, slot={slot} or x {list(x.shape)} do not fit the cache "
                          f"{list(k_cache.shape)}")
     step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
     _cpu.decode_block(plan.handle, x.data_ptr(), B, 0 if cos is None else cos.data_ptr(),
@@ -424,9 +425,9 @@ def _cuda_check(layout: KernelLayout) -> None:
     if not cuda_available():
         raise RuntimeError(f"the CUDA kernels cannot run: {cuda_unavailable_reason()}")
     if layout.on_cpu:
-        raise ValueError(f"the layout must be on a CUDA device, got {layout.scales.device}")
+        raise Error(f"the layout must be on a CUDA device, got {layout.scales.device}")
     if layout.qweight.data_ptr() % 16 or layout.scales.data_ptr() % 16 or layout.zeros.data_ptr() % 8:
-        raise ValueError("qweight and scales must be 16-byte aligned, zeros 8-byte aligned (fresh allocations are)")
+        raise Error("qweight and scales must be 16-byte aligned, zeros 8-byte aligned (fresh allocations are)")
 
 
 def cuda_qgemm(x: Tensor, layout: KernelLayout) -> Tensor:
@@ -439,7 +440,7 @@ def cuda_qgemm(x: Tensor, layout: KernelLayout) -> Tensor:
     dev = layout.scales.device
     if x.dtype not in CUDA_DTYPES or x.dim() != 2 or x.shape[1] != K or x.shape[0] < 1 or not x.is_contiguous() \
             or x.device != dev:
-        raise ValueError(f"x must be a float16, bfloat16 or float32 contiguous tensor [M, K={K}] on {dev} with "
+        raise Error(f"x must be a float16, bfloat16 or float32 contiguous tensor [M, K={K}] on {dev} with "
                          f"M >= 1, got {_describe(x)}")
     return _cuda_qgemm_raw(x, layout.qweight, layout.scales, layout.zeros, layout.row_group, layout.perm, layout.bits)
 
@@ -460,7 +461,7 @@ def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) ->
     """The dequantized weight W^T [K, N] in checkpoint row order, float16/bfloat16/float32, on the layout's GPU."""
     _cuda_check(layout)
     if dtype not in CUDA_DTYPES:
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype}")
+        raise Error(f"dtype must be float16, bfloat16 or float32, got {dtype}")
     dev = layout.scales.device
     out = torch.empty(layout.K, layout.N, dtype=dtype, device=dev)
     with torch.cuda.device(dev):

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from . import Error
 from .arch import Arch, get_arch
 from .config import Fields, ModelConfig, read_json
 from .transformer import Transformer
@@ -35,12 +36,17 @@ def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; valid: fp32, fp16, bf16")
+        raise Error(f"unknown dtype {name!r}; valid: fp32, fp16, bf16")
     return DTYPES[name]
 
 
 class SafetensorsFile:
-    """One .safetensors file: header validated up front, tensors memory-mapped (copy-on-write) on demand."""
+    """One .safetensors file: header validated up front, tensors memory-mapped (copy-on-write) on demand.
+
+    Why not safetensors.safe_open: it is as lazy (memory-mapped, no copy), but on a damaged header it says "invalid
+    shape, data type, or offset for tensor" or "invalid offset for tensor X" without the tensor, the byte range or the
+    cause; the checks below name the file, the tensor and what is wrong (tests/test_hostile.py holds them to it).
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -48,22 +54,22 @@ class SafetensorsFile:
         with open(self.path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                raise ValueError(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
+                raise Error(f"{path}: {size} bytes is too short for a safetensors file (truncated?)")
             n = int.from_bytes(head, "little")
             if n > min(MAX_HEADER, size - 8):
-                raise ValueError(f"{path}: header length {n} exceeds the file ({size} bytes); truncated or corrupt")
+                raise Error(f"{path}: header length {n} exceeds the file ({size} bytes); truncated or corrupt")
             try:
                 header = json.loads(f.read(n).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: safetensors header is not valid JSON ({e}); corrupt file") from None
+                raise Error(f"{path}: safetensors header is not valid JSON ({e}); corrupt file") from None
             if not isinstance(header, dict):
-                raise ValueError(f"{path}: safetensors header is not a JSON object; corrupt file")
+                raise Error(f"{path}: safetensors header is not a JSON object; corrupt file")
             self.metadata = header.pop("__metadata__", None) or {}
             self.entries = {name: self._check(name, info, size - 8 - n) for name, info in header.items()}
             spans = sorted((b, e, name) for name, (_, _, b, e) in self.entries.items() if e > b)
             for (_, e0, a), (b1, _, b) in zip(spans, spans[1:]):
                 if b1 < e0:
-                    raise ValueError(f"{path}: tensors {a!r} and {b!r} overlap in the file; corrupt file")
+                    raise Error(f"{path}: tensors {a!r} and {b!r} overlap in the file; corrupt file")
             self.base = 8 + n
             self.mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size > self.base else None
 
@@ -73,12 +79,12 @@ class SafetensorsFile:
             and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2 \
             and all(isinstance(o, int) for o in info["data_offsets"])
         if not ok:
-            raise ValueError(f"{self.path}: bad header entry for tensor {name!r}: {str(info)[:200]}")
+            raise Error(f"{self.path}: bad header entry for tensor {name!r}: {str(info)[:200]}")
         dtype, shape = ST_DTYPES[info["dtype"]], info["shape"]
         b, e = info["data_offsets"]
         nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
         if not 0 <= b <= e <= data_len or e - b != nbytes:
-            raise ValueError(f"{self.path}: tensor {name!r} {info['dtype']}{shape} claims bytes [{b}, {e}) but "
+            raise Error(f"{self.path}: tensor {name!r} {info['dtype']}{shape} claims bytes [{b}, {e}) but "
                              f"needs {nbytes} within a data section of {data_len} bytes; truncated or corrupt")
         return dtype, tuple(shape), b, e
 
@@ -92,11 +98,36 @@ class SafetensorsFile:
         return torch.frombuffer(self.mm, dtype=dtype, count=math.prod(shape), offset=self.base + b).view(shape)
 
 
+def resolve_model(model: str | Path) -> Path:
+    """A checkpoint folder, or a hub id ("org/name") already in the local Hugging Face cache -> its folder.
+
+    Nothing is downloaded: an id that is not cached is an error that says so (download it with
+    `huggingface-cli download org/name`, or give a folder).
+    """
+    path = Path(model)
+    if path.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") != 1:
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise FileNotFoundError(f"model folder {str(model)!r} does not exist (and huggingface_hub, which would look "
+                                f"it up as a hub id in the local cache, is not installed)") from None
+    try:
+        return Path(snapshot_download(str(model), local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(f"model {str(model)!r} is neither a folder nor a hub id in the local Hugging Face "
+                                f"cache; download it first (huggingface-cli download {model}) or give a "
+                                f"folder") from None
+    except ValueError as e:  # an invalid repo id
+        raise FileNotFoundError(f"model folder {str(model)!r} does not exist ({e})") from None
+
+
 class Checkpoint:
     """A Hugging Face checkpoint folder: its config, quantization config and (lazily read) tensors."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = resolve_model(path)
         if not self.path.is_dir():
             what = "is not a folder" if self.path.exists() else "does not exist"
             raise FileNotFoundError(f"model folder {str(path)!r} {what} (expected a folder with config.json "
@@ -105,15 +136,15 @@ class Checkpoint:
             raise FileNotFoundError(f"{self.path}/config.json not found: is {str(path)!r} a Hugging Face checkpoint?")
         self.hf_config = read_json(self.path / "config.json")
         if "model_type" not in self.hf_config:
-            raise ValueError(f"{self.path}/config.json has no 'model_type'")
+            raise Error(f"{self.path}/config.json has no 'model_type'")
         try:
             self.arch: Arch = get_arch(self.hf_config["model_type"])
         except ValueError as e:
-            raise ValueError(f"{self.path}/config.json: {e}") from None
+            raise Error(f"{self.path}/config.json: {e}") from None
         try:
             self.cfg: ModelConfig = self.arch.config_from_hf(Fields(self.hf_config))
         except ValueError as e:
-            raise ValueError(f"{self.path}/config.json ({self.hf_config['model_type']}): {e}") from None
+            raise Error(f"{self.path}/config.json ({self.hf_config['model_type']}): {e}") from None
         self.quant = read_quant_config(self.path)
         self._opened: dict[str, object] = {}  # file name -> SafetensorsFile / _DictFile
         self._where = self._index()  # tensor name -> file name
@@ -124,10 +155,10 @@ class Checkpoint:
             if (p / index_name).is_file():
                 weight_map = read_json(p / index_name).get("weight_map")
                 if not isinstance(weight_map, dict):
-                    raise ValueError(f"{p / index_name} has no 'weight_map' object")
+                    raise Error(f"{p / index_name} has no 'weight_map' object")
                 for fname in set(weight_map.values()):  # shards are files of this folder, nothing else
                     if not isinstance(fname, str) or not fname or Path(fname).name != fname or fname in (".", ".."):
-                        raise ValueError(f"{p / index_name}: weight_map names the file {fname!r}; shards must be "
+                        raise Error(f"{p / index_name}: weight_map names the file {fname!r}; shards must be "
                                          f"plain file names inside the model folder (no folders, no '..')")
                 return weight_map
         for name in ("model.safetensors", "pytorch_model.bin"):
@@ -148,7 +179,7 @@ class Checkpoint:
                 try:
                     sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as e:  # torch raises several types for bad pickles; report them all the same way
-                    raise ValueError(f"{f}: not a loadable weights-only PyTorch file ({type(e).__name__}: "
+                    raise Error(f"{f}: not a loadable weights-only PyTorch file ({type(e).__name__}: "
                                      f"{str(e)[:200]})") from None
                 files[fname] = _DictFile(sd)
         return files[fname]
@@ -194,7 +225,7 @@ def read_quant_config(path: Path) -> dict | None:
     for other, b in rest:
         diff = [k for k in QUANT_KEYS if a[k] != b[k]]
         if diff:
-            raise ValueError(f"{path}: {first} and {other} disagree on {', '.join(f'{k} ({a[k]!r} vs {b[k]!r})' for k in diff)}; "
+            raise Error(f"{path}: {first} and {other} disagree on {', '.join(f'{k} ({a[k]!r} vs {b[k]!r})' for k in diff)}; "
                              f"fix the wrong one (transformers and vLLM read {first})")
     return a
 
@@ -205,23 +236,23 @@ QUANT_KEYS = ("bits", "group_size", "sym", "desc_act", "checkpoint_format")
 def _quant_settings(q, where: Path) -> dict:
     """A quantization config object -> the dict with its fields checked and defaults filled in."""
     if not isinstance(q, dict):
-        raise ValueError(f"{where}: the quantization config must be an object {{...}}, got {q!r}")
+        raise Error(f"{where}: the quantization config must be an object {{...}}, got {q!r}")
     method = q.get("quant_method", "gptq")
     if method != "gptq":
-        raise ValueError(f"{where}: quantization method {method!r} is not supported; only GPTQ checkpoints are")
+        raise Error(f"{where}: quantization method {method!r} is not supported; only GPTQ checkpoints are")
     fmt = q.get("checkpoint_format", q.get("format", "gptq"))
     if fmt not in ("gptq", "gptq_v2"):
-        raise ValueError(f"{where}: checkpoint_format {fmt!r} is not supported; valid: gptq, gptq_v2")
+        raise Error(f"{where}: checkpoint_format {fmt!r} is not supported; valid: gptq, gptq_v2")
     bits = q.get("bits")
     if isinstance(bits, bool) or bits not in (2, 3, 4, 8) or not isinstance(bits, int):
-        raise ValueError(f"{where}: quantization bits={bits!r} is not supported; valid: the integers 2, 3, 4, 8")
+        raise Error(f"{where}: quantization bits={bits!r} is not supported; valid: the integers 2, 3, 4, 8")
     gs = q.get("group_size", -1)
     if isinstance(gs, bool) or not isinstance(gs, int) or gs == 0 or gs < -1:
-        raise ValueError(f"{where}: group_size={gs!r} is invalid; valid: -1 or a positive integer")
+        raise Error(f"{where}: group_size={gs!r} is invalid; valid: -1 or a positive integer")
     flags = {k: q.get(k, default) for k, default in (("sym", True), ("desc_act", False))}
     for k, v in flags.items():
         if not isinstance(v, bool):
-            raise ValueError(f"{where}: {k}={v!r} must be true or false")
+            raise Error(f"{where}: {k}={v!r} must be true or false")
     return dict(q, bits=bits, group_size=gs, checkpoint_format=fmt, **flags)
 
 
@@ -254,9 +285,9 @@ def resolve_cpu_kernel(cpu_kernel: str) -> bool:
     """"auto" / "int8" / "exact" -> whether QuantLinear runs the int8-activation kernels on the CPU."""
     from . import kernels
     if cpu_kernel not in CPU_KERNELS:
-        raise ValueError(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNELS)}")
+        raise Error(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNELS)}")
     if cpu_kernel == "int8" and not kernels.cpu_int8_available():
-        raise ValueError(f"--cpu-kernel int8 needs AVX-512 VNNI or AVX-VNNI; this CPU / build offers "
+        raise Error(f"--cpu-kernel int8 needs AVX-512 VNNI or AVX-VNNI; this CPU / build offers "
                          f"{kernels.cpu_isas() or 'no compiled kernels'}; use --cpu-kernel exact")
     return cpu_kernel == "int8" or (cpu_kernel == "auto" and kernels.cpu_int8_available())
 
@@ -271,7 +302,7 @@ def quant_linear_like(linear: nn.Linear, ckpt: Checkpoint, hf_name: str) -> nn.M
             ql = QuantLinear(linear.in_features, linear.out_features, q["bits"], q["group_size"],
                              bias=linear.bias is not None, dtype=dtype if dtype.is_floating_point else torch.float16)
     except ValueError as e:
-        raise ValueError(f"{ckpt.path}: {hf_name}: {e}") from None
+        raise Error(f"{ckpt.path}: {hf_name}: {e}") from None
     ql.checkpoint_format = q["checkpoint_format"]
     return ql
 
@@ -298,7 +329,7 @@ def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, 
     wanted_hf = {to_hf[n.rpartition(".")[0]] + "." + n.rpartition(".")[2]: n for n in expected}
     missing = [hf for hf in wanted_hf if not ckpt.has(hf)]
     if missing:
-        raise ValueError(f"{ckpt.path}: {len(missing)} tensor(s) missing from the checkpoint: "
+        raise Error(f"{ckpt.path}: {len(missing)} tensor(s) missing from the checkpoint: "
                          f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
     hf_prefixes = tuple(h + "." for o, h in to_hf.items() if (o + ".").startswith(prefix) or not prefix)
     unexpected = [n for n in ckpt.names() if n.startswith(hf_prefixes) and n not in wanted_hf
@@ -307,7 +338,7 @@ def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, 
     if not prefix:
         unexpected += [n for n in ckpt.names() if not n.startswith(tuple(h + "." for h in to_hf.values()))]
     if unexpected:
-        raise ValueError(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) in the checkpoint: "
+        raise Error(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) in the checkpoint: "
                          f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
     plan = []
     for hf, ours in wanted_hf.items():
@@ -319,15 +350,15 @@ def _plan(model: Transformer, ckpt: Checkpoint, prefix: str) -> list[tuple[str, 
         if not kind_ok:
             valid = "a floating dtype (F32, F16, BF16)" if want.is_floating_point else \
                 ("int32" if leaf in ("qweight", "qzeros") else "an integer dtype")
-            raise ValueError(f"{ckpt.path}: tensor {hf} is stored as {str(t.dtype).removeprefix('torch.')}; "
+            raise Error(f"{ckpt.path}: tensor {hf} is stored as {str(t.dtype).removeprefix('torch.')}; "
                              f"valid: {valid}")
         if got != shape:
             if isinstance(mod, QuantLinear):
                 q = ckpt.quant
-                raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(got)}, but the quantize_config "
+                raise Error(f"{ckpt.path}: tensor {hf} has shape {list(got)}, but the quantize_config "
                                  f"(bits={q['bits']}, group_size={q['group_size']}) and config.json imply "
                                  f"{list(shape)}; the quantization config disagrees with the tensors")
-            raise ValueError(f"{ckpt.path}: tensor {hf} has shape {list(got)}, expected {list(shape)} "
+            raise Error(f"{ckpt.path}: tensor {hf} has shape {list(got)}, expected {list(shape)} "
                              f"from config.json")
         plan.append((hf, mod, leaf))
     return plan
@@ -371,7 +402,7 @@ def load_into(model: Transformer, ckpt: Checkpoint, prefix: str = "", dtype: tor
             try:
                 mod.post_load()
             except ValueError as e:
-                raise ValueError(f"{ckpt.path}: {to_hf.get(name, name)}: {e}") from None
+                raise Error(f"{ckpt.path}: {to_hf.get(name, name)}: {e}") from None
 
 
 def check_finite(t: Tensor, what: str, fix: str = "") -> None:
@@ -381,7 +412,7 @@ def check_finite(t: Tensor, what: str, fix: str = "") -> None:
         n = int((~torch.isfinite(t)).sum())
         kind = "NaN" if bool(torch.isnan(t).any()) else "Inf"
         hint = f"; its values overflow {str(t.dtype).removeprefix('torch.')}: {fix}" if fix else ""
-        raise ValueError(f"{what} holds {n} non-finite value(s) ({kind}){hint}")
+        raise Error(f"{what} holds {n} non-finite value(s) ({kind}){hint}")
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
@@ -398,6 +429,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
     fuse: run packed q/k/v and gate/up as one kernel call each (same outputs; fewer calls per token).
     """
     int8 = resolve_cpu_kernel(cpu_kernel)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise Error(f"device {device!r} is not a device; valid: cpu, cuda, cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise Error(f"device {str(device)!r} requested but no CUDA GPU is available; use device='cpu'")
+    if dev.type not in ("cpu", "cuda"):
+        raise Error(f"device {str(device)!r} is not supported; valid: cpu, cuda")
     ckpt = Checkpoint(path)
     model = build_empty(ckpt, cpu_int8=int8)
     load_into(model, ckpt, "", parse_dtype(dtype), device)

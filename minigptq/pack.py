@@ -45,6 +45,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import Error
+
 VALID_BITS = (2, 3, 4, 8)
 FORMATS = ("gptq", "gptq_v2")  # checkpoint_format: v1 stores zero - 1 in qzeros, v2 the zero itself
 V1_WORD_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}  # +1 in every field of one int32 word
@@ -53,7 +55,7 @@ V1_WORD_OFFSET = {2: 0x55555555, 4: 0x11111111, 8: 0x01010101}  # +1 in every fi
 def _block(bits: int) -> tuple[int, int]:
     """(values, words) of the smallest whole packing unit: 32/bits values in 1 word, or 32 values in 3 words."""
     if bits not in VALID_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; valid: {VALID_BITS}")
+        raise Error(f"bits={bits!r} is not supported; valid: {VALID_BITS}")
     return (32, 3) if bits == 3 else (32 // bits, 1)
 
 
@@ -74,13 +76,13 @@ def pack_rows(q: Tensor, bits: int) -> Tensor:
     """Integer codes [K, N] in [0, 2^bits - 1] -> int32 [K*bits/32, N] packed along K (the qweight layout)."""
     values, words = _block(bits)
     if q.dim() != 2 or q.shape[0] % values:
-        raise ValueError(f"{bits}-bit packing along rows needs a 2-D tensor with rows divisible by {values}, "
+        raise Error(f"{bits}-bit packing along rows needs a 2-D tensor with rows divisible by {values}, "
                          f"got shape {list(q.shape)}")
     if q.is_floating_point():
-        raise ValueError(f"codes must be an integer tensor, got {q.dtype}")
+        raise Error(f"codes must be an integer tensor, got {q.dtype}")
     maxq = 2**bits - 1
     if q.numel() and (int(q.min()) < 0 or int(q.max()) > maxq):
-        raise ValueError(f"{bits}-bit codes must lie in [0, {maxq}], got [{int(q.min())}, {int(q.max())}]")
+        raise Error(f"{bits}-bit codes must lie in [0, {maxq}], got [{int(q.min())}, {int(q.max())}]")
     K, N = q.shape
     q = q.to(torch.int32).reshape(K // values, values, N)  # (blocks, values per block, N)
     out = torch.zeros(K // values, words, N, dtype=torch.int32, device=q.device)
@@ -96,7 +98,7 @@ def unpack_rows(packed: Tensor, bits: int, K: int) -> Tensor:
     """int32 [K*bits/32, N] packed along K -> int32 codes [K, N]."""
     values, words = _block(bits)
     if packed.dim() != 2 or K % values or packed.shape[0] != K // values * words:
-        raise ValueError(f"packed {bits}-bit rows for K={K} must have shape [{K * bits // 32}, N] with K divisible "
+        raise Error(f"packed {bits}-bit rows for K={K} must have shape [{K * bits // 32}, N] with K divisible "
                          f"by {values}, got {list(packed.shape)}")
     N = packed.shape[1]
     w = packed.to(torch.int32).reshape(K // values, words, N)
@@ -116,7 +118,7 @@ def pack_cols(z: Tensor, bits: int) -> Tensor:
     """Integer values [G, N] -> int32 [G, N*bits/32] packed along N (the qzeros layout)."""
     values, _ = _block(bits)
     if z.dim() != 2 or z.shape[1] % values:
-        raise ValueError(f"{bits}-bit packing along columns needs a 2-D tensor with columns divisible by {values}, "
+        raise Error(f"{bits}-bit packing along columns needs a 2-D tensor with columns divisible by {values}, "
                          f"got shape {list(z.shape)}")
     return pack_rows(z.T, bits).T.contiguous()
 
@@ -125,7 +127,7 @@ def unpack_cols(packed: Tensor, bits: int, N: int) -> Tensor:
     """int32 [G, N*bits/32] packed along N -> int32 [G, N]."""
     values, words = _block(bits)
     if packed.dim() != 2 or N % values or packed.shape[1] != N // values * words:
-        raise ValueError(f"packed {bits}-bit columns for N={N} must have shape [G, {N * bits // 32}] with N divisible "
+        raise Error(f"packed {bits}-bit columns for N={N} must have shape [G, {N * bits // 32}] with N divisible "
                          f"by {values}, got {list(packed.shape)}")
     return unpack_rows(packed.T, bits, N).T.contiguous()
 
@@ -134,7 +136,7 @@ def zero_points(qzeros: Tensor, bits: int, N: int, fmt: str) -> Tensor:
     """Stored qzeros [G, N*bits/32] -> zero points int32 [G, N] in [0, 2^bits - 1], for checkpoint_format fmt
     ("gptq": v1, read as GPTQModel reads it, see the module docstring; "gptq_v2": raw)."""
     if fmt not in FORMATS:
-        raise ValueError(f"checkpoint_format={fmt!r} is not supported; valid: {list(FORMATS)}")
+        raise Error(f"checkpoint_format={fmt!r} is not supported; valid: {list(FORMATS)}")
     if fmt == "gptq_v2":
         return unpack_cols(qzeros, bits, N)
     if bits == 3:
@@ -153,9 +155,9 @@ def dequantize(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, b
     q = unpack_rows(qweight, bits, K)  # (K, N)
     zero = zero_points(qzeros, bits, N, fmt)  # (G, N)
     if zero.shape[0] != G:
-        raise ValueError(f"qzeros has {zero.shape[0]} groups but scales has {G}")
+        raise Error(f"qzeros has {zero.shape[0]} groups but scales has {G}")
     g = g_idx.long()  # (K,)
     if K and (int(g.min()) < 0 or int(g.max()) >= G):
-        raise ValueError(f"g_idx values must lie in [0, {G}) (the number of groups), got [{int(g.min())}, "
+        raise Error(f"g_idx values must lie in [0, {G}) (the number of groups), got [{int(g.min())}, "
                          f"{int(g.max())}]")
     return scales[g] * (q - zero[g]).to(scales.dtype)  # (K, N); |q - zero| <= 256 is exact in fp16/bf16

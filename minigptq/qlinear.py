@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from . import Error
 from . import kernels
 from .pack import can_pack, dequantize, pack_cols, pack_rows
 
@@ -42,9 +43,9 @@ class QuantLinear(nn.Module):
         super().__init__()
         reason = can_pack(in_features, out_features, bits)
         if reason is not None:
-            raise ValueError(f"QuantLinear({in_features}, {out_features}): {reason}")
+            raise Error(f"QuantLinear({in_features}, {out_features}): {reason}")
         if not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
-            raise ValueError(f"group_size={group_size!r} must be -1 (one group) or a positive integer")
+            raise Error(f"group_size={group_size!r} must be -1 (one group) or a positive integer")
         K, N = in_features, out_features
         G = 1 if group_size == -1 else math.ceil(K / group_size)
         self.in_features, self.out_features, self.bits, self.group_size = K, N, bits, group_size
@@ -74,11 +75,11 @@ class QuantLinear(nn.Module):
         G = mod.scales.shape[0]
         for name, t, shape in (("scales", scales, [G, N]), ("zeros", zeros, [G, N]), ("g_idx", g_idx, [K])):
             if list(t.shape) != shape:
-                raise ValueError(f"{name} must have shape {shape} for codes [N={N}, K={K}] and group_size="
+                raise Error(f"{name} must have shape {shape} for codes [N={N}, K={K}] and group_size="
                                  f"{group_size}, got {list(t.shape)}")
         zeros = zeros.round().to(torch.int64) if zeros.is_floating_point() else zeros.to(torch.int64)
         if zeros.numel() and (int(zeros.min()) < 1 or int(zeros.max()) > 2**bits - 1):
-            raise ValueError(f"zero points must lie in [1, {2**bits - 1}] to be stored in the v1 'gptq' format "
+            raise Error(f"zero points must lie in [1, {2**bits - 1}] to be stored in the v1 'gptq' format "
                              f"(zero - 1 in {bits} bits), got [{int(zeros.min())}, {int(zeros.max())}]; clamp them")
         mod.qweight = pack_rows(codes.T, bits)  # (K*bits/32, N)
         mod.qzeros = pack_cols(zeros - 1, bits)  # (G, N*bits/32)
@@ -100,16 +101,16 @@ class QuantLinear(nn.Module):
         for name, (dtype, shape) in expect.items():
             t = getattr(self, name)
             if list(t.shape) != shape or (dtype is not None and t.dtype != dtype) or t.device != self.qweight.device:
-                raise ValueError(f"{name} must be {'' if dtype is None else str(dtype) + ' '}{shape} on "
+                raise Error(f"{name} must be {'' if dtype is None else str(dtype) + ' '}{shape} on "
                                  f"{self.qweight.device} for in_features={K}, out_features={N}, bits={bits}, "
                                  f"{G} groups; got {t.dtype} {list(t.shape)} on {t.device}")
         if not self.scales.is_floating_point() or self.g_idx.is_floating_point():
-            raise ValueError(f"scales must be floating point and g_idx integer, got {self.scales.dtype}, "
+            raise Error(f"scales must be floating point and g_idx integer, got {self.scales.dtype}, "
                              f"{self.g_idx.dtype}")
         if self.qweight.device.type == "meta":
-            raise ValueError("post_load() needs the loaded tensors; the buffers are still on the meta device")
+            raise Error("post_load() needs the loaded tensors; the buffers are still on the meta device")
         if G < 1 or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G:
-            raise ValueError(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
+            raise Error(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
                              f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
         int8 = self.cpu_int8 and kernels.cpu_int8_available()
         self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits,
@@ -147,7 +148,7 @@ class QuantLinear(nn.Module):
         K, N = self.in_features, self.out_features
         if x.shape[-1] != K or not x.is_floating_point() or x.is_cpu != L.on_cpu or \
                 (not L.on_cpu and x.device != L.scales.device):
-            raise ValueError(f"x must be a floating tensor [..., {K}] on {L.scales.device}, got {x.dtype} "
+            raise Error(f"x must be a floating tensor [..., {K}] on {L.scales.device}, got {x.dtype} "
                              f"{list(x.shape)} on {x.device}")
         x2 = x.reshape(-1, K)  # (M, K)
         path = kernel_path(x2, L)

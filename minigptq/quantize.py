@@ -5,31 +5,39 @@ See minigptq/driver.py for the layer-by-layer loop and minigptq/gptq.py for the 
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from . import Error
 from . import __version__
 from .checkpoint import PartialRun, check_out, tensor_digest
 from .compat import format_report, report
 from .cli import add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
 
+logger = logging.getLogger("minigptq")
+
 
 
 def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int, device, log) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen): from `dataset`, or sampled from the model itself (data-free)."""
-    from .data import calibration_windows, sample_from_model, tokenize_file
+    from .data import calibration_tokens, calibration_windows, sample_from_model
     from .tokenizer import check_token_ids, load_tokenizer
     tok = load_tokenizer(model_path)
-    if dataset:
-        tokens = tokenize_file(dataset, tok)
-        check_token_ids(tokens, ckpt.cfg.vocab_size, f"the tokenizer's encoding of {dataset}")
-        windows = calibration_windows(tokens, nsamples, seqlen, seed, source=str(dataset))
-        log(f"calibration: {nsamples} random windows of {seqlen} tokens from {dataset} (seed {seed})")
+    if dataset is not None:
+        tokens, what = calibration_tokens(dataset, tok)
+        check_token_ids(tokens, ckpt.cfg.vocab_size, f"the calibration tokens ({what})")
+        if tokens.dim() == 2:
+            log(f"calibration: {what}")
+            return tokens
+        windows = calibration_windows(tokens, nsamples, seqlen, seed, source=what)
+        log(f"calibration: {nsamples} random windows of {seqlen} tokens from {what} (seed {seed})")
         return windows
     from .loader import load_model
     log(f"calibration: no --dataset given, so using data-free calibration: sampling {nsamples} sequences of "
@@ -70,36 +78,46 @@ def default_out(model: str | Path, method: str, bits: int, group_size: int) -> P
 
 
 def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
-                   method: str = "gptq", dataset: str | Path | None = None, nsamples: int = 128, seqlen: int = 2048,
+                   method: str = "gptq", dataset=None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
                    resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True)) -> Path:
+                   log: Callable[[str], None] | None = None, progress: bool = False) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
+    dataset: calibration data: a .txt / .jsonl file (text or chat "messages" rows), a list of strings, a list of
+    token-id lists, a 1-D tensor of token ids, or a 2-D tensor of windows (data.calibration_tokens); None = data-free.
     fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
     "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
     target: "vllm" refuses settings vLLM would not serve and keeps the layers it fuses all quantized or all kept.
     act_dtype: dtype of the calibration activations kept between blocks (fp32; bf16 or fp16 halve their memory).
+    log: receives the progress messages (default: the "minigptq" logger at INFO, silent unless configured);
+    progress: show a progress bar over the blocks on stderr.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see checkpoint.check_out).
     """
     from .driver import check_memory, quantize_checkpoint, top_source
     from .loader import Checkpoint, check_checkpoint, parse_dtype
+    log = log or logger.info
     if fmt not in ("gptq", "gptq_v2"):
-        raise ValueError(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
+        raise Error(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
     if method not in ("gptq", "rtn"):
-        raise ValueError(f"method must be 'gptq' or 'rtn', got {method!r}")
+        raise Error(f"method must be 'gptq' or 'rtn', got {method!r}")
     for name, v, lo in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"--{name} must be an integer >= {lo}, got {v!r}")
+            raise Error(f"--{name} must be an integer >= {lo}, got {v!r}")
     out_dtype, acts = parse_dtype(dtype), parse_dtype(act_dtype)
     device, _ = resolve_device(device)
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
-        raise ValueError(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
+        raise Error(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
     check_checkpoint(ckpt)  # every tensor's name, shape and dtype, before anything is computed or written
     if target is not None:
         check_target(target, ckpt, qcfg, fmt)
+    if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:  # the windows themselves
+        nsamples, seqlen = dataset.shape
+        if seqlen > ckpt.cfg.max_positions or seqlen < 2:
+            raise Error(f"the calibration windows have {seqlen} tokens; valid: 2 to the model's context "
+                        f"({ckpt.cfg.max_positions})")
     seqlen = min(seqlen, ckpt.cfg.max_positions)
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
                     overwrite)
@@ -108,6 +126,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
     # What a resumed run must share with the interrupted one: the settings and the inputs' contents (not their
     # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
+    nsamples, seqlen = windows.shape  # given windows (a 2-D tensor) set both
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
                     act_dtype=act_dtype, version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
                     model_sha256=top_source(ckpt))
@@ -117,9 +136,11 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
             f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
         top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
-                                  fused_all_or_none=target == "vllm", act_dtype=acts)
+                                  fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress)
         records = partial.records()
-        calib_note = f"{dataset or 'data-free (model samples)'}, {nsamples}x{seqlen}, seed {seed}"
+        source = dataset if isinstance(dataset, (str, Path)) else type(dataset).__name__ if dataset is not None \
+            else "data-free (model samples)"
+        calib_note = f"{source}, {nsamples}x{seqlen}, seed {seed}"
         partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
                        out_dtype)
     kept = [r["module"] for r in records if r["method"].startswith("kept")]
@@ -139,7 +160,7 @@ def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
     from .loader import build_empty
     from .pack import can_pack
     if target != "vllm":
-        raise ValueError(f"--target must be 'vllm', got {target!r}")
+        raise Error(f"--target must be 'vllm', got {target!r}")
     bad = []
     if qcfg.bits not in (4, 8):
         bad.append(f"--bits {qcfg.bits} (vLLM serves 4 or 8 bits)")
@@ -161,7 +182,7 @@ def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
             bad.append(f"--groupsize {qcfg.group_size} does not divide the layers' input widths {odd} (vLLM needs it "
                        f"to; valid: {', '.join(map(str, valid + [-1]))})")
     if bad:
-        raise ValueError(f"--target vllm: vLLM would not serve this checkpoint: {'; '.join(bad)}")
+        raise Error(f"--target vllm: vLLM would not serve this checkpoint: {'; '.join(bad)}")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -171,7 +192,7 @@ def main(args: argparse.Namespace) -> None:
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
                    overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
-                   act_dtype=args.act_dtype)
+                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty())
 
 
 def parser() -> argparse.ArgumentParser:
@@ -197,8 +218,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
                    help="gptq (default) or rtn: round-to-nearest baseline with the same grid")
     p.add_argument("--dataset", default=None,
-                   help="calibration text: .txt or .jsonl with a \"text\" field (default: data-free, sampled "
-                        "from the model)")
+                   help="calibration data: a .txt file, or a .jsonl file with a \"text\" field or a \"messages\" list "
+                        "per line (chat data, rendered with the model's chat template); default: data-free, sampled "
+                        "from the model")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048, capped at the context)")
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
@@ -217,6 +239,7 @@ def parser() -> argparse.ArgumentParser:
                         "--static-groups), a group size dividing every layer's input width")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and any interrupted run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--quiet", action="store_true", help="print only errors (no progress, no per-block lines)")
     add_debug_flag(p)
     return p
 

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import Error
+
 VALID_BITS = (2, 3, 4, 8)
 
 # MSE range search (reference implementation's defaults): try ranges shrunk to 100%, 99%, ..., 21% of the
@@ -53,25 +55,25 @@ class QuantConfig:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not is_int(self.bits) or self.bits not in VALID_BITS:
-            raise ValueError(f"bits={self.bits!r} is not supported; valid values are {VALID_BITS}")
+            raise Error(f"bits={self.bits!r} is not supported; valid values are {VALID_BITS}")
         if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
-            raise ValueError(
+            raise Error(
                 f"group_size={self.group_size!r} is invalid; use -1 (one group per output row over all "
                 f"inputs) or a positive number of input columns per group, e.g. 128"
             )
         for name in ("sym", "act_order", "static_groups", "mse"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
+                raise Error(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
         p = self.percdamp
         if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:  # also rejects NaN
-            raise ValueError(f"percdamp={self.percdamp!r} must be a number in (0, 1], e.g. 0.01")
+            raise Error(f"percdamp={self.percdamp!r} must be a number in (0, 1], e.g. 0.01")
         if not is_int(self.blocksize) or self.blocksize < 1:
-            raise ValueError(f"blocksize={self.blocksize!r} must be an integer >= 1, e.g. 128")
+            raise Error(f"blocksize={self.blocksize!r} must be an integer >= 1, e.g. 128")
 
     def num_groups(self, in_features: int) -> int:
         """G = ceil(K / group_size), or 1 when group_size == -1."""
         if in_features < 1:
-            raise ValueError(f"in_features={in_features} must be >= 1")
+            raise Error(f"in_features={in_features} must be >= 1")
         return 1 if self.group_size == -1 else math.ceil(in_features / self.group_size)
 
 
@@ -101,7 +103,7 @@ def find_params(w: Tensor, bits: int, sym: bool, mse: bool = False) -> tuple[Ten
     contains 0, so zero weights (and pruned / dead inputs) are represented exactly.
     """
     if w.dim() != 2:
-        raise ValueError(f"find_params expects a 2-D tensor [rows, cols], got shape {tuple(w.shape)}")
+        raise Error(f"find_params expects a 2-D tensor [rows, cols], got shape {tuple(w.shape)}")
     maxq = 2**bits - 1
     xmin = w.min(dim=1).values.clamp(max=0)  # [R]
     xmax = w.max(dim=1).values.clamp(min=0)  # [R]
@@ -197,11 +199,11 @@ def rtn(W: Tensor, cfg: QuantConfig, H: Tensor | None = None) -> QuantResult:
     without it loss = 1/2 ||W - Q||_F^2 (H' = identity).
     """
     if W.dim() != 2:
-        raise ValueError(f"W must be 2-D [out_features, in_features], got shape {tuple(W.shape)}")
+        raise Error(f"W must be 2-D [out_features, in_features], got shape {tuple(W.shape)}")
     W = W.detach().to(torch.float32)  # [N, K]
     N, K = W.shape
     if not torch.isfinite(W).all():
-        raise ValueError("W contains NaN or Inf; cannot quantize")
+        raise Error("W contains NaN or Inf; cannot quantize")
     maxq = 2**cfg.bits - 1
     gs = K if cfg.group_size == -1 else cfg.group_size
     G = cfg.num_groups(K)
@@ -218,6 +220,6 @@ def rtn(W: Tensor, cfg: QuantConfig, H: Tensor | None = None) -> QuantResult:
         loss, percdamp = 0.5 * float((W - weight).square().sum()), 0.0
     else:
         if H.shape != (K, K):
-            raise ValueError(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
+            raise Error(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
         loss, percdamp = proxy_loss(W, weight, H, cfg.percdamp), cfg.percdamp
     return QuantResult(qweight, scales, zeros, g_idx, weight, loss, percdamp)

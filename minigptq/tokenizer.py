@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from . import Error
 from .config import eos_tuple, read_json
 
 
@@ -16,7 +17,10 @@ def _side_file(path: Path) -> dict:
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        path = Path(path)
+        from .loader import resolve_model
+        path = resolve_model(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model folder {str(path)!r} does not exist (expected a folder with a tokenizer)")
         tc = _side_file(path / "tokenizer_config.json")
         cfg = _side_file(path / "config.json")
         gen = _side_file(path / "generation_config.json")
@@ -58,15 +62,21 @@ class Tokenizer:
         # post-processor, which add_bos_token can override.
         self.add_bos = tc.get("add_bos_token", True if self.kind == "sentencepiece" else None)
         if self.add_bos is not None and not isinstance(self.add_bos, bool):
-            raise ValueError(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or false, "
+            raise Error(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or false, "
                              f"got {self.add_bos!r}")
+        from .chat import find_template, special_tokens
+        self.chat_template = find_template(path, tc)  # None: the checkpoint has none
+        self.special_tokens = special_tokens(tc)
 
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size() if self.kind == "tokenizers" else self.tok.get_piece_size()
 
-    def encode(self, text: str, bos: bool | None = None) -> list[int]:
-        """Text -> token ids; bos=None follows the checkpoint's convention."""
+    def encode(self, text: str, bos: bool | None = None, special: bool = True) -> list[int]:
+        """Text -> token ids; bos=None follows the checkpoint's convention. special=False: add no special token
+        (no BOS either) and read the special tokens written in the text as themselves (a rendered chat)."""
+        if not special:
+            return self._encode_raw(text)
         if self.kind == "tokenizers":
             ids = self.tok.encode(text, add_special_tokens=True).ids
         else:
@@ -78,6 +88,33 @@ class Tokenizer:
             ids = ids[1:]
         return ids
 
+    def _encode_raw(self, text: str) -> list[int]:
+        if self.kind == "tokenizers":  # its added-token matching finds the special tokens in the text
+            return self.tok.encode(text, add_special_tokens=False).ids
+        specials = sorted({t for k, t in self.special_tokens.items() if isinstance(t, str) and self._id(t) is not None}
+                          | {t for t in self.special_tokens.get("additional_special_tokens", ()) if self._id(t)},
+                          key=len, reverse=True)
+        ids, rest = [], text
+        while rest:  # sentencepiece sees "<s>" as three characters: split the special tokens out first
+            hit = min(((rest.find(t), t) for t in specials if t in rest), default=None)
+            head, rest = (rest, "") if hit is None else (rest[:hit[0]], rest[hit[0] + len(hit[1]):])
+            ids += self.tok.encode(head) if head else []
+            if hit is not None:
+                ids.append(self._id(hit[1]))
+        return ids
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True) -> list[int] | str:
+        """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] rendered with the
+        checkpoint's chat template (minigptq/chat.py) -> token ids (or the text, tokenize=False), ending with the
+        prompt for the assistant's turn if add_generation_prompt."""
+        from .chat import render
+        if self.chat_template is None:
+            raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template); use plain "
+                             "prompts")
+        text = render(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+        return self._encode_raw(text) if tokenize else text
+
     def decode(self, ids: list[int]) -> str:
         ids = [int(i) for i in ids]
         if self.kind == "tokenizers":
@@ -88,11 +125,11 @@ class Tokenizer:
 def _open(loader, file: Path):
     """Load a tokenizer file; any failure of the parsing library becomes a ValueError naming the file."""
     if not file.is_file():
-        raise ValueError(f"{file} is not a readable file")
+        raise Error(f"{file} is not a readable file")
     try:
         return loader(str(file))
     except Exception as e:  # tokenizers and sentencepiece raise their own types for corrupt files
-        raise ValueError(f"{file}: cannot be read as a tokenizer ({type(e).__name__}: "
+        raise Error(f"{file}: cannot be read as a tokenizer ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); the file is corrupt or of another format") from None
 
 
@@ -104,5 +141,5 @@ def check_token_ids(ids, vocab_size: int, what: str) -> None:
     """Token ids (a list or tensor) must index the model's embedding: a tokenizer larger than the model is refused."""
     top = max(ids, default=-1) if isinstance(ids, list) else (int(ids.max()) if ids.numel() else -1)
     if top >= vocab_size:
-        raise ValueError(f"{what} holds token id {top}, but the model's vocabulary has {vocab_size} entries; the "
+        raise Error(f"{what} holds token id {top}, but the model's vocabulary has {vocab_size} entries; the "
                          f"tokenizer does not belong to this model")

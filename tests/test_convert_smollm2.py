@@ -74,22 +74,23 @@ def test_reader_and_dequantizers_match_scalar_reference(tmp_path):
             ("a.u64", 10, struct.pack("<Q", 2**40)), ("a.f64", 12, struct.pack("<d", 0.25)),
             ("a.ints", 9, struct.pack("<IQ", 5, 3) + struct.pack("<3i", 1, -2, 3)),
             ("a.strs", 9, struct.pack("<IQ", 8, 2) + _s("a b") + _s("Ġx"))]
-    tensors = [("q4", (cols, rows), conv.Q4_1, q4), ("q8", (cols, rows), conv.Q8_0, q8),
-               ("f32", (cols,), conv.F32, f32.tobytes()), ("f16", (cols,), conv.F16, f16.tobytes())]
+    F32, F16, Q4_1, Q8_0 = 0, 1, 3, 8  # ggml type ids
+    tensors = [("q4", (cols, rows), Q4_1, q4), ("q8", (cols, rows), Q8_0, q8),
+               ("f32", (cols,), F32, f32.tobytes()), ("f16", (cols,), F16, f16.tobytes())]
     path = tmp_path / "tiny.gguf"
     write_gguf(path, meta, tensors, align=64)
-    buf = path.read_bytes()
-    got_meta, got = conv.read_gguf(buf)
-    assert got_meta == {"general.alignment": 64, "a.u8": 7, "a.i16": -3, "a.f32": 1e-5, "a.bool": True,
-                        "a.str": "héllo", "a.u64": 2**40, "a.f64": 0.25, "a.ints": [1, -2, 3],
-                        "a.strs": ["a b", "Ġx"]}
-    assert got["q4"].shape == (rows, cols) and all(t.offset % 64 == 0 for t in got.values())
-    np.testing.assert_allclose(conv.dequantize(buf, got["q4"]).ravel(), ref_q4_1(q4), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(conv.dequantize(buf, got["q8"]).ravel(), ref_q8_0(q8), rtol=1e-6, atol=1e-7)
-    np.testing.assert_array_equal(conv.dequantize(buf, got["f32"]), f32)
-    np.testing.assert_array_equal(conv.dequantize(buf, got["f16"]), f16.astype(np.float32))
-    with pytest.raises(ValueError, match="truncated"):
-        conv.read_gguf(buf[:-8])
+    got_meta, got = conv.read_gguf(path)
+    assert {k: v for k, v in got_meta.items() if not k.startswith("GGUF.")} == {
+        "general.alignment": 64, "a.u8": 7, "a.i16": -3, "a.f32": 1e-5, "a.bool": True, "a.str": "héllo",
+        "a.u64": 2**40, "a.f64": 0.25, "a.ints": [1, -2, 3], "a.strs": ["a b", "Ġx"]}
+    assert conv.dequantize(got["q4"]).shape == (rows, cols)
+    np.testing.assert_allclose(conv.dequantize(got["q4"]).ravel(), ref_q4_1(q4), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(conv.dequantize(got["q8"]).ravel(), ref_q8_0(q8), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(conv.dequantize(got["f32"]), f32)
+    np.testing.assert_array_equal(conv.dequantize(got["f16"]), f16.astype(np.float32))
+    (tmp_path / "cut.gguf").write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        conv.read_gguf(tmp_path / "cut.gguf")
 
 
 def test_unpermute_inverts_llama_cpp_permute():

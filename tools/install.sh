@@ -10,7 +10,7 @@ PY=${PYTHON:-python3}
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q torch==2.13.0
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/pip install -q -e ".[test]"
+  .venv/bin/pip install -q -e ".[test,tools]"
   if [ ! -x .venv-peer/bin/python ]; then
     SHARED=${MINIGPTQ_SHARED:-../shared}
     if [ -f "$SHARED/tools/install_peer.sh" ]; then
@@ -23,6 +23,6 @@ if [ "${1:-}" = "--test" ]; then
   [ -f models/SmolLM2-135M-Instruct/config.json ] || .venv/bin/python tools/convert_smollm2.py \
     || echo "note: SmolLM2 conversion failed; its tests will be skipped" >&2
 else
-  .venv/bin/pip install -q -e .
+  .venv/bin/pip install -q -e ".[tools]"  # tools: gguf, for tools/convert_smollm2.py
 fi
 .venv/bin/python -c "import minigptq, torch; print('minigptq installed; torch', torch.__version__)"

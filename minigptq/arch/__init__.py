@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .. import Error
 from ..config import Fields, ModelConfig
 
 
@@ -49,6 +50,6 @@ ARCHS = _registry()
 
 def get_arch(model_type: str) -> Arch:
     if not isinstance(model_type, str) or model_type not in ARCHS:
-        raise ValueError(f"unsupported model_type {model_type!r}; "
+        raise Error(f"unsupported model_type {model_type!r}; "
                          f"supported: {', '.join(sorted(ARCHS))}")
     return ARCHS[model_type]

@@ -1,6 +1,7 @@
 """BLOOM: ALiBi instead of positions, LayerNorm after the embedding, fused query_key_value laid out per head, GELU."""
 from __future__ import annotations
 
+from .. import Error
 from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
 
@@ -11,7 +12,7 @@ def config_from_hf(f: Fields) -> ModelConfig:
     hidden = f.int(("hidden_size", "n_embed"))
     heads = f.int(("n_head", "num_attention_heads"), hi=MAX_COUNT)
     if hidden % heads:
-        raise ValueError(f"hidden_size={hidden} must be a multiple of n_head={heads}")
+        raise Error(f"hidden_size={hidden} must be a multiple of n_head={heads}")
     return ModelConfig(
         model_type="bloom",
         vocab_size=f.int("vocab_size", hi=MAX_VOCAB),

@@ -1,6 +1,7 @@
 """Llama (and the Llama-shaped Mistral / Qwen2 configs): RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU."""
 from __future__ import annotations
 
+from .. import Error
 from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
 from ..transformer import ACTIVATIONS
@@ -12,16 +13,16 @@ def config_from_hf(f: Fields) -> ModelConfig:
     # RoPE settings: "rope_theta"/"rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
     rope = f.dict(("rope_parameters", "rope_scaling"))
     if rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise ValueError(f"RoPE scaling {rope!r} is not supported; only plain RoPE (rope_type 'default') is")
+        raise Error(f"RoPE scaling {rope!r} is not supported; only plain RoPE (rope_type 'default') is")
     theta = Fields(rope).float("rope_theta", f.float("rope_theta", 10000.0))
     max_pos = f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS)
     window = f.int("sliding_window", None, hi=2**31)
     if window and f.bool("use_sliding_window", True) and window < max_pos and f.d["model_type"] == "mistral":
-        raise ValueError(f"sliding-window attention (sliding_window={window}) is not supported")
+        raise Error(f"sliding-window attention (sliding_window={window}) is not supported")
     hidden, heads = f.int("hidden_size"), f.int("num_attention_heads", hi=MAX_COUNT)
     head_dim = f.int("head_dim", None)
     if head_dim is None and hidden % heads:
-        raise ValueError(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} (or give head_dim)")
+        raise Error(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} (or give head_dim)")
     attention_bias = f.bool("attention_bias", False)
     return ModelConfig(
         model_type="llama",

@@ -1,6 +1,7 @@
 """OPT: learned positions (offset 2), LayerNorm before or after each sub-block, ReLU MLP, OPT-350M's projections."""
 from __future__ import annotations
 
+from .. import Error
 from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
 from ..transformer import ACTIVATIONS
@@ -11,7 +12,7 @@ MODEL_TYPES = ("opt",)
 def config_from_hf(f: Fields) -> ModelConfig:
     hidden, heads = f.int("hidden_size"), f.int("num_attention_heads", hi=MAX_COUNT)
     if hidden % heads:
-        raise ValueError(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
+        raise Error(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
     bias = f.bool("enable_bias", True)
     pre = f.bool("do_layer_norm_before", True)
     proj = f.int("word_embed_proj_dim", hidden)

@@ -1,0 +1,191 @@
+"""Chat templates, and `python -m minigptq.chat`: render a conversation the way the model was trained to read one, from its tokenizer_config.json.
+
+A checkpoint's `chat_template` (in tokenizer_config.json, as a string or a list of named templates, or in a
+chat_template.jinja file beside it) is a Jinja template over `messages` ([{"role": ..., "content": ...}, ...]),
+`add_generation_prompt` and the special tokens. It is rendered here as transformers renders it: a sandboxed Jinja
+environment with trim_blocks and lstrip_blocks, loop controls, a `tojson` filter that does not escape HTML, and the
+`raise_exception` / `strftime_now` helpers (templates from the Hub are untrusted code: the sandbox keeps them from
+reaching Python objects). The rendered text already holds the special tokens, so it is tokenized without adding any.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+
+from . import Error
+
+SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+def find_template(folder: Path, tokenizer_config: dict, name: str | None = None) -> str | None:
+    """The checkpoint's chat template (the default one, or `name` of a list of named ones), or None."""
+    tpl = tokenizer_config.get("chat_template")
+    if tpl is None and (folder / "chat_template.jinja").is_file():
+        tpl = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if isinstance(tpl, list):
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get(name or "default")
+        if tpl is None:
+            raise Error(f"{folder}: no chat template named {name or 'default'!r}; the checkpoint has "
+                             f"{', '.join(map(str, named))}")
+    if tpl is not None and not isinstance(tpl, str):
+        raise Error(f"{folder}/tokenizer_config.json: chat_template must be a string or a list of named "
+                         f"templates, got {type(tpl).__name__}")
+    return tpl
+
+
+def special_tokens(tokenizer_config: dict) -> dict[str, str]:
+    """The special tokens a template may refer to ({{ bos_token }} ...), as strings."""
+    out = {}
+    for key in SPECIAL_TOKENS:
+        tok = tokenizer_config.get(key)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        if isinstance(tok, str):
+            out[key] = tok
+    extra = tokenizer_config.get("additional_special_tokens")
+    if isinstance(extra, list):
+        out["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t for t in extra]
+    return out
+
+
+def check_messages(messages) -> list[dict]:
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
+        raise Error("messages must be a non-empty list of {\"role\": str, \"content\": ...} objects, got "
+                         f"{str(messages)[:200]}")
+    return messages
+
+
+def render(template: str, messages: list[dict], add_generation_prompt: bool = True, **variables) -> str:
+    """The conversation as the model's input text (special tokens included, as text)."""
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):  # {% generation %}...{% endgeneration %} marks assistant text: rendered as is
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_pass"), [], [], body).set_lineno(lineno)
+
+        def _pass(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template).render(messages=check_messages(messages),
+                                                add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+        raise Error(f"the chat template failed: {e}") from None
+
+
+class ChatSession:
+    """A conversation that keeps its KV cache across turns: each turn feeds only the tokens after the part of the
+    rendered conversation that is already in the cache (the whole history is rendered again, so the template
+    decides everything; only where the new rendering departs from what was computed is work redone)."""
+
+    def __init__(self, model, tokenizer, system: str | None = None, context: int | None = None):
+        from .transformer import KVCache
+        if tokenizer.chat_template is None:
+            raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template)")
+        n = model.cfg.max_positions if context is None else context
+        if not isinstance(n, int) or not 2 <= n <= model.cfg.max_positions:
+            raise Error(f"context must be an integer in [2, {model.cfg.max_positions}], got {context!r}")
+        self.model, self.tok = model, tokenizer
+        self.cache = KVCache(model.cfg, 1, n, model.act_dtype, model.embed.weight.device)
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        self.cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
+
+    def reply(self, text: str, max_new_tokens: int = 256, stop: list[str] | None = None, on_step=None,
+              **sampling) -> str:
+        """Add the user's message, generate the assistant's answer (streamed through on_step), return its text."""
+        from .generate import StopStrings, generate
+        ids = self.tok.apply_chat_template(self.messages + [{"role": "user", "content": text}])
+        keep = 0
+        while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
+            keep += 1
+        stops = StopStrings(self.tok, stop) if stop else None
+        eos = tuple(dict.fromkeys(self.tok.eos_ids + self.model.cfg.eos_token_ids))
+        new, stats = generate(self.model, [ids[keep:]], max_new_tokens, eos_ids=eos, pad_id=self.tok.pad_id,
+                              on_step=on_step, stop=stops, cache=self.cache, start=keep, **sampling)
+        new = new[0]
+        answer = stops.cut(self.tok.decode(new)) if stops else self.tok.decode(new)
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        # every generated token was fed back except the last one (unless the last one sampled was EOS, not in `new`)
+        self.cached = ids + (new if stats.finish[0] == "eos" else new[:-1])
+        self.last_stats = stats
+        return answer
+
+
+def main(args) -> None:
+    import sys
+    from .cli import resolve_device
+    from .generate import TextStream, check_sampling
+    from .loader import load_model
+    from .tokenizer import load_tokenizer
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    device, dtype = resolve_device(args.device, args.dtype)
+    tok = load_tokenizer(args.model)
+    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
+    session = ChatSession(model, tok, args.system, args.context)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("chat with the model; /reset starts over, /exit (or Ctrl-D) ends", file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            break
+        if line.strip() in ("/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            session.reset()
+            continue
+        if not line.strip():
+            continue
+        stream = TextStream(tok, [], (), stops=args.stop or ())
+        session.reply(line, args.max_new_tokens, stop=args.stop, on_step=stream, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        print(flush=True)
+
+
+def parser():
+    import argparse
+    from .cli import add_debug_flag, add_device_flags
+    p = argparse.ArgumentParser(prog="python -m minigptq.chat",
+                                description="Chat with a checkpoint through its chat template, one line per user turn "
+                                            "on stdin; the KV cache is kept across turns.")
+    p.add_argument("--model", required=True, help="checkpoint folder (or a hub id in the local cache)")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--stop", action="append", default=None, help="stop a reply at this string; repeatable")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
+    p.add_argument("--context", type=int, default=None, help="tokens of conversation kept (default: the model's)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    add_device_flags(p)
+    p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
+                   help="dtype of the embedding and lm_head (see generate --help)")
+    add_debug_flag(p)
+    return p
+
+
+if __name__ == "__main__":
+    from .cli import run
+    run(main, parser())
