@@ -36,25 +36,79 @@ class _StopForward(Exception):
     """Raised by the Hessian hook: the rest of the block is not needed for this group."""
 
 
-def _hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], ctx) -> Hessian:
-    """Run the block on every window until the group's input is seen; accumulate its Hessian."""
+def _forward(block: nn.Module, x: Tensor, ctx, compute: torch.dtype) -> Tensor:
+    """The block on one window in fp32, with its matmuls in `compute` (bf16: autocast; the residual stream, the
+    norms and the Hessians stay fp32)."""
+    if compute == torch.float32:
+        return block(x.float(), ctx)
+    with torch.autocast(x.device.type, dtype=compute):
+        return block(x.float(), ctx).float()
+
+
+class _Replay:
+    """Once the last linear of a sub-block is solved (attention's o, the MLP's down), the rest of that sub-block
+    before it cannot change any more: for every window, that linear's input (the attention core: q/k/v, RoPE, softmax;
+    the MLP's activated hidden layer) is kept from its Hessian pass, and in the later passes and the output pass the
+    sub-block only applies the (solved) linear to it. The same numbers, without recomputing the rest. Costs that
+    input's size per window (in act_dtype)."""
+
+    def __init__(self, module: nn.Module, linear: nn.Module, n: int, dtype: torch.dtype):
+        self.module, self.linear, self.core, self.dtype = module, linear, [None] * n, dtype
+        self.j = 0  # the window being run
+
+    def forward(self, x: Tensor, *args) -> Tensor:
+        return self.linear(self.core[self.j].to(x.dtype))
+
+    def start(self) -> None:
+        """From now on the sub-block replays (call once its linear is solved and packed)."""
+        if all(c is not None for c in self.core):
+            self.module.forward = self.forward  # an instance attribute: nn.Module.__call__ finds it first
+
+    def stop(self) -> None:
+        self.module.__dict__.pop("forward", None)
+        self.core = []
+
+
+def _hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], ctx,
+                  compute: torch.dtype = torch.float32, replays: list[_Replay] = ()) -> Hessian:
+    """Run the block on every window until the group's input is seen; accumulate its Hessian (and keep that input in
+    the replay whose linear is in the group)."""
     H = Hessian(linears[0].in_features, xs[0].device)
+    capture = next((r for r in replays if r.linear in linears), None)
 
     def hook(_mod, args):
         H.add(args[0])
+        if capture is not None:
+            capture.core[capture.j] = args[0].detach().to(capture.dtype)
         raise _StopForward
 
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]  # members share their input: first one wins
     try:
-        for x in xs:
+        for j, x in enumerate(xs):
+            for r in replays:
+                r.j = j
             try:
-                block(x.float(), ctx)
+                _forward(block, x, ctx, compute)
             except _StopForward:
                 pass
     finally:
         for h in handles:
             h.remove()
     return H
+
+
+def _replays(block: nn.Module, xs: list[Tensor], dtype: torch.dtype, device) -> list[_Replay]:
+    """The block's replays (see _Replay): attention (o's input) always, which costs about one more set of
+    activations (counted by peak_bytes); the MLP (down's input, intermediate/hidden times larger) only where that
+    fits in a third of the memory available, since it only saves time."""
+    out = [_Replay(block.attn, block.attn.o, len(xs), dtype)] if hasattr(block.attn, "o") else []
+    down = getattr(block.mlp, "down", None)
+    if down is not None:
+        need = len(xs) * xs[0].shape[1] * down.in_features * torch.empty(0, dtype=dtype).element_size()
+        free = available_memory(torch.device(device))
+        if free is not None and 3 * need < free:
+            out.append(_Replay(block.mlp, down, len(xs), dtype))
+    return out
 
 
 def _block_tensors(block: nn.Module, prefix_map: dict[str, str], i: int, skip: set[str], dtype) -> dict[str, Tensor]:
@@ -91,6 +145,17 @@ def top_source(ckpt: Checkpoint) -> str:
     return tensor_digest([("config.json", torch.frombuffer(bytearray(json.dumps(ckpt.hf_config, sort_keys=True)
                                                                      .encode()), dtype=torch.uint8))]
                          + [(n, ckpt.get(n)) for n in names])
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """bf16 matmuls run natively here: a GPU, or a CPU with AVX-512 BF16 or AMX (elsewhere torch emulates them)."""
+    if device.type == "cuda":
+        return True
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -134,11 +199,13 @@ def _cgroup_free() -> int | None:
 
 
 def peak_bytes(ckpt: Checkpoint, nsamples: int, seqlen: int, act_dtype: torch.dtype) -> dict[str, int]:
-    """What the driver holds at its peak, by part: the calibration activations (one set, between blocks), one
-    block's fp32 weights, the solver's K x K matrices (the Hessian and at most two more) for the widest input."""
+    """What the driver holds at its peak, by part: the calibration activations (one set, between blocks, and the
+    attention outputs _AttentionReplay keeps), one block's fp32 weights, the solver's K x K matrices (the Hessian and
+    at most two more) for the widest input."""
     cfg = ckpt.cfg
     K = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
-    return dict(activations=nsamples * seqlen * cfg.hidden_size * torch.empty(0, dtype=act_dtype).element_size(),
+    per = torch.empty(0, dtype=act_dtype).element_size()
+    return dict(activations=nsamples * seqlen * (cfg.hidden_size + cfg.num_heads * cfg.head_dim) * per,
                 block=4 * (2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
                            + 3 * cfg.hidden_size * cfg.intermediate_size),
                 solver=3 * K * K * 4)
@@ -175,13 +242,16 @@ def top_tensors(model: nn.Module, ckpt: Checkpoint, out_dtype) -> dict[str, Tens
 def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run: PartialRun, method: str = "gptq",
                         device="cpu", out_dtype=torch.float16, log: Callable[[str], None] = print,
                         fmt: str = "gptq", fused_all_or_none: bool = False,
-                        act_dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
+                        act_dtype: torch.dtype = torch.float32, progress: bool = False,
+                        compute: torch.dtype = torch.float32) -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
     fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
     true-sequential group cannot be packed, keep the whole group in full precision (vLLM fuses q/k/v and gate/up).
     act_dtype: the dtype the calibration activations are kept in between blocks (bf16/fp16 halve their memory; the
-    blocks still compute in fp32). log receives one line per block; progress: also show a progress bar (tqdm).
+    blocks still compute in fp32). compute: dtype of the calibration forward passes' matmuls (bf16: several times
+    faster on CPUs with AVX-512 BF16 / AMX, see fast_bf16). log receives one line per block; progress: also show a
+    progress bar (tqdm).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
     """
@@ -210,6 +280,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
             log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
         else:
             tensors, records, skip = {}, [], set()
+            replays = _replays(block, xs, act_dtype, device)
             for group in ckpt.arch.sequential:
                 linears = {name: block.get_submodule(name) for name in group}
                 unpackable = {name: can_pack(lin.in_features, lin.out_features, qcfg.bits)
@@ -221,7 +292,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                 if all(unpackable.values()):
                     H = None  # nothing in this group will be solved
                 else:
-                    H = _hessian_pass(block, list(linears.values()), xs, ctx)
+                    H = _hessian_pass(block, list(linears.values()), xs, ctx, compute, replays)
                 for name, lin in linears.items():
                     hf = to_hf[f"layers.{i}.{name}"]
                     t0 = time.perf_counter()
@@ -246,15 +317,22 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                                         percdamp=float(res.percdamp), seconds=time.perf_counter() - t0,
                                         g_idx_trivial=trivial_g_idx(res.g_idx, qcfg.group_size)))
                     bar.set_postfix_str(f"{name} err {res.loss:.4g}")
+                for r in replays:
+                    if r.linear in linears.values():
+                        r.start()
             tensors.update(_block_tensors(block, to_hf, i, skip, out_dtype))
             _check_stored(tensors, str(ckpt.path))
         for j, x in enumerate(xs):  # the outputs replace the inputs window by window: one set of activations
-            y = block(x.float(), ctx)
+            for r in replays if i not in done else ():
+                r.j = j
+            y = _forward(block, x, ctx, compute)
             if not torch.isfinite(y).all():
                 raise Error(f"non-finite activations (NaN/Inf) at the output of block {i} "
                                  f"({ckpt.arch.layer_prefix.format(i=i).rstrip('.')}) for calibration window {j}; "
                                  f"the checkpoint's weights overflow or contain NaN/Inf")
             xs[j] = y.to(act_dtype)
+        for r in replays if i not in done else ():
+            r.stop()
         if i not in done:
             run.save_block(i, tensors, records, source)
             errs = [r["error"] for r in records if r["method"] == method]

@@ -81,7 +81,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                    method: str = "gptq", dataset=None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
                    resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
-                   log: Callable[[str], None] | None = None, progress: bool = False) -> Path:
+                   log: Callable[[str], None] | None = None, progress: bool = False,
+                   calib_dtype: str = "fp32") -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     dataset: calibration data: a .txt / .jsonl file (text or chat "messages" rows), a list of strings, a list of
@@ -92,10 +93,13 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     act_dtype: dtype of the calibration activations kept between blocks (fp32; bf16 or fp16 halve their memory).
     log: receives the progress messages (default: the "minigptq" logger at INFO, silent unless configured);
     progress: show a progress bar over the blocks on stderr.
+    calib_dtype: dtype of the matmuls in the calibration forward passes: "fp32" (default), "bf16" (about 4x faster
+    matmuls where the hardware runs bf16 natively, but the Hessians are noisier: on SmolLM2 g128 perplexity rose by
+    ~5%, see README), or "auto" = bf16 where the hardware runs it natively, else fp32. The solver is fp32 always.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see checkpoint.check_out).
     """
-    from .driver import check_memory, quantize_checkpoint, top_source
+    from .driver import check_memory, fast_bf16, quantize_checkpoint, top_source
     from .loader import Checkpoint, check_checkpoint, parse_dtype
     log = log or logger.info
     if fmt not in ("gptq", "gptq_v2"):
@@ -107,6 +111,10 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
             raise Error(f"--{name} must be an integer >= {lo}, got {v!r}")
     out_dtype, acts = parse_dtype(dtype), parse_dtype(act_dtype)
     device, _ = resolve_device(device)
+    if calib_dtype not in ("auto", "fp32", "bf16"):
+        raise Error(f"calib_dtype must be auto, fp32 or bf16, got {calib_dtype!r}")
+    compute = torch.bfloat16 if calib_dtype == "bf16" or (calib_dtype == "auto" and fast_bf16(device)) \
+        else torch.float32
     ckpt = Checkpoint(model)
     if ckpt.quant is not None:
         raise Error(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
@@ -128,15 +136,17 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
     nsamples, seqlen = windows.shape  # given windows (a 2-D tensor) set both
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
-                    act_dtype=act_dtype, version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
+                    act_dtype=act_dtype, compute=str(compute), version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
                     model_sha256=top_source(ckpt))
     with PartialRun(out, resume=resume, overwrite=overwrite, log=log) as partial:
         partial.start(settings)
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-            f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
+            f"{', act-order' if qcfg.act_order else ''} on {device}, calibration matmuls in "
+            f"{str(compute).removeprefix('torch.')} -> {out}")
         top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
-                                  fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress)
+                                  fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress,
+                                  compute=compute)
         records = partial.records()
         source = dataset if isinstance(dataset, (str, Path)) else type(dataset).__name__ if dataset is not None \
             else "data-free (model samples)"
@@ -192,7 +202,8 @@ def main(args: argparse.Namespace) -> None:
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
                    overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
-                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty())
+                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty(),
+                   calib_dtype=args.calib_dtype)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -227,6 +238,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the parts left unquantized (embeddings, norms, lm_head; default fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
+    p.add_argument("--calib-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
+                   help="dtype of the matmuls of the calibration forward passes (default fp32; bf16 is faster where "
+                        "the hardware has it but costs accuracy, see README; auto = bf16 where native)")
     p.add_argument("--act-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype the calibration activations are kept in between blocks (default fp32; bf16 halves their "
                         "memory, the blocks still compute in fp32)")

@@ -24,8 +24,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if _cpu_fast(x) and self.weight.dtype == torch.float32 and x.is_contiguous():
-            return kernels.cpu_rms_norm(x, self.weight, self.eps)  # one call (cuda/cpu_decode.cpp), same math
+        if x.numel() <= 16 * x.shape[-1] and _cpu_fast(x) and self.weight.dtype == torch.float32 and x.is_contiguous():
+            # decode-sized (<= 16 rows): one call (cuda/cpu_decode.cpp) instead of a composite op; same math, its own
+            # summation order, so longer inputs (prefill, the quantization driver) keep torch's numbers exactly
+            return kernels.cpu_rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as Llama does, whatever the activation dtype (one fused op: x * rsqrt(mean(x^2) + eps)).
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * x32.to(x.dtype)
