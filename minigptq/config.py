@@ -21,8 +21,24 @@ MAX_POSITIONS = 2**24
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """A RoPE context extension (rope_scaling / rope_parameters of config.json), read by minigptq/rope.py."""
+    type: str                    # "linear" | "dynamic" | "yarn" | "llama3" | "longrope"
+    factor: float = 1.0          # how many times the original context the model is stretched to
+    original_max: int = 0        # the context the model was pretrained at (llama3, yarn, longrope)
+    low_freq_factor: float = 1.0   # llama3: wavelengths above original_max / low_freq_factor are divided by factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_max / high_freq_factor are kept
+    beta_fast: float = 32.0      # yarn: the ramp between extrapolated and interpolated frequencies, in rotations
+    beta_slow: float = 1.0
+    truncate: bool = True        # yarn: round the ramp's ends to whole dimensions
+    attention_factor: float = 1.0  # yarn, longrope: multiplies cos and sin (so the attention logits by its square)
+    short_factor: tuple[float, ...] = ()  # longrope: per-frequency divisors up to original_max tokens
+    long_factor: tuple[float, ...] = ()   # longrope: the same beyond original_max tokens
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    model_type: str              # "llama" | "opt" | "bloom"
+    model_type: str              # "llama" | "qwen3" | "phi3" | "opt" | "bloom"
     vocab_size: int              # rows of the token embedding
     hidden_size: int             # width of the residual stream
     num_layers: int              # transformer blocks
@@ -41,7 +57,13 @@ class ModelConfig:
     mlp_bias: bool               # bias on the MLP projections
     tie_word_embeddings: bool    # lm_head shares the token embedding's weight
     rope_theta: float = 10000.0
-    fused_qkv: bool = False      # BLOOM: one query_key_value linear laid out per head as [heads, 3, head_dim]
+    rope_scaling: RopeScaling | None = None  # a context extension of RoPE (Llama 3.1, YaRN, ...); None: plain RoPE
+    qk_norm: bool = False        # Qwen3: RMSNorm over head_dim on every query and key head, before RoPE
+    sliding_window: int = 0      # Mistral, Qwen2/3, Phi-3: a query sees only the last sliding_window tokens (0: all)
+    window_layers: tuple[int, ...] = ()  # the blocks that use sliding_window (Qwen2/3 may exempt the first ones)
+    fused_qkv: str = ""          # one q/k/v linear: "per_head" (BLOOM's [heads, 3, head_dim]) | "concat"
+                                 # (Phi-3's [q | k | v]); "": three linears
+    fused_gate_up: bool = False  # Phi-3: one gate_up linear, [gate | up]
     pre_norm: bool = True        # False: post-LayerNorm blocks (OPT-350M's do_layer_norm_before=False)
     final_norm: bool = True      # a norm after the last block
     embed_norm: bool = False     # BLOOM: LayerNorm right after the token embedding
@@ -58,6 +80,10 @@ class ModelConfig:
             raise Error(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.positions == "rope" and self.head_dim % 2:
             raise Error(f"head_dim={self.head_dim} must be even for rotary position embeddings")
+        r = self.rope_scaling
+        if r is not None and r.type == "longrope" and {len(r.short_factor), len(r.long_factor)} != {self.head_dim // 2}:
+            raise Error(f"rope_scaling short_factor and long_factor must each hold head_dim / 2 = "
+                        f"{self.head_dim // 2} numbers, got {len(r.short_factor)} and {len(r.long_factor)}")
         for name in ("bos_token_id", "pad_token_id"):
             i = getattr(self, name)
             if i is not None and not 0 <= i < self.vocab_size:

@@ -1,8 +1,10 @@
-"""The one decoder-only transformer that Llama, OPT and BLOOM share: block, attention with KV cache, positions.
+"""The one decoder-only transformer that Llama, Qwen3, Phi-3, OPT and BLOOM share: block, attention with KV cache,
+positions.
 
 Architectures differ only through ModelConfig (minigptq/config.py): the norm (RMSNorm / LayerNorm), the positions
-(rotate-half RoPE / learned with OPT's offset of 2 / ALiBi), the MLP (SwiGLU / one activation), biases, fused qkv,
-pre- or post-norm. Module names are the internal ones listed in minigptq/arch/__init__.py.
+(rotate-half RoPE with its context extensions in minigptq/rope.py / learned with OPT's offset of 2 / ALiBi), the MLP
+(SwiGLU / one activation), biases, fused qkv or gate_up as stored, RMSNorm on q and k heads, a sliding attention
+window, pre- or post-norm. Module names are the internal ones listed in minigptq/arch/__init__.py.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
+from . import kernels, rope
 from .config import ModelConfig
 
 
@@ -92,6 +94,11 @@ class Context:
     sin: Tensor | None
     cache: KVCache | None
     start: int                # cache slot of the first of the T new tokens
+    window_mask: Tensor | None = None  # (B, 1, T, S) for sliding-window layers; None while the window hides nothing
+
+    def attn_mask(self, windowed: bool) -> tuple[Tensor | None, bool]:
+        """(mask, causal) for a layer with (windowed) or without a sliding window."""
+        return (self.window_mask, False) if windowed and self.window_mask is not None else (self.mask, self.causal)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -111,52 +118,67 @@ def alibi_slopes(heads: int) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.h, self.kvh, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.per_head = cfg.fused_qkv == "per_head"  # BLOOM's qkv: per head [q; k; v]; Phi-3's: [q | k | v]
+        self.windowed = layer in cfg.window_layers   # sliding-window attention (Context.window_mask)
         d = cfg.hidden_size
         if cfg.fused_qkv:
-            self.qkv = nn.Linear(d, 3 * self.h * self.hd, bias=cfg.qkv_bias)
+            self.qkv = nn.Linear(d, (self.h + 2 * self.kvh) * self.hd, bias=cfg.qkv_bias)
         else:
             self.q = nn.Linear(d, self.h * self.hd, bias=cfg.qkv_bias)
             self.k = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
             self.v = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias)
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd values
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
         self.fused = None  # q, k, v as one packed kernel call (qlinear.FusedQuantLinear), set by the loader
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, T, d) -> q (B, T, heads, hd), k and v (B, T, kv_heads, hd), with the q/k norms applied."""
+        B, T, _ = x.shape
+        h, kvh, hd = self.h, self.kvh, self.hd
+        if self.per_head:
+            q, k, v = self.qkv(x).view(B, T, h, 3, hd).unbind(3)
+        elif self.fused is not None or hasattr(self, "qkv"):  # [q | k | v]
+            y = self.fused(x) if self.fused is not None else self.qkv(x)
+            q, k, v = y.split([h * hd, kvh * hd, kvh * hd], dim=-1)
+            q, k, v = q.view(B, T, h, hd), k.view(B, T, kvh, hd), v.view(B, T, kvh, hd)
+        else:
+            q, k, v = self.q(x).view(B, T, h, hd), self.k(x).view(B, T, kvh, hd), self.v(x).view(B, T, kvh, hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
     def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
         B, T, _ = x.shape
+        mask, causal = ctx.attn_mask(self.windowed)
         if T == 1 and ctx.cache is not None and _cpu_fast(x) and ctx.cache.k.dtype == torch.float32 and \
-                (ctx.cos is None or ctx.cos.dtype == torch.float32) and (ctx.mask is None or ctx.mask.is_contiguous()):
-            return self.o(self._decode_step(x, ctx, layer))
-        if hasattr(self, "qkv"):
-            q, k, v = self.qkv(x).view(B, T, self.h, 3, self.hd).unbind(3)  # BLOOM: per head [q; k; v]
-        elif self.fused is not None:
-            q, k, v = self.fused(x).split(self.fused.splits, dim=-1)
-            q, k, v = q.view(B, T, self.h, self.hd), k.view(B, T, self.kvh, self.hd), v.view(B, T, self.kvh, self.hd)
-        else:
-            q = self.q(x).view(B, T, self.h, self.hd)
-            k = self.k(x).view(B, T, self.kvh, self.hd)
-            v = self.v(x).view(B, T, self.kvh, self.hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+                (ctx.cos is None or ctx.cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
+            return self.o(self._decode_step(x, ctx, layer, mask))
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, heads, T, hd)
         if ctx.cos is not None:
             q = q * ctx.cos + rotate_half(q) * ctx.sin
             k = k * ctx.cos + rotate_half(k) * ctx.sin
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx.start)  # (B, kv_heads, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=ctx.mask, is_causal=ctx.causal,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.kvh != self.h)  # (B, heads, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
 
-    def _decode_step(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
+    def _decode_step(self, x: Tensor, ctx: Context, layer: int, mask: Tensor | None) -> Tensor:
         """One token per sequence on the CPU: the projections, then RoPE, the cache write and the attention in one
         call (kernels.cpu_attn_decode) -> (B, 1, heads * hd), what forward's torch path computes."""
         h, kvh, hd = self.h, self.kvh, self.hd
-        if hasattr(self, "qkv"):  # BLOOM: per head [q; k; v]
+        if hasattr(self, "q_norm"):  # normed in torch first: the C++ call takes q and k as RoPE's inputs
+            q, k, v = (t.contiguous() for t in self.project(x))
+            q_row, kv_row, stride = h * hd, kvh * hd, hd
+        elif self.per_head:  # BLOOM: per head [q; k; v]
             y = self.qkv(x).contiguous()
             q, k, v, q_row, kv_row, stride = y, y[..., hd:], y[..., 2 * hd:], 3 * h * hd, 3 * h * hd, 3 * hd
-        elif self.fused is not None:  # [q | k | v]
-            y = self.fused(x).contiguous()
+        elif self.fused is not None or hasattr(self, "qkv"):  # [q | k | v]
+            y = (self.fused(x) if self.fused is not None else self.qkv(x)).contiguous()
             q, k, v = y, y[..., h * hd:], y[..., (h + kvh) * hd:]
             q_row = kv_row = (h + 2 * kvh) * hd
             stride = hd
@@ -164,23 +186,26 @@ class Attention(nn.Module):
             q, k, v = self.q(x).contiguous(), self.k(x).contiguous(), self.v(x).contiguous()
             q_row, kv_row, stride = h * hd, kvh * hd, hd
         return kernels.cpu_attn_decode(q, k, v, q_row, kv_row, stride, ctx.cos, ctx.sin, ctx.cache.k, ctx.cache.v,
-                                       layer, ctx.mask, h, ctx.start)
+                                       layer, mask, h, ctx.start)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        if cfg.gated_mlp:
-            self.gate = nn.Linear(d, f, bias=bias)
-        self.up = nn.Linear(d, f, bias=bias)
+        if cfg.fused_gate_up:  # Phi-3: one linear, [gate | up]
+            self.gate_up = nn.Linear(d, 2 * f, bias=bias)
+        else:
+            if cfg.gated_mlp:
+                self.gate = nn.Linear(d, f, bias=bias)
+            self.up = nn.Linear(d, f, bias=bias)
         self.down = nn.Linear(f, d, bias=bias)
         self.act = ACTIVATIONS[cfg.activation]
         self.fused = None  # gate and up as one packed kernel call (qlinear.FusedQuantLinear), set by the loader
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.fused is not None:
-            gate, up = self.fused(x).split(self.fused.splits, dim=-1)
+        if self.fused is not None or hasattr(self, "gate_up"):
+            gate, up = (self.fused(x) if self.fused is not None else self.gate_up(x)).chunk(2, dim=-1)
             return self.down(self.act(gate) * up)
         h = self.act(self.gate(x)) * self.up(x) if hasattr(self, "gate") else self.act(self.up(x))
         return self.down(h)
@@ -191,7 +216,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer, self.pre_norm, self.residual_from_norm = layer, cfg.pre_norm, cfg.residual_from_norm
         self.attn_norm = make_norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg, cfg.hidden_size)
         self.mlp = MLP(cfg)
 
@@ -232,10 +257,13 @@ class Transformer(nn.Module):
         """One kernels.DecodeBlockPlan per block when every block can run its CPU decode step as one C++ call
         (cuda/cpu_decode.h: decode_block): a Llama-family block (RMSNorm, pre-norm, SiLU-gated MLP) whose q/k/v and
         gate/up are fused packed layers, o and down packed too, fp32 norms. Else None: the modules run, which is
-        also the reference. Made once; remade when a layer's kernel layout changes (e.g. after .to())."""
+        also the reference. Made once; remade when a layer's kernel layout changes (e.g. after .to()).
+        RoPE tables (any scaling) and masks (padding, sliding window) come from the Context, so those blocks qualify;
+        Qwen3's q/k norms and Phi-3's stored qkv / gate_up layers have no place in the C++ block and run the modules."""
         cfg = self.cfg
         if cfg.norm != "rms" or not cfg.pre_norm or cfg.residual_from_norm or cfg.fused_qkv or not cfg.gated_mlp \
-                or cfg.activation not in ("silu", "swish") or cfg.positions == "alibi":
+                or cfg.activation not in ("silu", "swish") or cfg.positions == "alibi" or cfg.qk_norm \
+                or cfg.fused_gate_up:
             return None
         plans = self.__dict__.get("_decode_plans")
         if plans is not None and all(p.current(b) for p, b in zip(plans, self.layers)):
@@ -283,27 +311,29 @@ class Transformer(nn.Module):
         else:
             kpos = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # positions skip the padding
         pos = kpos[:, start:]  # (B, T)
-        cos = sin = mask = None
+        cos = sin = mask = window_mask = None
         if self.cfg.positions == "rope":
-            hd = self.cfg.head_dim
-            inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd))
-            freqs = pos[..., None].float() * inv_freq  # (B, T, hd/2)
-            emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
-            cos, sin = emb.cos().to(dtype), emb.sin().to(dtype)
+            cos, sin = rope.cos_sin(self.cfg, pos, dtype)  # (B, 1, T, hd) each
         needs_mask = key_valid is not None or self.cfg.positions == "alibi" or (T > 1 and start > 0)
-        if needs_mask:
-            slot = torch.arange(S, device=device)
-            allowed = slot[None, :] <= (start + torch.arange(T, device=device))[:, None]  # (T, S) causal
+        w = self.cfg.sliding_window if self.cfg.window_layers else 0
+        windowed = 0 < w < S  # the window hides a key from some query: the last query sees slots S-w .. S-1 only
+        if needs_mask or windowed:
+            slot, qslot = torch.arange(S, device=device), start + torch.arange(T, device=device)
+            allowed = slot[None, :] <= qslot[:, None]  # (T, S) causal
             allowed = allowed[None, None].expand(B, 1, T, S)
             if key_valid is not None:
-                itself = slot[None, :] == (start + torch.arange(T, device=device))[:, None]
+                itself = slot[None, :] == qslot[:, None]
                 allowed = allowed & (key_valid[:, None, None, :] | itself)  # padding rows still see themselves
-            mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+            if needs_mask:
+                mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
             if self.cfg.positions == "alibi":
                 slopes = alibi_slopes(self.cfg.num_heads).to(device)
                 mask = mask + (slopes[None, :, None, None] * kpos[:, None, None, :]).to(dtype)  # (B, H, T, S)
+            if windowed:  # as transformers: a query at slot t sees slots t-w+1 .. t (cache slots, not positions)
+                allowed = allowed & (slot[None, :] > qslot[:, None] - w)
+                window_mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
         causal = mask is None and T > 1
-        return Context(mask, causal, cos, sin, cache, start), pos
+        return Context(mask, causal, cos, sin, cache, start, window_mask), pos
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, start: int = 0,
                 key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:
@@ -313,10 +343,11 @@ class Transformer(nn.Module):
         ctx, pos = self.context(B, T, tokens.device, dtype, key_valid, cache, start)
         x = self.embed_tokens(tokens, pos)
         plans = self.decode_plans() if T == 1 and cache is not None and _cpu_fast(x) else None
-        if plans is not None and (ctx.mask is None or ctx.mask.is_contiguous()):
+        if plans is not None and all(m is None or m.is_contiguous() for m in (ctx.mask, ctx.window_mask)):
             x = x.contiguous()  # (B, 1, hidden), updated in place block by block by one C++ call each
             for i, plan in enumerate(plans):
-                kernels.cpu_decode_block(plan, x, ctx.cos, ctx.sin, cache.k, cache.v, i, ctx.mask, start)
+                mask = ctx.attn_mask(self.layers[i].attn.windowed)[0]
+                kernels.cpu_decode_block(plan, x, ctx.cos, ctx.sin, cache.k, cache.v, i, mask, start)
         else:
             for block in self.layers:
                 x = block(x, ctx)

@@ -1,4 +1,4 @@
-"""Architecture registry: what differs between Llama, OPT and BLOOM, and nothing else.
+"""Architecture registry: what differs between Llama (Mistral, Qwen2), Qwen3, Phi-3, OPT and BLOOM, and nothing else.
 
 Each architecture gives
 - `config_from_hf(f)`: config.json (read through config.Fields, which checks each field's type) -> ModelConfig,
@@ -7,7 +7,7 @@ Each architecture gives
 - `sequential`: the block's linear layers in true-sequential order, each inner list quantized together
   (they read the same input, so they share one Hessian).
 Internal names are the same for every architecture: embed, embed_pos, embed_norm, proj_in, layers.{i}.{attn_norm,
-attn.{q,k,v,qkv,o}, mlp_norm, mlp.{gate,up,down}}, norm, proj_out, lm_head.
+attn.{q,k,v,qkv,o,q_norm,k_norm}, mlp_norm, mlp.{gate,up,gate_up,down}}, norm, proj_out, lm_head.
 """
 from __future__ import annotations
 
@@ -37,9 +37,9 @@ class Arch:
 
 
 def _registry() -> dict[str, Arch]:
-    from . import bloom, llama, opt
+    from . import bloom, llama, opt, phi3, qwen3
     archs = {}
-    for mod in (llama, opt, bloom):
+    for mod in (llama, qwen3, phi3, opt, bloom):
         for model_type in mod.MODEL_TYPES:
             archs[model_type] = mod.ARCH
     return archs

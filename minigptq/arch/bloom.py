@@ -30,7 +30,7 @@ def config_from_hf(f: Fields) -> ModelConfig:
         gated_mlp=False,
         qkv_bias=True, o_bias=True, mlp_bias=True,
         tie_word_embeddings=f.bool("tie_word_embeddings", True),
-        fused_qkv=True,
+        fused_qkv="per_head",
         embed_norm=True,
         residual_from_norm=f.bool("apply_residual_connection_post_layernorm", False),
         **f.common(),

@@ -1,51 +1,80 @@
-"""Llama (and the Llama-shaped Mistral / Qwen2 configs): RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU."""
+"""Llama (and the Llama-shaped Mistral / Qwen2 configs): RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU.
+
+Also the reader the other Llama-family files (qwen3.py, phi3.py) build on: RoPE scaling (minigptq/rope.py) and
+sliding-window attention as transformers applies them.
+"""
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .. import Error
 from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
+from ..rope import scaling_from_hf
 from ..transformer import ACTIVATIONS
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
-def config_from_hf(f: Fields) -> ModelConfig:
-    # RoPE settings: "rope_theta"/"rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
-    rope = f.dict(("rope_parameters", "rope_scaling"))
-    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
-        raise Error(f"RoPE scaling {rope!r} is not supported; only plain RoPE (rope_type 'default') is")
-    theta = Fields(rope).float("rope_theta", f.float("rope_theta", 10000.0))
-    max_pos = f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS)
-    window = f.int("sliding_window", None, hi=2**31)
-    if window and f.bool("use_sliding_window", True) and window < max_pos and f.d["model_type"] == "mistral":
-        raise Error(f"sliding-window attention (sliding_window={window}) is not supported")
+def config_from_hf(f: Fields, rope_aliases: dict[str, str] | None = None, **changes) -> ModelConfig:
+    """config.json -> ModelConfig; `changes` are the ModelConfig fields a Llama-family variant sets differently."""
+    model_type = f.d["model_type"]
+    theta, scaling, context = scaling_from_hf(f, f.int("max_position_embeddings", 2048, hi=MAX_POSITIONS),
+                                              rope_aliases)
     hidden, heads = f.int("hidden_size"), f.int("num_attention_heads", hi=MAX_COUNT)
-    head_dim = f.int("head_dim", None)
+    head_dim = f.int("head_dim", 128 if model_type == "qwen3" else None)  # Qwen3's head_dim is its own
     if head_dim is None and hidden % heads:
         raise Error(f"hidden_size={hidden} must be a multiple of num_attention_heads={heads} (or give head_dim)")
+    layers = f.int("num_hidden_layers", hi=MAX_COUNT)
+    window, window_layers = sliding_window(f, layers)
     attention_bias = f.bool("attention_bias", False)
-    return ModelConfig(
+    cfg = ModelConfig(
         model_type="llama",
         vocab_size=f.int("vocab_size", hi=MAX_VOCAB),
         hidden_size=hidden,
-        num_layers=f.int("num_hidden_layers", hi=MAX_COUNT),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=f.int("num_key_value_heads", heads, hi=MAX_COUNT),
         head_dim=head_dim or hidden // heads,
         intermediate_size=f.int("intermediate_size"),
-        max_positions=max_pos,
+        max_positions=context,
         norm="rms",
         norm_eps=f.float("rms_norm_eps", 1e-6, hi=1.0),
         positions="rope",
         rope_theta=theta,
+        rope_scaling=scaling,
         activation=f.str("hidden_act", "silu", choices=ACTIVATIONS),
         gated_mlp=True,
-        qkv_bias=f.d["model_type"] == "qwen2" or attention_bias,
+        qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=attention_bias,
         mlp_bias=f.bool("mlp_bias", False),
         tie_word_embeddings=f.bool("tie_word_embeddings", False),
+        sliding_window=window,
+        window_layers=window_layers,
         **f.common(),
     )
+    return replace(cfg, **changes) if changes else cfg
+
+
+def sliding_window(f: Fields, layers: int) -> tuple[int, tuple[int, ...]]:
+    """(window, the blocks that use it) as transformers reads them: Mistral and Phi-3 on every block whenever
+    sliding_window is set; Qwen2 / Qwen3 only with use_sliding_window, on the blocks layer_types marks
+    "sliding_attention", or without layer_types from block max_window_layers on; Llama never."""
+    model_type, window = f.d["model_type"], f.int("sliding_window", None, hi=2**31)
+    if not window or model_type == "llama":
+        return 0, ()
+    if model_type in ("mistral", "phi3"):
+        return window, tuple(range(layers))
+    if not f.bool("use_sliding_window", False):
+        return 0, ()
+    types = f.d.get("layer_types")
+    if types is None:
+        return window, tuple(range(f.int("max_window_layers", 28, lo=0, hi=MAX_COUNT), layers))
+    kinds = ("full_attention", "sliding_attention")
+    if not isinstance(types, list) or len(types) != layers or any(t not in kinds for t in types):
+        raise Error(f"the field 'layer_types' must list {layers} values, each one of {', '.join(kinds)}, "
+                    f"got {str(types)[:120]}")
+    return window, tuple(i for i, t in enumerate(types) if t == "sliding_attention")
 
 
 ARCH = Arch(
