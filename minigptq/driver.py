@@ -14,6 +14,8 @@ The finished block's tensors go to the resumable work folder (minigptq/checkpoin
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import sys
 import time
 from typing import Callable
@@ -340,8 +342,30 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                 f"{time.perf_counter() - t_start:.0f}s")
         bar.update(1)
         model.layers[i] = block.to("meta")  # free this block's weights before loading the next
+        _trim_heap()
     bar.close()
     return top
+
+
+def _trim_heap() -> None:
+    """Give the freed heap back to the OS. glibc keeps freed blocks of up to 32 MiB (its mmap threshold grows with
+    every large free) on its heap, so without this each block's weights and solver matrices left the resident set a
+    little higher than the last (SmolLM2: 601 -> 817 MiB over 30 blocks without it; 655-732 MiB, no trend, with it)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None  # musl has no malloc_trim
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _use_packed(lin: nn.Linear, ql: QuantLinear) -> None:

@@ -104,12 +104,12 @@ class Cgroup:
 
 
 def measured(cmd: list[str], cgroup_bytes: int | None = None, cwd=ROOT, env=None) -> dict:
-    """Run cmd, polling its memory; -> wall time, peaks, per-block anonymous memory, exit code, stderr tail."""
+    """Run cmd, polling its memory; -> wall time, peaks, per-block anonymous memory, exit code, output tail."""
     cg = Cgroup(cgroup_bytes) if cgroup_bytes else None
     t0 = time.perf_counter()
     # The child waits on stdin until it is in the cgroup, so none of its memory is charged elsewhere.
     proc = subprocess.Popen(["/bin/sh", "-c", 'read _; exec "$@"', "sh", *cmd], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
     if cg:
         cg.add(proc.pid)
     proc.stdin.write("go\n")
@@ -117,8 +117,8 @@ def measured(cmd: list[str], cgroup_bytes: int | None = None, cwd=ROOT, env=None
     peak = {"RssAnon": 0, "RssFile": 0, "VmHWM": 0}
     blocks, lines = [], []
 
-    def read_err():
-        for line in proc.stderr:
+    def read_err():  # one merged stream, always drained: a full pipe would stop the child
+        for line in proc.stdout:
             lines.append(line)
             m = re.search(r"block (\d+)/(\d+) done", line)
             if m:
@@ -136,7 +136,7 @@ def measured(cmd: list[str], cgroup_bytes: int | None = None, cwd=ROOT, env=None
         cg.close()
     return dict(exit_code=proc.returncode, wall_s=round(wall, 1), peak_rss_anon=peak["RssAnon"],
                 peak_rss_file=peak["RssFile"], peak_vm_hwm=peak["VmHWM"], per_block=blocks,
-                stderr_tail="".join(lines[-3:])[-600:])
+                output_tail="".join(lines[-3:])[-600:])
 
 
 def main(argv=None) -> int:
