@@ -149,7 +149,7 @@ for key, value, needle in [
     ("vocab_size", 1024, "model.embed_tokens.weight"),
     ("max_position_embeddings", 0, "max_position_embeddings"), ("max_position_embeddings", "512", "max_position"),
     ("hidden_act", "swiglu9", "hidden_act"), ("hidden_act", 3, "hidden_act"),
-    ("rope_scaling", "linear", "rope_scaling"), ("rope_scaling", {"rope_type": "yarn", "factor": 2.0}, "RoPE"),
+    ("rope_scaling", "linear", "rope_scaling"), ("rope_scaling", {"rope_type": "ntk-by-parts", "factor": 2.0}, "RoPE"),
     ("rope_scaling", [1, 2], "rope_scaling"), ("rope_theta", -1, "rope_theta"), ("rope_theta", "1e4", "rope_theta"),
     ("rope_theta", 0, "rope_theta"), ("rms_norm_eps", "1e-5", "rms_norm_eps"), ("rms_norm_eps", -1e-5, "rms_norm_eps"),
     ("rms_norm_eps", 5.0, "rms_norm_eps"), ("tie_word_embeddings", "yes", "tie_word_embeddings"),
