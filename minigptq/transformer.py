@@ -157,7 +157,8 @@ class Attention(nn.Module):
         if T == 1 and ctx.cache is not None and _cpu_fast(x) and ctx.cache.k.dtype == torch.float32 and \
                 (ctx.cos is None or ctx.cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
             return self.o(self._decode_step(x, ctx, layer, mask))
-        q, k, v = (t.transpose(1, 2) for t in self.project(x))  # (B, heads, T, hd)
+        q, k, v = self.project(x)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if ctx.cos is not None:
             q = q * ctx.cos + rotate_half(q) * ctx.sin
             k = k * ctx.cos + rotate_half(k) * ctx.sin
@@ -172,7 +173,8 @@ class Attention(nn.Module):
         call (kernels.cpu_attn_decode) -> (B, 1, heads * hd), what forward's torch path computes."""
         h, kvh, hd = self.h, self.kvh, self.hd
         if hasattr(self, "q_norm"):  # normed in torch first: the C++ call takes q and k as RoPE's inputs
-            q, k, v = (t.contiguous() for t in self.project(x))
+            q, k, v = self.project(x)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             q_row, kv_row, stride = h * hd, kvh * hd, hd
         elif self.per_head:  # BLOOM: per head [q; k; v]
             y = self.qkv(x).contiguous()
