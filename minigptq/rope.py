@@ -129,7 +129,8 @@ def inv_freq(cfg: ModelConfig, seq_len: int, device) -> tuple[Tensor, float]:
 
 def cos_sin(cfg: ModelConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """pos (B, T) -> cos, sin (B, 1, T, head_dim) in dtype, for rotate-half RoPE."""
-    seq_len = int(pos.max()) + 1 if cfg.rope_scaling is not None and pos.numel() else 0
+    s = cfg.rope_scaling  # only dynamic and longrope depend on the length, read here (one device sync) when used
+    seq_len = int(pos.max()) + 1 if s is not None and s.type in ("dynamic", "longrope") and pos.numel() else 0
     inv, attention = inv_freq(cfg, seq_len, pos.device)
     freqs = pos[..., None].float() * inv  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)

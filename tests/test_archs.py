@@ -166,13 +166,18 @@ def test_sliding_window_with_left_padding_matches_transformers(ckpts):
     assert (got[1, 5:] - want[1, 5:]).abs().max().item() < TOL
 
 
-def test_configs_read_as_transformers_reads_them(ckpts):
+def test_configs_read_as_transformers_reads_them(ckpts, tmp_path):
     llama3 = Checkpoint(ckpts("llama3.1")).cfg
     assert llama3.rope_scaling.type == "llama3" and llama3.rope_scaling.original_max == 32
     assert Checkpoint(ckpts("llama-linear")).cfg.max_positions == 64  # max_position_embeddings x factor, as vLLM
     qwen3 = Checkpoint(ckpts("qwen3-gqa")).cfg
     assert qwen3.qk_norm and qwen3.head_dim == 32 and qwen3.num_kv_heads == 2 and qwen3.window_layers == ()
-    assert Checkpoint(ckpts("qwen2-window")).cfg.window_layers == (1,)
+    assert Checkpoint(ckpts("qwen2-window")).cfg.window_layers == (1,)  # from layer_types, as transformers 5 writes
+    old = tmp_path / "qwen2-old"  # a transformers-4 config: no layer_types, the window from max_window_layers on
+    shutil.copytree(ckpts("qwen2-window"), old)
+    cfg = json.loads((old / "config.json").read_text())
+    (old / "config.json").write_text(json.dumps({**cfg, "layer_types": None, "max_window_layers": 0}))
+    assert Checkpoint(old).cfg.window_layers == (0, 1)
     assert Checkpoint(ckpts("mistral-window")).cfg.window_layers == (0, 1)
     phi = Checkpoint(ckpts("phi3.5-longrope")).cfg
     assert phi.fused_qkv == "concat" and phi.fused_gate_up and phi.rope_scaling.attention_factor > 1
