@@ -49,10 +49,11 @@ def scaling_from_hf(f: Fields, max_pos: int, aliases: dict[str, str] | None = No
     rope = f.dict(("rope_parameters", "rope_scaling"))
     r = Fields(rope)
     theta = r.float("rope_theta", f.float("rope_theta", 10000.0))
-    if r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0)) != 1.0:
-        raise Error("partial_rotary_factor != 1 (RoPE on part of each head) is not supported")
+    partial = r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise Error(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported; only 1.0 is")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    kind = (aliases or {}).get(kind, kind)
+    kind = (aliases or {}).get(kind, kind) if isinstance(kind, str) else kind
     if kind not in SUPPORTED:
         raise Error(f"RoPE scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
     if kind == "default":

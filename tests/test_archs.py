@@ -189,7 +189,8 @@ def test_configs_read_as_transformers_reads_them(ckpts, tmp_path):
     (dict(rope_scaling=dict(type="linear")), "'factor' is missing"),
     (dict(rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=1.0)),
      "high_freq_factor=1.0 must exceed low_freq_factor=4.0"),
-    (dict(partial_rotary_factor=0.5), "partial_rotary_factor"),
+    (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5 (RoPE on part of each head) is not supported"),
+    (dict(rope_scaling=dict(rope_type=["llama3"])), "RoPE scaling type ['llama3'] is not supported"),
     (dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, layer_types=["full_attention", "x"]),
      "'layer_types' must list 2 values, each one of full_attention, sliding_attention"),
 ])
