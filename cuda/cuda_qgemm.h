@@ -3,19 +3,43 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "qweight.h"
 
 namespace minigptq::cuda {
 
-// out[M, N] = x[M, K] @ W, fused dequantize + matmul with fp32 accumulation, for small M (decoding).
-// x, out: `dtype` (F32, F16 or BF16); work: fp32 [M, N] scratch (partial sums over K slices).
-// All pointers on the current CUDA device; everything runs on `stream` (a cudaStream_t).
+// One layer in the CUDA layout (minigptq/kernels.py:make_cuda_layout; bit diagram at the top of cuda_qgemm.cu).
+struct CudaWeight {
+  const uint32_t* qweight;  // [ceil(N/16)][Kp/128][32 lanes * words] interleaved codes
+  const uint32_t* scales;   // [G][ceil(N/16)][8] pairs of 16-bit scales (fp16, or bf16 if scale_bf16)
+  const uint8_t* zeros;     // [G][ceil(N/16)][8][1 or 2 (8-bit)] packed zero points
+  const int32_t* perm;      // [Kp] checkpoint row of each padded sorted row, -1 for padding
+  int64_t K, N, Kp, G, group_rows;
+  int bits;
+  int scale_bf16;
+};
+
+// Scratch of the K-split reduction, owned by the caller (one per device): partial sums, and counters that must be
+// zero before the first call (each call leaves them zero).
+struct Workspace {
+  float* ws;
+  int64_t floats;
+  int* counter_ptr;
+  int64_t counters;
+};
+
+// (floats, counters) of workspace a qgemm call with these sizes needs (0, 0: none). sms: the device's SM count.
+std::pair<int64_t, int64_t> qgemm_workspace(const CudaWeight& w, int64_t M, DType dtype, int sms);
+
+// out[M, N] = x[M, K] @ W: one launch on `stream` (a cudaStream_t), fp32 accumulation, deterministic.
+// x, out: `dtype` (F16/BF16: tensor-core kernel; F32: a plain one). All pointers on the current device.
 // Throws std::invalid_argument for bad sizes, std::runtime_error for CUDA errors.
-void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, float* work, void* out, void* stream);
+void qgemm(const CudaWeight& w, const void* x, DType dtype, int64_t M, void* out, const Workspace& ws, int sms,
+           void* stream);
 
 // out[K, N] = the dequantized weight in checkpoint row order (what pack.dequantize returns), in `dtype`.
-void dequantize(const QWeight& w, void* out, DType dtype, void* stream);
+void dequantize(const CudaWeight& w, void* out, DType dtype, void* stream);
 
 // "" if this module's CUDA runtime can reach a device (the driver may be too old for the toolkit it was built
 // with), else the CUDA error message.
