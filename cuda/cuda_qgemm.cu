@@ -547,7 +547,7 @@ Plan plan(const CudaWeight& w, int64_t M, DType dtype, int sms) {
   // K slices: at most kMaxSliceKB k-blocks each; enough blocks for ~4 per SM; equal slices.
   const int64_t have = int64_t(col_blocks) * m_blocks;
   const int min_split = (kblocks + kMaxSliceKB - 1) / kMaxSliceKB;
-  const int want = int(std::min<int64_t>(kblocks, (4 * int64_t(std::max(sms, 1)) + have - 1) / have));
+  const int want = int(std::min<int64_t>(kblocks, (4 * int64_t(std::max(sms, 0)) + have - 1) / have));  // sms 0: no more
   const int split0 = std::max(min_split, want);
   const int per = (kblocks + split0 - 1) / split0, splits = (kblocks + per - 1) / per;
   Plan p{dim3(unsigned(col_blocks), unsigned(splits), unsigned(m_blocks)), per, splits, rows, 0, 0};

@@ -450,6 +450,10 @@ class CudaLayout:
         _check(self.zeros, "zeros", torch.uint8, [G, T, 8, 2 if self.bits == 8 else 1], "[G, ntiles, 8, 1|2]", dev)
         _check(self.perm, "perm", torch.int32, [Kp], "[Kp]", dev)
         object.__setattr__(self, "G", G)
+        # The module's view of the layer (cuda_bindings.cpp WeightTuple), built once: a decode step calls hundreds.
+        object.__setattr__(self, "args", (self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
+                                          self.perm.data_ptr(), self.K, self.N, Kp, G, self.group_rows, self.bits,
+                                          int(self.scales.dtype == torch.bfloat16)))
         object.__setattr__(self, "_ws_need", {})  # (M, dtype code) -> (workspace floats, counters), see _cuda_launch
 
     @property
@@ -583,19 +587,48 @@ def cuda_available() -> bool:
     return cuda_unavailable_reason() == ""
 
 
-def _cuda_check(layout: KernelLayout) -> None:
+def _cuda_check(layout: CudaLayout) -> None:
     if not cuda_available():
         raise RuntimeError(f"the CUDA kernels cannot run: {cuda_unavailable_reason()}")
-    if layout.on_cpu:
-        raise Error(f"the layout must be on a CUDA device, got {layout.scales.device}")
-    if layout.qweight.data_ptr() % 16 or layout.scales.data_ptr() % 16 or layout.zeros.data_ptr() % 8:
-        raise Error("qweight and scales must be 16-byte aligned, zeros 8-byte aligned (fresh allocations are)")
+    if not isinstance(layout, CudaLayout) or layout.scales.device.type != "cuda":
+        raise Error(f"the layout must be on a CUDA device (make_layout on CUDA tensors), got "
+                    f"{type(layout).__name__} on {layout.scales.device}")
+    if layout.qweight.data_ptr() % 16:
+        raise Error("qweight must be 16-byte aligned (fresh allocations are)")
 
 
-def cuda_qgemm(x: Tensor, layout: KernelLayout) -> Tensor:
+_cuda_sms: dict[int, int] = {}  # device index -> SM count, queried once
+_cuda_workspaces: dict[int, tuple[Tensor, Tensor]] = {}  # device index -> (fp32 partial sums, int32 counters)
+_cuda_retired: list[tuple[Tensor, Tensor]] = []  # outgrown workspaces: a captured CUDA graph may still use them
+
+
+def _cuda_workspace(dev: torch.device, need: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """The device's K-split workspace, grown to `need` = (floats, counters). Shared by every call on the device, so
+    fused calls must not run concurrently on two streams. Counters start at zero; every call leaves them zero."""
+    ws = _cuda_workspaces.get(dev.index)
+    if ws is None or ws[0].numel() < need[0] or ws[1].numel() < need[1]:
+        if ws is not None:
+            _cuda_retired.append(ws)
+        floats = max(need[0], 1 << 18, 0 if ws is None else ws[0].numel())
+        counters = max(need[1], 1 << 12, 0 if ws is None else ws[1].numel())
+        ws = (torch.empty(floats, dtype=torch.float32, device=dev), torch.zeros(counters, dtype=torch.int32, device=dev))
+        _cuda_workspaces[dev.index] = ws
+    return ws
+
+
+def _cuda_sm_count(dev: torch.device) -> int:
+    sms = _cuda_sms.get(dev.index)
+    if sms is None:
+        sms = _cuda_sms[dev.index] = torch.cuda.get_device_properties(dev).multi_processor_count
+    return sms
+
+
+def cuda_qgemm(x: Tensor, layout: CudaLayout) -> Tensor:
     """y = x @ W: x float16/bfloat16/float32 contiguous [M, K] on the layout's GPU -> [M, N] in x.dtype.
 
-    Fused kernel, fp32 accumulation, launched on torch's current stream; meant for M <= FUSED_MAX_ROWS.
+    One launch on torch's current stream (tensor cores for fp16/bf16, a plain kernel for fp32), fp32 accumulation,
+    bitwise-identical results run to run; no allocation or synchronisation after the first call of a shape (CUDA
+    graphs can capture it). Meant for M <= FUSED_MAX_ROWS.
     """
     _cuda_check(layout)
     K, N = layout.shape
@@ -604,22 +637,36 @@ def cuda_qgemm(x: Tensor, layout: KernelLayout) -> Tensor:
             or x.device != dev:
         raise Error(f"x must be a float16, bfloat16 or float32 contiguous tensor [M, K={K}] on {dev} with "
                          f"M >= 1, got {_describe(x)}")
-    return _cuda_qgemm_raw(x, layout.qweight, layout.scales, layout.zeros, layout.row_group, layout.perm, layout.bits)
+    return _cuda_qgemm_args(x, layout.args, layout._ws_need)
 
 
-def _cuda_qgemm_raw(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_group: Tensor,
-                    perm: Tensor | None, bits: int) -> Tensor:
-    (M, K), (G, N), dev = x.shape, scales.shape, x.device
-    out = torch.empty(M, N, dtype=x.dtype, device=dev)
-    work = torch.empty(M, N, dtype=torch.float32, device=dev)  # fp32 partial sums over K slices
+def _cuda_qgemm_args(x: Tensor, args: tuple, need_cache: dict | None) -> Tensor:
+    """The module call for a checked x [M, K] and CudaLayout.args; need_cache: (M, dtype) -> workspace size."""
+    M, dev, code = x.shape[0], x.device, DTYPE_CODES[x.dtype]
+    sms = _cuda_sm_count(dev)
+    need = None if need_cache is None else need_cache.get((M, code))
+    if need is None:
+        need = _cuda.qgemm_workspace(args, M, code, sms)
+        if need_cache is not None:
+            need_cache[(M, code)] = need
+    ws, counters = _cuda_workspace(dev, need)
+    out = torch.empty(M, args[5], dtype=x.dtype, device=dev)
     with torch.cuda.device(dev):
-        _cuda.qgemm(x.data_ptr(), DTYPE_CODES[x.dtype], M, qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(),
-                    row_group.data_ptr(), 0 if perm is None else perm.data_ptr(), K, N, G, bits, work.data_ptr(),
-                    out.data_ptr(), torch.cuda.current_stream(dev).cuda_stream)
+        _cuda.qgemm(args, x.data_ptr(), code, M, out.data_ptr(), ws.data_ptr(), ws.numel(), counters.data_ptr(),
+                    counters.numel(), sms, torch.cuda.current_stream(dev).cuda_stream)
     return out
 
 
-def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) -> Tensor:
+def _cuda_qgemm_raw(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, perm: Tensor, bits: int,
+                    N: int) -> Tensor:
+    """cuda_qgemm from a CudaLayout's tensors (the torch.compile custom op's path)."""
+    G, Kp = scales.shape[0], perm.numel()
+    args = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), perm.data_ptr(), x.shape[1], N, Kp, G, Kp // G,
+            bits, int(scales.dtype == torch.bfloat16))
+    return _cuda_qgemm_args(x, args, None)
+
+
+def cuda_dequantize(layout: CudaLayout, dtype: torch.dtype = torch.float16) -> Tensor:
     """The dequantized weight W^T [K, N] in checkpoint row order, float16/bfloat16/float32, on the layout's GPU."""
     _cuda_check(layout)
     if dtype not in CUDA_DTYPES:
@@ -627,8 +674,7 @@ def cuda_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float16) ->
     dev = layout.scales.device
     out = torch.empty(layout.K, layout.N, dtype=dtype, device=dev)
     with torch.cuda.device(dev):
-        _cuda.dequantize(*layout.ptrs, layout.K, layout.N, layout.G, layout.bits, out.data_ptr(), DTYPE_CODES[dtype],
-                         torch.cuda.current_stream(dev).cuda_stream)
+        _cuda.dequantize(layout.args, out.data_ptr(), DTYPE_CODES[dtype], torch.cuda.current_stream(dev).cuda_stream)
     return out
 
 
@@ -641,7 +687,7 @@ def qgemm_op(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Tensor, row_grou
              bits: int, N: int, int8: bool = False) -> Tensor:
     """y = x @ W for x [M, K] (checked by the caller) and a KernelLayout's tensors (N = layout.N), on x's device."""
     if x.device.type == "cuda":
-        return _cuda_qgemm_raw(x, qweight, scales, zeros, row_group, perm, bits)
+        return _cuda_qgemm_raw(x, qweight, scales, zeros, perm, bits, N)
     ptrs = (qweight.data_ptr(), scales.data_ptr(), zeros.data_ptr(), row_group.data_ptr(),
             0 if perm is None else perm.data_ptr())
     G = scales.shape[1] if int8 else scales.shape[0]  # int8: tiled scales [T, G, 64]

@@ -4,13 +4,7 @@ Random layers with fresh seeds: every bit width, odd and Llama-like shapes, grou
 not aligned to the packing unit, group_size -1, and act-order g_idx. CPU tests run every instruction set the CPU
 has (scalar, avx2, avx512); CUDA tests are marked gpu and skip without a usable GPU.
 """
-import importlib.util
 import re
-import shutil
-import subprocess
-import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -230,53 +224,4 @@ def test_cuda_wrapper_errors():
         kernels.cuda_qgemm(torch.randn(1, 256, device="cuda"), kernels.make_layout(qw, qz, s, g_idx, 4, "gptq_v2"))
 
 
-# ------------------------------------------------------------------------------------ CUDA logic, host-emulated
-@pytest.fixture(scope="module")
-def emulated_cuda(tmp_path_factory):
-    """cuda/cuda_qgemm.cu compiled for the host against cuda/emu_cuda.h (EMU_SMS=2: K split over few blocks)."""
-    if shutil.which("g++") is None:
-        pytest.skip("g++ not found")
-    pybind11 = pytest.importorskip("pybind11")
-    root, out = Path(__file__).resolve().parents[1] / "cuda", tmp_path_factory.mktemp("emu")
-    src = (root / "cuda_qgemm.cu").read_text()
-    cuda_headers = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda_runtime.h>\n"
-    assert cuda_headers in src
-    src = src.replace(cuda_headers, '#include "emu_cuda.h"\n')
-    launch = re.compile(r"([\w:]+(?:<[^<>;]*>)?)<<<([^,]+),\s*([^,]+),\s*[^,]+,\s*[^>]+>>>\((.*?)\);", re.S)
-    src, n = launch.subn(lambda m: f"emu_launch({m[2]}, {m[3]}, [&] {{ {m[1]}({m[4]}); }});", src)
-    assert n == 3, f"expected 3 kernel launches in cuda_qgemm.cu, rewrote {n}"
-    (out / "cuda_qgemm_emu.cpp").write_text(src)
-    so = out / ("_cuda_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", "-DEMU_SMS=2", f"-I{root}", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}", str(out / "cuda_qgemm_emu.cpp"), str(root / "cuda_bindings.cpp"),
-           "-o", str(so), "-lpthread"]
-    subprocess.run(cmd, check=True, capture_output=True)
-    spec = importlib.util.spec_from_file_location("emu._cuda_kernels", so)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_cuda_kernels_in_host_emulation(emulated_cuda, bits):
-    """The CUDA kernels' logic (not their speed) against the reference, on any machine with g++ >= 11."""
-    codes = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-    seed = torch.seed()
-    for i, case in enumerate(c for c in cases(bits) if c[0] * c[1] <= 2**17):
-        qw, qz, s, g_idx = random_layer(*case, bits, seed=(seed + i) % 2**31)
-        W = dequantize(qw, qz, s.float(), g_idx, bits, "gptq_v2")
-        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2")
-        (K, N), G = L.shape, L.scales.shape[0]
-        ptrs = (L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(), L.row_group.data_ptr(),
-                0 if L.perm is None else L.perm.data_ptr())
-        for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (5, torch.float32), (18, torch.float16)):
-            x = torch.randn(M, K).to(dtype)
-            y, work = torch.empty(M, N, dtype=dtype), torch.empty(M, N)
-            emulated_cuda.qgemm(x.data_ptr(), codes[dtype], M, *ptrs, K, N, G, bits, work.data_ptr(), y.data_ptr(), 0)
-            err = rel_err(y, x.double() @ W.double())
-            assert err < TOL[dtype], f"{case=} {M=} {dtype=} seed={seed}: rel err {err:.2e}"
-        for dtype in codes:
-            out = torch.empty(K, N, dtype=dtype)
-            emulated_cuda.dequantize(*ptrs, K, N, G, bits, out.data_ptr(), codes[dtype], 0)
-            assert torch.equal(out, W.to(dtype)), (case, dtype)
+# The CUDA kernels' logic without a GPU (host emulation): tests/test_cuda_emu.py.
