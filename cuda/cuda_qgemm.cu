@@ -162,6 +162,18 @@ __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint3
 }
 #endif
 
+// (a & MASK) | c in one LOP3 (written as C, ptxas splits it into an AND and an OR with two immediates).
+template <uint32_t MASK>
+__device__ __forceinline__ uint32_t and_or(uint32_t a, uint32_t c) {
+#ifndef MINIGPTQ_EMU
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;\n" : "=r"(r) : "r"(a), "n"(MASK), "r"(c));
+  return r;
+#else
+  return (a & MASK) | c;
+#endif
+}
+
 // Two scales (columns g, g + 8) of one 16-bit pair word, as fp32.
 __device__ __forceinline__ void scales_f32(uint32_t w, int bf16, float (&s)[2]) {
   if (bf16) {
@@ -212,12 +224,12 @@ struct Deq {
       const float hi = __uint_as_float(__byte_perm(w[s.word], 0x4B000000u, sel + 2)) + zf[par];
       return bit_cast<uint32_t>(__floats2bfloat162_rn(lo, hi));
     } else if constexpr (s.pos < 0) {  // 3-bit spare pair: code bit n at bit 9 / 25 of word s.word + n
-      const uint32_t v = ((w[s.word] >> 9) & 0x10001u) | ((w[s.word + 1] >> 8) & 0x20002u) |
-                         ((w[s.word + 2] >> 7) & 0x40004u) | magic2;
+      const uint32_t v = and_or<0x40004u>(w[s.word + 2] >> 7,
+                                          and_or<0x20002u>(w[s.word + 1] >> 8, and_or<0x10001u>(w[s.word] >> 9, magic2)));
       return bit_cast<uint32_t>(__hfma2(bit_cast<T2>(v), N::splat(1.f), par ? N::hi(bias[0]) : N::lo(bias[0])));
     } else {
       constexpr int sh = shift(s.pos), e = s.pos - sh;
-      const uint32_t v = ((w[s.word] >> sh) & ((Bits<BITS>::mask << e) * 0x10001u)) | magic2;
+      const uint32_t v = and_or<(Bits<BITS>::mask << e) * 0x10001u>(w[s.word] >> sh, magic2);
       return bit_cast<uint32_t>(
           __hfma2(bit_cast<T2>(v), N::splat(1.f / float(1 << e)), par ? N::hi(bias[e]) : N::lo(bias[e])));
     }
@@ -326,20 +338,15 @@ struct Stage {
   uint32_t s[NT][GPB], z[NT][GPB];
 };
 
+// Loads k-block b into st. wp[jj]: this lane's words of k-block 0 of n-tile jj; mp[jj]: this lane's scale/zero
+// index of group 0 in tile jj; gi: the group of the k-block's first row.
 template <int BITS, int TPG>
-__device__ __forceinline__ void load_stage(Stage<BITS, 8 / TPG>& st, const Args& a, int j0, int b, int lane) {
+__device__ __forceinline__ void load_stage(Stage<BITS, 8 / TPG>& st, const Args& a, const uint32_t* const (&wp)[Bits<BITS>::nt],
+                                           const int (&mp)[Bits<BITS>::nt], int lane, int b, int gi) {
   constexpr int NT = Bits<BITS>::nt, W = Bits<BITS>::words, GPB = 8 / TPG;
 #pragma unroll
   for (int jj = 0; jj < NT; ++jj) {
-    const int j = j0 + jj;
-    if (j >= a.ntiles) {  // past the last tile (odd tile count): zeros, never stored
-#pragma unroll
-      for (int i = 0; i < W; ++i) st.w[jj][i] = 0;
-#pragma unroll
-      for (int i = 0; i < GPB; ++i) st.s[jj][i] = st.z[jj][i] = 0;
-      continue;
-    }
-    const uint32_t* p = a.qweight + (int64_t(j) * a.kblocks + b) * (32 * W);
+    const uint32_t* p = wp[jj] + b * (32 * W);
 #pragma unroll
     for (int c = 0; c < W / 4; ++c) {  // 128-bit streaming loads: 512 contiguous bytes per warp
       const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p + c * 128) + lane);
@@ -351,8 +358,7 @@ __device__ __forceinline__ void load_stage(Stage<BITS, 8 / TPG>& st, const Args&
     }
 #pragma unroll
     for (int i = 0; i < GPB; ++i) {
-      const int gi = TPG == 8 ? b / a.kb_per_group : b * GPB + i;
-      const int64_t mi = (int64_t(gi) * a.ntiles + j) * 8 + (lane >> 2);
+      const int mi = mp[jj] + (gi + i) * a.ntiles * 8;
       st.s[jj][i] = __ldg(a.scales + mi);
       st.z[jj][i] = BITS == 8 ? __ldg(reinterpret_cast<const uint16_t*>(a.zeros) + mi) : __ldg(a.zeros + mi);
     }
@@ -407,12 +413,12 @@ __global__ void __launch_bounds__(kThreads) qgemm_mma(const Args a) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[jj][mt][c] = fmaf(cg[jj][mt][c], sc[jj][c >> 1], acc[jj][mt][c]), cg[jj][mt][c] = 0.f;
   };
-  auto compute = [&](const Stage<BITS, GPB>& st, int b) {
+  auto compute = [&](const Stage<BITS, GPB>& st, int b, bool group_start) {
     const uint4* xb = xs + (b - kb0) * 4 * MT * 32 + lane;
     static_for<0, 8>([&](auto tc) {
       constexpr int t = decltype(tc)::value;
       if constexpr (t % TPG == 0) {  // a group starts at this k-tile (TPG 8: maybe, if the k-block starts one)
-        if (TPG < 8 || b == wb0 || b % a.kb_per_group == 0) {
+        if (TPG < 8 || group_start) {
           flush();
 #pragma unroll
           for (int jj = 0; jj < NT; ++jj) {
@@ -437,15 +443,44 @@ __global__ void __launch_bounds__(kThreads) qgemm_mma(const Args a) {
     });
   };
 
+  // Per n-tile: this lane's words of k-block 0 and its scale/zero index in group 0. A tile past the last one
+  // (odd tile count) re-reads the last tile: its columns are never stored.
+  const uint32_t* wp[NT];
+  int mp[NT];
+#pragma unroll
+  for (int jj = 0; jj < NT; ++jj) {
+    const int j = min(j0 + jj, a.ntiles - 1);
+    wp[jj] = a.qweight + int64_t(j) * a.kblocks * (32 * Bits<BITS>::words);
+    mp[jj] = j * 8 + (lane >> 2);
+  }
+  // Group of a k-block's first row, kept incrementally (no division in the loop): TPG 8 (group_rows = 128 kbpg):
+  // group b / kbpg, a group starts where b % kbpg == 0; TPG < 8: GPB groups per k-block.
+  const int kbpg = a.kb_per_group;
+  int lg = TPG == 8 ? wb0 / kbpg : wb0 * GPB, lr = TPG == 8 ? wb0 % kbpg : 0;  // the next load's group, offset
+  int cr = lr;                                                                   // the next compute's offset
+  auto next = [&](int& g, int& r) {  // one k-block further
+    if constexpr (TPG == 8) {
+      if (++r == kbpg) r = 0, ++g;
+    } else {
+      g += GPB;
+    }
+  };
+  auto next_c = [&] {
+    if constexpr (TPG == 8)
+      if (++cr == kbpg) cr = 0;
+  };
+
   // Hot loop: two stages in registers, the next k-block's loads in flight during this one's math.
   Stage<BITS, GPB> s0, s1;
-  if (wb0 < wb1) load_stage<BITS, TPG>(s0, a, j0, wb0, lane);
+  if (wb0 < wb1) load_stage<BITS, TPG>(s0, a, wp, mp, lane, wb0, lg), next(lg, lr);
   for (int b = wb0; b < wb1; b += 2) {
-    if (b + 1 < wb1) load_stage<BITS, TPG>(s1, a, j0, b + 1, lane);
-    compute(s0, b);
+    if (b + 1 < wb1) load_stage<BITS, TPG>(s1, a, wp, mp, lane, b + 1, lg), next(lg, lr);
+    compute(s0, b, b == wb0 || cr == 0);
+    next_c();
     if (b + 1 >= wb1) break;
-    if (b + 2 < wb1) load_stage<BITS, TPG>(s0, a, j0, b + 2, lane);
-    compute(s1, b + 1);
+    if (b + 2 < wb1) load_stage<BITS, TPG>(s0, a, wp, mp, lane, b + 2, lg), next(lg, lr);
+    compute(s1, b + 1, cr == 0);
+    next_c();
   }
   flush();
 

@@ -24,9 +24,9 @@ from test_kernels import TOL, random_layer, rel_err
 CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 # (K, N, group_size, act_order): partial last group (320 = 6*48 + 32) with groups padded 48 -> 64 rows, groups of
 # 32 rows, tiny act-order groups (20 -> 32), one group (512 rows, 4 k-blocks), groups of 128 over 3 k-blocks with an
-# odd number of 16-column tiles, act-order with groups of 128.
+# odd number of 16-column tiles, act-order with groups of 128, groups of 2 k-blocks (K slices start mid-group).
 CASES = [(320, 64, 48, False), (256, 96, 32, False), (160, 32, 20, True), (512, 48, -1, False),
-         (384, 80, 128, False), (512, 96, 128, True)]
+         (384, 80, 128, False), (512, 96, 128, True), (1024, 32, 256, False)]
 
 
 def cases(bits):
