@@ -42,8 +42,8 @@
 // are applied in fp32 once per group: acc += group_sum * scale. The 4 warps' partial sums are added in shared
 // memory in a fixed order; with several K slices, each block writes its partial to the workspace and the last
 // block to arrive at a column tile (a counter per tile, reset by that block) adds the slices in slice order:
-// bitwise-identical results whatever the scheduling. qgemm_plain (fp32 x) and dequant_kernel decode one code at a
-// time with code_at(): small and slow, for fp32 and for prefill.
+// bitwise-identical results whatever the scheduling. qgemm_plain (fp32 x) decodes one code at a time with
+// code_at(): small and slow; dequant_kernel (prefill) decodes a lane's chunk from registers.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -130,9 +130,6 @@ __device__ __forceinline__ To bit_cast(const From& v) {
   return r;
 }
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 template <typename T> __device__ __forceinline__ T from_float(float v);
 template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
@@ -191,7 +188,7 @@ struct Deq {
   using N = Num<T>;
   using T2 = typename N::T2;
   static constexpr bool f32path = BITS > N::mant - 1;  // codes do not fit the mantissa: via fp32
-  static constexpr uint32_t magic2 = N::magic * 0x10001u;
+  static constexpr uint32_t magic2 = N::magic * 0x10001u;  // (magic, magic)
   // Right shift applied before masking the pair at `pos`, shared by neighbouring pairs (fewer SHF).
   __host__ __device__ static constexpr int shift(int pos) {
     if (N::mant == 10) return BITS <= 3 ? (pos < 10 ? 0 : 10) : (pos < 8 ? 0 : 8);
@@ -524,16 +521,40 @@ __global__ void __launch_bounds__(kThreads) qgemm_plain(const Args a) {
   finish<float, kPlainCols, ROWS>(red, a, blockIdx.x * kPlainCols, m0);
 }
 
-// out[perm[k], n] = scale * (q - z) for every padded row k that is not padding.
+// out[perm[k], n] = scale * (q - z) for every padded row k that is not padding: a thread per lane of a chunk
+// (n-tile, k-block) decodes its 64 codes from registers.
 template <int BITS, typename TOut>
 __global__ void __launch_bounds__(kThreads) dequant_kernel(const Args a) {
-  const int64_t cols = int64_t(a.ntiles) * 16, total = int64_t(a.kblocks) * kKB * cols;
+  constexpr int W = Bits<BITS>::words;
+  const int64_t id = blockIdx.x * int64_t(kThreads) + threadIdx.x, chunk = id >> 5;
+  if (chunk >= int64_t(a.ntiles) * a.kblocks) return;
+  const int lane = int(id & 31), j = int(chunk / a.kblocks), b = int(chunk % a.kblocks), g = lane >> 2, t = lane & 3;
+  const uint32_t* p = a.qweight + chunk * (32 * W);
+  uint32_t w[W];
+#pragma unroll
+  for (int i = 0; i < W; ++i) w[i] = __ldg(p + (i >> 2) * 128 + lane * min(4, W - (i & ~3)) + (i & 3));
   TOut* out = static_cast<TOut*>(a.out);
-  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < total; i += int64_t(gridDim.x) * kThreads) {
-    const int k = int(i / cols), n = int(i % cols);
-    const int dst = __ldg(a.perm + k);
-    if (dst >= 0 && n < a.N) out[int64_t(dst) * a.N + n] = from_float<TOut>(weight_at<BITS>(a, k, n));
-  }
+  static_for<0, 32>([&](auto pc) {
+    constexpr int P = decltype(pc)::value, kt = P >> 2, r = P & 3;
+    constexpr Slot s = slot(BITS, P);
+    const int row = b * kKB + kt * 16 + 2 * t + 8 * (r >> 1), col = j * 16 + g + 8 * (r & 1);
+    if (col >= a.N) return;
+    const int64_t mi = (int64_t(row / a.group_rows) * a.ntiles + j) * 8 + g;
+    float sc[2];
+    scales_f32(__ldg(a.scales + mi), a.scale_bf16, sc);
+    const int z = BITS == 8 ? __ldg(a.zeros + mi * 2 + (r & 1)) : (__ldg(a.zeros + mi) >> (4 * (r & 1))) & 15;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint32_t q;
+      if constexpr (s.pos < 0)
+        q = ((w[s.word] >> (9 + 16 * h)) & 1u) | (((w[s.word + 1] >> (9 + 16 * h)) & 1u) << 1) |
+            (((w[s.word + 2] >> (9 + 16 * h)) & 1u) << 2);
+      else
+        q = (w[s.word] >> (s.pos + 16 * h)) & Bits<BITS>::mask;
+      const int dst = __ldg(a.perm + row + h);
+      if (dst >= 0) out[int64_t(dst) * a.N + col] = from_float<TOut>(sc[r & 1] * float(int(q) - z));
+    }
+  });
 }
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -608,8 +629,8 @@ void launch_bits(const Args& a, const Plan& p, DType dtype, int group_rows, cuda
 
 template <int BITS>
 void launch_dequant_bits(const Args& a, DType dtype, cudaStream_t stream) {
-  const int64_t total = int64_t(a.kblocks) * kKB * a.ntiles * 16;
-  const unsigned blocks = unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 65536));
+  const int64_t threads = int64_t(a.kblocks) * a.ntiles * 32;  // one per lane of a chunk
+  const unsigned blocks = unsigned((threads + kThreads - 1) / kThreads);
   if (dtype == DType::F32) dequant_kernel<BITS, float><<<blocks, kThreads, 0, stream>>>(a);
   else if (dtype == DType::F16) dequant_kernel<BITS, __half><<<blocks, kThreads, 0, stream>>>(a);
   else dequant_kernel<BITS, __nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);

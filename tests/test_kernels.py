@@ -4,7 +4,6 @@ Random layers with fresh seeds: every bit width, odd and Llama-like shapes, grou
 not aligned to the packing unit, group_size -1, and act-order g_idx. CPU tests run every instruction set the CPU
 has (scalar, avx2, avx512); CUDA tests are marked gpu and skip without a usable GPU.
 """
-import re
 
 import pytest
 import torch
@@ -209,6 +208,31 @@ def test_cuda_dequantize_is_exact(bits):
         assert torch.equal(kernels.cuda_dequantize(L, torch.float32), W), case
         assert torch.equal(kernels.cuda_dequantize(L, torch.float16), W.half()), case
         assert torch.equal(kernels.cuda_dequantize(L, torch.bfloat16), W.bfloat16()), case
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_qgemm_is_deterministic_and_capturable(dtype):
+    """Bitwise-identical results run to run (fixed-order K reduction), and one call can be captured in a CUDA graph
+    (no allocation, sync or device query inside; the workspace counters are left at zero)."""
+    qw, qz, s, g_idx = random_layer(4096, 1024, 128, True, 4, seed=3)
+    L = kernels.make_layout(qw.cuda(), qz.cuda(), s.cuda(), g_idx.cuda(), 4, "gptq_v2")
+    x = (torch.randn(1, 4096, device="cuda") * 30).to(dtype)
+    ys = [kernels.cuda_qgemm(x, L) for _ in range(5)]
+    assert all(torch.equal(ys[0], y) for y in ys[1:])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up on the capture's side stream, as torch.cuda.graphs asks
+        kernels.cuda_qgemm(x, L)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = kernels.cuda_qgemm(x, L)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y_graph, ys[0])
 
 
 @pytest.mark.gpu

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "cuda" / "cuda_qgemm.cu"
 # (label, BITS, T, MT): the kernels of the decode shapes, fp16 and bf16
 CASES = [(f"{bits}-bit {t} M={m}", bits, t, mt) for bits in (4, 3) for t in ("fp16", "bf16")
-         for m, mt in ((1, 1), (4, 1), (16, 2))] + [(f"{bits}-bit fp16 M=1", bits, "fp16", 1) for bits in (2, 8)]
+         for m, mt in ((1, 1), (4, 1), (16, 2))] + [(f"{bits}-bit {t} M=1", bits, t, 1) for bits in (2, 8)
+                                                   for t in ("fp16", "bf16")]
 TYPE_MANGLE = {"fp16": "6__half", "bf16": "13__nv_bfloat16"}
 H100_BW, H100_SMS, H100_CLOCK = 3.35e12, 132, 1.755e9  # bytes/s, SMs, boost clock (SXM)
 
