@@ -15,6 +15,8 @@ checkpoint tensors, which stay untouched:
   codes re-packed into the "plane" layout (`pack_planes3`: the same 3 words per 32 rows, arranged so that 4 codes
   become 4 bytes with a few shifts and masks). The same number of bytes; `int8_reference` is their torch reference:
   the same int8 scheme with integer accumulation.
+On a CUDA device make_layout builds a `CudaLayout` instead (its own interleaved layout for the tensor-core kernel:
+see the CUDA section below and the comment block at the top of cuda/cuda_qgemm.cu).
 """
 from __future__ import annotations
 
