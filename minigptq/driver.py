@@ -29,7 +29,7 @@ from .checkpoint import PartialRun, tensor_digest
 from .compat import trivial_g_idx
 from .gptq import Hessian, gptq
 from .loader import Checkpoint, build_empty, check_finite, internal_to_hf, load_into
-from .pack import can_pack, pack_cols, unpack_cols
+from .pack import can_pack, dequantize, pack_cols, unpack_cols
 from .qlinear import QuantLinear
 from .quantizer import QuantConfig, rtn
 
@@ -202,15 +202,16 @@ def _cgroup_free() -> int | None:
 
 def peak_bytes(ckpt: Checkpoint, nsamples: int, seqlen: int, act_dtype: torch.dtype) -> dict[str, int]:
     """What the driver holds at its peak, by part: the calibration activations (one set, between blocks, and the
-    attention outputs _AttentionReplay keeps), one block's fp32 weights, the solver's K x K matrices (the Hessian and
-    at most two more) for the widest input."""
+    attention outputs _Replay keeps), one block's fp32 weights, and the solver: its K x K matrices (the Hessian and
+    at most two more) for the widest input plus two copies of the largest weight (W being updated and the codes).
+    The MLP's _Replay is taken only where it fits besides this; the interpreter and torch come on top (~0.3 GiB)."""
     cfg = ckpt.cfg
     K = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
     per = torch.empty(0, dtype=act_dtype).element_size()
     return dict(activations=nsamples * seqlen * (cfg.hidden_size + cfg.num_heads * cfg.head_dim) * per,
                 block=4 * (2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
                            + 3 * cfg.hidden_size * cfg.intermediate_size),
-                solver=3 * K * K * 4)
+                solver=4 * (3 * K * K + 2 * cfg.hidden_size * max(cfg.hidden_size, cfg.intermediate_size)))
 
 
 def check_memory(ckpt: Checkpoint, nsamples: int, seqlen: int, device: torch.device,
@@ -295,6 +296,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     H = None  # nothing in this group will be solved
                 else:
                     H = _hessian_pass(block, list(linears.values()), xs, ctx, compute, replays)
+                solved = [name for name in linears if not unpackable[name]]
                 for name, lin in linears.items():
                     hf = to_hf[f"layers.{i}.{name}"]
                     t0 = time.perf_counter()
@@ -304,21 +306,26 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                         log(f"  {hf}: kept in full precision ({unpackable[name]})")
                         continue
                     try:
-                        res = gptq(lin.weight, H.H, qcfg, log=log) if method == "gptq" else rtn(lin.weight, qcfg, H.H)
+                        if method == "gptq":  # the group's last solve uses H as its workspace (3 K^2, not 4)
+                            res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=name == solved[-1])
+                        else:
+                            res = rtn(lin.weight, qcfg, H.H)
                     except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
                         raise Error(f"{hf}: {e}") from None
                     ql = QuantLinear.from_codes(res.qweight, res.scales.to(torch.float16), res.zeros, res.g_idx,
                                                 None if lin.bias is None else lin.bias.to(torch.float16),
                                                 qcfg.bits, qcfg.group_size, dtype=torch.float16)
+                    loss, percdamp = float(res.loss), float(res.percdamp)
+                    trivial = trivial_g_idx(res.g_idx, qcfg.group_size)
+                    del res  # memory: its dequantized weight is not needed (lin gets the packed one's)
                     if fmt == "gptq_v2":
                         _to_v2(ql)
                     _use_packed(lin, ql)
                     tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
                     skip.add(name)
-                    records.append(dict(block=i, module=hf, method=method, error=float(res.loss),
-                                        percdamp=float(res.percdamp), seconds=time.perf_counter() - t0,
-                                        g_idx_trivial=trivial_g_idx(res.g_idx, qcfg.group_size)))
-                    bar.set_postfix_str(f"{name} err {res.loss:.4g}")
+                    records.append(dict(block=i, module=hf, method=method, error=loss, percdamp=percdamp,
+                                        seconds=time.perf_counter() - t0, g_idx_trivial=trivial))
+                    bar.set_postfix_str(f"{name} err {loss:.4g}")
                 for r in replays:
                     if r.linear in linears.values():
                         r.start()
@@ -368,9 +375,15 @@ def _load_libc():
 _LIBC = _load_libc()
 
 
-def _use_packed(lin: nn.Linear, ql: QuantLinear) -> None:
-    """Make the fp32 linear compute with exactly the packed checkpoint's weight and (fp16) bias."""
-    lin.weight.copy_(ql.dequantized_weight().to(lin.weight.dtype))
+def _use_packed(lin: nn.Linear, ql: QuantLinear, rows: int = 256) -> None:
+    """Make the fp32 linear compute with exactly the packed checkpoint's weight and (fp16) bias. Dequantized
+    `rows` output features at a time: the torch reference makes several temporaries of the size it is given."""
+    b, N = ql.bits, ql.out_features
+    for n0 in range(0, N, rows):  # rows is a multiple of 32, so every slice of qzeros starts on a word
+        n1 = min(N, n0 + rows)
+        Wt = dequantize(ql.qweight[:, n0:n1].contiguous(), ql.qzeros[:, n0 * b // 32: -(-n1 * b // 32)].contiguous(),
+                        ql.scales[:, n0:n1].float(), ql.g_idx, b, ql.checkpoint_format)  # (K, n1 - n0)
+        lin.weight[n0:n1].copy_(Wt.T)
     if lin.bias is not None:
         lin.bias.copy_(ql.bias.to(lin.bias.dtype))
 

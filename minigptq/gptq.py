@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import Error
-from minigptq.quantizer import QuantConfig, QuantResult, dequantize, dequantize_groups, find_params, quantize
+from minigptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, quantize
 
 __all__ = ["Hessian", "QuantResult", "gptq"]
 
@@ -95,10 +95,13 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], 
 
 @torch.no_grad()
 @_no_tf32()
-def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = print) -> QuantResult:
+def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = print,
+         consume_h: bool = False) -> QuantResult:
     """Quantize W [N, K] given its Hessian H [K, K]. Returns codes, grids and the dequantized W.
 
-    Pure: W and H are copied, never modified. Computed on W's device in float32 (float64 if W is float64, which
+    Pure: W and H are copied, never modified -- except that with consume_h=True H is the solver's workspace (the
+    caller's last use of it, as in the reference, which frees H after the Cholesky step): then the solver holds
+    at most three K x K matrices (H, H^-1 and its factor) instead of four. Computed on W's device in float32 (float64 if W is float64, which
     the tests use to compare against a plain reference without rounding noise); results are float32 / int32.
     `log` receives a message when the damping had to be raised.
 
@@ -145,13 +148,18 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         diag = torch.diag(H).clone()  # [K]
         diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
         perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
-        H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
+        if consume_h and H.device == W.device and H.dtype == dtype:
+            H.copy_(H[perm]).copy_(H[:, perm])  # in processing order, in place (one K x K temporary at a time)
+        else:
+            H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
     else:
         perm = torch.arange(K, device=W.device)  # [K]
-        H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
+        if not (consume_h and H.device == W.device and H.dtype == dtype):
+            H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
     H.diagonal()[dead[perm]] = 1
     invperm = torch.argsort(perm)  # [K]
-    W = W[:, perm]  # [N, K] in processing order
+    if cfg.act_order:
+        W = W[:, perm]  # [N, K] in processing order
     # group_of[j]: group of the j-th processed column. Dynamic groups are consecutive in processing order;
     # static groups belong to the original column.
     group_of = (perm // gs).tolist() if upfront else [j // gs for j in range(K)]
@@ -188,10 +196,11 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         # 1/2 tr((W-Q) H (W-Q)^T) for the damped H exactly, since W - Q = E Hinv and Hinv H Hinv^T = I.
         loss += Err1.square().sum() / 2
 
-    # Back to the original column order; weight is rebuilt from what is returned, so the two agree bit for bit.
+    # Back to the original column order; .weight is rebuilt from what is returned, so the two agree bit for bit.
+    device, W, Hinv = W.device, None, None  # memory: only the codes and the grids are needed from here on
     qweight = codes[:, invperm].to(torch.int32)  # [N, K]
-    g_idx = torch.tensor(group_of, dtype=torch.int32, device=W.device)[invperm]  # [K]
+    del codes
+    g_idx = torch.tensor(group_of, dtype=torch.int32, device=device)[invperm]  # [K]
     scales = scales.to(torch.float32)  # [G, N]
     zeros = zeros.to(torch.int32)  # [G, N]
-    weight = dequantize_groups(qweight, scales, zeros, g_idx)  # [N, K]
-    return QuantResult(qweight, scales, zeros, g_idx, weight, float(loss), percdamp)
+    return QuantResult(qweight, scales, zeros, g_idx, float(loss), percdamp)  # .weight: dequantized on demand

@@ -161,9 +161,13 @@ class QuantResult:
     scales: Tensor  # float32 [G, N]
     zeros: Tensor  # int32 [G, N] raw zero points ("v2" meaning: W ~ scale * (q - zero)); asym zeros are >= 1
     g_idx: Tensor  # int32 [K] group of each input column (k // gs, or through the act-order permutation)
-    weight: Tensor  # float32 [N, K] the dequantized weight
     loss: float  # 1/2 sum_n (W-Q)_n H' (W-Q)_n^T, see proxy_loss (GPTQ: the paper's sum of (w-q)^2/d^2/2)
     percdamp: float  # damping used in H' (GPTQ: after any Cholesky retries; RTN without H: 0.0)
+
+    @property
+    def weight(self) -> Tensor:
+        """float32 [N, K] the dequantized weight, computed when asked (the driver never needs it)."""
+        return dequantize_groups(self.qweight, self.scales, self.zeros, self.g_idx)
 
 
 def dequantize_groups(qweight: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor) -> Tensor:
@@ -222,4 +226,4 @@ def rtn(W: Tensor, cfg: QuantConfig, H: Tensor | None = None) -> QuantResult:
         if H.shape != (K, K):
             raise Error(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
         loss, percdamp = proxy_loss(W, weight, H, cfg.percdamp), cfg.percdamp
-    return QuantResult(qweight, scales, zeros, g_idx, weight, loss, percdamp)
+    return QuantResult(qweight, scales, zeros, g_idx, loss, percdamp)

@@ -3,12 +3,17 @@
 Each run is a separate process whose /proc/<pid>/status is polled every 20 ms: RssAnon (anonymous memory: what the
 process really holds), RssFile (pages of memory-mapped files, e.g. the checkpoint being read: the kernel can drop
 them at any time), VmHWM. The anonymous memory at the end of every block (from the driver's progress lines) shows
-whether anything accumulates across blocks. Runs:
-    minigptq on SmolLM2-135M-Instruct, 4-bit g128, the quality benchmark's calibration (32 x 512 wikitext-2 tokens);
-    GPTQModel on the same model and calibration (in the peer venv), for the time ratio;
-    minigptq on a random-init Llama of about 2.2 GB (fp32, 8 blocks of hidden 2048 / intermediate 8192), with and
-    without a memory cgroup limit (cgroup v1 or v2, needs root) of less than half the checkpoint.
-    python tools/bench_quantize.py [--skip-gptqmodel] [--limit-gib 1.0]
+whether anything accumulates across blocks. Parts (--parts, default all; results of parts not run are kept from the
+JSON already there, each run with its own date):
+    smollm2    minigptq on SmolLM2-135M-Instruct, 4-bit g128, the quality benchmark's calibration (32 x 512
+               wikitext-2 tokens);
+    gptqmodel  GPTQModel on the same model and calibration (in the peer venv), for the time ratio;
+    big        minigptq on a random-init Llama of 3.2 GB (fp32, 16 blocks of hidden 2048 / intermediate 5504,
+               8 x 512 calibration tokens) under a memory cgroup limit (v1 or v2, needs root) of less than half the
+               checkpoint (--limit-gib, default 1.4);
+    big-free   the same without a limit, activations in fp32 and in bf16 (--act-dtype bf16).
+    python tools/bench_quantize.py [--parts smollm2,gptqmodel,big,big-free] [--limit-gib 1.4]
+Run it on an otherwise idle machine: the time ratio of the first two parts is the figure that matters.
 This is a tool, not a test.
 """
 from __future__ import annotations
@@ -34,7 +39,7 @@ SHARED = ROOT.parent / "shared"
 WIKI = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
 
 
-def random_llama(out: Path, hidden: int = 2048, inter: int = 8192, layers: int = 8, seed: int = 0) -> Path:
+def random_llama(out: Path, hidden: int = 2048, inter: int = 5504, layers: int = 16, seed: int = 0) -> Path:
     """A random-init Llama checkpoint (fp32 safetensors, stories260k's 512-token tokenizer), written once."""
     from safetensors.torch import save_file
     if (out / "model.safetensors").exists():
@@ -139,14 +144,20 @@ def measured(cmd: list[str], cgroup_bytes: int | None = None, cwd=ROOT, env=None
                 output_tail="".join(lines[-3:])[-600:])
 
 
+PARTS = ("smollm2", "gptqmodel", "big", "big-free")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smollm2", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"), help="SmolLM2 checkpoint")
     p.add_argument("--work", default=str(ROOT / "models" / "bench_quantize"), help="folder for the models written")
-    p.add_argument("--limit-gib", type=float, default=1.0, help="cgroup memory limit for the big model (GiB)")
-    p.add_argument("--skip-gptqmodel", action="store_true", help="do not run GPTQModel")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    p.add_argument("--limit-gib", type=float, default=1.4, help="cgroup memory limit for the big model (GiB)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize_memory.json"), help="result JSON")
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
+    if not parts or any(x not in PARTS for x in parts):
+        p.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
     from minigptq.data import calibration_windows, tokenize_file
     from minigptq.driver import peak_bytes
     from minigptq.loader import Checkpoint
@@ -154,25 +165,33 @@ def main(argv=None) -> int:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     py = [sys.executable, "-m", "minigptq.quantize"]
-    runs = {}
+    out = Path(args.out)
+    runs = json.loads(out.read_text())["runs"] if out.exists() else {}
+    stamp = time.strftime("%Y-%m-%d %H:%M")
 
-    def quant(name, model, out, extra=(), cgroup=None):
-        cmd = py + ["--model", str(model), "--out", str(out), "--bits", "4", "--groupsize", "128", "--dataset",
+    def quant(name, model, dest, extra=(), cgroup=None):
+        cmd = py + ["--model", str(model), "--out", str(dest), "--bits", "4", "--groupsize", "128", "--dataset",
                     str(WIKI), "--overwrite", *extra]
         res = measured(cmd, cgroup)
         ckpt = Checkpoint(model)
         n, T = int(extra[extra.index("--nsamples") + 1]), int(extra[extra.index("--seqlen") + 1])
         acts = torch.bfloat16 if "bf16" in extra else torch.float32
-        res.update(checkpoint_bytes=(Path(model) / "model.safetensors").stat().st_size,
-                   budget=peak_bytes(ckpt, n, T, acts), cgroup_limit_bytes=cgroup, settings=" ".join(extra))
+        budget = peak_bytes(ckpt, n, T, acts)
+        res.update(when=stamp, checkpoint_bytes=(Path(model) / "model.safetensors").stat().st_size,
+                   budget=dict(budget, total=sum(budget.values())), cgroup_limit_bytes=cgroup,
+                   settings=" ".join(extra))
         runs[name] = res
+        blocks = [round(b["rss_anon"] / 2**20) for b in res["per_block"]]
         print(f"{name}: exit {res['exit_code']}, {res['wall_s']} s, peak anonymous {res['peak_rss_anon'] / 2**20:.0f} "
-              f"MiB, peak file pages {res['peak_rss_file'] / 2**20:.0f} MiB, per block "
-              f"{[round(b['rss_anon'] / 2**20) for b in res['per_block']]} MiB", flush=True)
+              f"MiB (budget {sum(budget.values()) / 2**20:.0f} MiB + interpreter), peak file pages "
+              f"{res['peak_rss_file'] / 2**20:.0f} MiB, per block {blocks} MiB", flush=True)
+        if res["exit_code"]:
+            print(res["output_tail"], flush=True)
 
     smol = ["--nsamples", "32", "--seqlen", "512"]
-    quant("minigptq SmolLM2 4-bit g128", args.smollm2, work / "smol-4bit", smol)
-    if not args.skip_gptqmodel:
+    if "smollm2" in parts:
+        quant("minigptq SmolLM2 4-bit g128", args.smollm2, work / "smol-4bit", smol)
+    if "gptqmodel" in parts:
         peer = ROOT / ".venv-peer" / "bin" / "python"
         tok = load_tokenizer(args.smollm2)
         calib = calibration_windows(tokenize_file(WIKI, tok), 32, 512, seed=0)
@@ -183,19 +202,24 @@ def main(argv=None) -> int:
                                                     "sym": True, "desc_act": False}]))
         res = measured([str(peer), str(ROOT / "tests" / "peer_check.py"), str(tmp / "jobs.json")], cwd=tmp,
                        env=dict(os.environ, GPTQMODEL_CPU_WORKERS="2"))
-        runs["GPTQModel SmolLM2 4-bit g128"] = dict(res, settings="32 x 512, same windows")
+        runs["GPTQModel SmolLM2 4-bit g128"] = dict(res, when=stamp, settings="32 x 512, same windows")
         print(f"GPTQModel: exit {res['exit_code']}, {res['wall_s']} s, peak anonymous "
               f"{res['peak_rss_anon'] / 2**20:.0f} MiB", flush=True)
-    big = random_llama(work / "random-llama-2gb")
-    big_args = ["--nsamples", "16", "--seqlen", "512"]
-    quant("minigptq random Llama 2.2 GB", big, work / "big-4bit", big_args)
-    quant("minigptq random Llama 2.2 GB, bf16 activations", big, work / "big-4bit-bf16", big_args + ["--act-dtype", "bf16"])
-    limit = int(args.limit_gib * 2**30)
-    try:
-        quant(f"minigptq random Llama 2.2 GB under a {args.limit_gib:g} GiB cgroup limit", big, work / "big-4bit-cg",
-              big_args, cgroup=limit)
-    except OSError as e:
-        runs["cgroup"] = dict(skipped=f"cannot create a memory cgroup here: {e}")
+    if "big" in parts or "big-free" in parts:
+        big = random_llama(work / "random-llama")
+        size = (big / "model.safetensors").stat().st_size
+        big_args = ["--nsamples", "8", "--seqlen", "512"]
+        label = f"minigptq random Llama {size / 1e9:.1f} GB"
+    if "big" in parts:
+        limit = int(args.limit_gib * 2**30)
+        try:
+            quant(f"{label} under a {args.limit_gib:g} GiB cgroup limit", big, work / "big-4bit-cg", big_args,
+                  cgroup=limit)
+        except OSError as e:
+            runs["cgroup"] = dict(skipped=f"cannot create a memory cgroup here: {e}")
+    if "big-free" in parts:
+        quant(label, big, work / "big-4bit", big_args)
+        quant(f"{label}, bf16 activations", big, work / "big-4bit-bf16", big_args + ["--act-dtype", "bf16"])
     if "minigptq SmolLM2 4-bit g128" in runs and "GPTQModel SmolLM2 4-bit g128" in runs:
         ratio = runs["GPTQModel SmolLM2 4-bit g128"]["wall_s"] / runs["minigptq SmolLM2 4-bit g128"]["wall_s"]
         print(f"GPTQModel / minigptq wall time on SmolLM2: {ratio:.2f}x")
@@ -203,10 +227,10 @@ def main(argv=None) -> int:
     doc = dict(benchmark="quantize memory and time", date=date.today().isoformat(),
                machine=dict(cpu=cpu, cores=os.cpu_count(), platform=platform.platform()),
                versions=dict(python=platform.python_version(), torch=torch.__version__),
-               method=__doc__.split("\n\n")[0], runs=runs)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
-    print(f"wrote {args.out}")
+               method=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1], runs=runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {out}")
     return 0
 
 
