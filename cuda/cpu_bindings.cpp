@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu_decode.h"
+#include "cpu_gptq.h"
 #include "cpu_qgemm.h"
 
 namespace py = pybind11;
@@ -30,6 +31,15 @@ using LayerPtrs = std::tuple<uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr
 
 PYBIND11_MODULE(_cpu_kernels, m) {
   m.doc() = "GPTQ CPU kernels (fused dequantize + matmul, dequantize); use minigptq.kernels, not this module.";
+  m.def(
+      "gptq_block",
+      [](uintptr_t W1, int64_t N, int64_t b, uintptr_t Hinv1, int64_t ldh, uintptr_t S, uintptr_t Z, float maxq,
+         uintptr_t codes, uintptr_t err, int threads) {
+        gptq_block(reinterpret_cast<float*>(W1), N, b, reinterpret_cast<const float*>(Hinv1), ldh,
+                   reinterpret_cast<const float*>(S), reinterpret_cast<const float*>(Z), maxq,
+                   reinterpret_cast<float*>(codes), reinterpret_cast<float*>(err), threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
   m.def(
       "qgemm",
       [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,

@@ -19,10 +19,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-from . import Error
+from . import Error, kernels
 from minigptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, quantize
 
 __all__ = ["Hessian", "QuantResult", "gptq"]
+
+PLAIN_LOOP = False  # True: always the torch loop below (the C++ one's oracle in the tests)
 
 
 @contextlib.contextmanager
@@ -40,27 +42,53 @@ class Hessian:
     """Running H = 2/n * sum over tokens of x x^T [K, K] in fp32; n = tokens seen.
 
     The 2/n scale does not change the solution; it keeps H's magnitude independent of the amount of data.
+    H is symmetric, so for wide inputs only its upper triangle is accumulated, in bands of `band` rows (a little
+    over half the multiply-adds: on SmolLM2's MLP inputs the Hessians cost as much as the block's forward pass);
+    reading .H mirrors it into the lower triangle.
     """
 
+    band = 256
+
     def __init__(self, in_features: int, device: torch.device | str) -> None:
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [K, K]
+        self._H = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)  # [K, K]
+        self._mirrored = True
         self.n = 0
+
+    @property
+    def H(self) -> Tensor:
+        """The full symmetric [K, K] matrix (the lower triangle filled from the upper one, in place)."""
+        if not self._mirrored:
+            K, b = self._H.shape[0], self.band
+            for i0 in range(0, K, b):
+                i1 = min(K, i0 + b)
+                lower = self._H[i1:, i0:i1]  # below the diagonal band: the transpose of what lies right of it
+                lower.copy_(self._H[i0:i1, i1:].T)
+                diag = self._H[i0:i1, i0:i1]
+                diag.copy_(diag.triu() + diag.triu(1).T)
+            self._mirrored = True
+        return self._H
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
         """Accumulate activations x [..., K] (any leading dims, any float dtype)."""
-        K = self.H.shape[0]
+        K = self._H.shape[0]
         if x.shape[-1] != K:
             raise Error(f"activations have {x.shape[-1]} features in the last dim, expected in_features={K}")
-        x = x.detach().reshape(-1, K).to(device=self.H.device, dtype=torch.float32)  # [b, K], b = tokens
+        x = x.detach().reshape(-1, K).to(device=self._H.device, dtype=torch.float32)  # [b, K], b = tokens
         b = x.shape[0]
         if b == 0:
             return
-        self.H *= self.n / (self.n + b)  # rescale the old mean to the new count
+        self._H *= self.n / (self.n + b)  # rescale the old mean to the new count
         self.n += b
         x = math.sqrt(2 / self.n) * x  # [b, K]
         with _no_tf32():
-            self.H.addmm_(x.T, x)  # H += x^T x  [K, K]
+            if K <= 2 * self.band:
+                self._H.addmm_(x.T, x)  # H += x^T x  [K, K]
+            else:
+                for i0 in range(0, K, self.band):  # H[band, band:] += x[:, band]^T x[:, band:]  (upper triangle)
+                    i1 = min(K, i0 + self.band)
+                    self._H[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+                self._mirrored = False
 
 
 def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], None]) -> tuple[Tensor, float]:
@@ -167,6 +195,7 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
     del H  # damped in place: not needed any more
     codes = torch.zeros_like(W)  # [N, K] integer codes (as floats), processing order
+    fast = PLAIN_LOOP is False and dtype == torch.float32 and W.is_cpu and kernels.cpu_available()
     loss = torch.zeros((), dtype=dtype, device=W.device)
 
     # Block boundaries (line 3: i = 0, B, 2B, ...), plus every dynamic group start: after a
@@ -181,15 +210,20 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         W1 = W[:, i1:i2].clone()  # [N, b] the block, updated column by column
         Err1 = torch.zeros_like(W1)  # [N, b] E: scaled quantization errors of the block (line 1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]
-        for i in range(i2 - i1):  # line 4 (j = i1 + i)
-            w = W1[:, i]  # [N] current column, already error-compensated
-            d = Hinv1[i, i]
-            g = group_of[i1 + i]
-            q = quantize(w, scales[g], zeros[g], maxq)  # [N] codes (line 5)
-            codes[:, i1 + i] = q
-            err = (w - dequantize(q, scales[g], zeros[g])) / d  # [N] (line 6)
-            W1[:, i + 1 :] -= err[:, None] * Hinv1[None, i, i + 1 :]  # update the rest of the block (line 7)
-            Err1[:, i] = err
+        if fast:  # lines 4-7 in C++ (kernels.cpu_gptq_block): the same operations, bit for bit, rows in parallel
+            g = torch.tensor(group_of[i1:i2], device=W.device)  # [b]
+            codes[:, i1:i2], Err1 = kernels.cpu_gptq_block(W1, Hinv1.contiguous(), scales[g].contiguous(),
+                                                           zeros[g].contiguous(), maxq)
+        else:
+            for i in range(i2 - i1):  # line 4 (j = i1 + i)
+                w = W1[:, i]  # [N] current column, already error-compensated
+                d = Hinv1[i, i]
+                g = group_of[i1 + i]
+                q = quantize(w, scales[g], zeros[g], maxq)  # [N] codes (line 5)
+                codes[:, i1 + i] = q
+                err = (w - dequantize(q, scales[g], zeros[g])) / d  # [N] (line 6)
+                W1[:, i + 1 :] -= err[:, None] * Hinv1[None, i, i + 1 :]  # update the rest of the block (line 7)
+                Err1[:, i] = err
         # Lazy batch update of all later columns at once (line 8): W[:, i2:] -= E Hinv[block, i2:].
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # [N, K - i2]
         # The paper's objective: sum (w - q)^2 / d^2 / 2 = 1/2 ||E||^2. Summed over the layer it equals

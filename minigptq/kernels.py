@@ -315,6 +315,25 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
 # One call each for what a decode step otherwise spends a dozen torch operators on (cuda/cpu_decode.cpp). Their
 # references and fallbacks are RMSNorm and Attention in minigptq/transformer.py, which call these only for fp32
 # tensors on the CPU outside torch.compile, after checking shapes; the wrappers check what would corrupt memory.
+def cpu_gptq_block(W1: Tensor, Hinv1: Tensor, S: Tensor, Z: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """GPTQ's inner loop over one block of b columns (gptq.py, Algorithm 1 lines 4-7), bit for bit as the torch loop:
+    W1 [N, b] contiguous fp32 is error-compensated in place; Hinv1 [b, b] (rows may be strided) the block of the
+    upper Cholesky factor of H^-1; S, Z [b, N] each column's scale and zero point. -> (codes, E), both [N, b]."""
+    N, b = W1.shape
+    ok = all(t.dtype == torch.float32 and t.is_cpu for t in (W1, Hinv1, S, Z)) and W1.is_contiguous() \
+        and S.is_contiguous() and Z.is_contiguous() and Hinv1.shape == (b, b) and Hinv1.stride(1) == 1 \
+        and S.shape == (b, N) and Z.shape == (b, N)
+    if not ok:
+        raise Error(f"need float32 CPU tensors W1 [N, b] contiguous, Hinv1 [b, b] with unit column stride, S and Z "
+                    f"[b, N] contiguous; got {_describe(W1)}, {_describe(Hinv1)}, {_describe(S)}, {_describe(Z)}")
+    if _cpu is None:
+        raise RuntimeError(f"minigptq._cpu_kernels is not built ({CPU_IMPORT_ERROR}); pip install -e . builds it")
+    codes, err = torch.empty_like(W1), torch.empty_like(W1)
+    _cpu.gptq_block(W1.data_ptr(), N, b, Hinv1.data_ptr(), Hinv1.stride(0), S.data_ptr(), Z.data_ptr(), float(maxq),
+                    codes.data_ptr(), err.data_ptr(), torch.get_num_threads())
+    return codes, err
+
+
 def cpu_rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     """w * x / sqrt(mean(x^2, -1) + eps) for contiguous fp32 CPU x [..., D] and w [D]."""
     D = w.numel()

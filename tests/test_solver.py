@@ -396,3 +396,50 @@ def test_hessian_running_mean() -> None:
     X = torch.cat([x.reshape(-1, 16).double() for x in xs])  # [23, 16]
     assert hess.n == 23 and hess.H.dtype == torch.float32
     torch.testing.assert_close(hess.H.double(), 2 / 23 * X.T @ X, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- the C++ inner loop (kernels.cpu_gptq_block)
+@pytest.mark.skipif(not __import__("minigptq.kernels").kernels.cpu_available(), reason="CPU kernels not built")
+@pytest.mark.parametrize("N, K, kw", [
+    (32, 200, dict(bits=4, group_size=64)),
+    (77, 300, dict(bits=3, group_size=128, act_order=True)),
+    (40, 256, dict(bits=4, group_size=32, act_order=True, static_groups=True)),
+    (16, 130, dict(bits=2, group_size=-1, sym=False, blocksize=48)),
+    (9, 96, dict(bits=8, group_size=32, sym=False)),
+])
+def test_cpp_inner_loop_equals_the_torch_loop_bit_for_bit(monkeypatch, N, K, kw):
+    """fp32 on the CPU runs lines 4-7 of Algorithm 1 in C++; it must give the torch loop's codes, grids and loss
+    exactly (float64, used by the reference comparisons above, always runs the torch loop)."""
+    import minigptq.gptq as solver
+    W, _, H = make_layer(3, N=N, K=K)
+    cfg = QuantConfig(**kw)
+    fast = gptq(W, H, cfg)
+    monkeypatch.setattr(solver, "PLAIN_LOOP", True)
+    plain = gptq(W, H, cfg)
+    for name in ("qweight", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(fast, name), getattr(plain, name)), name
+    assert fast.loss == plain.loss
+
+
+def test_cpp_inner_loop_checks_its_inputs():
+    from minigptq import Error, kernels
+    W1, S = torch.zeros(8, 4), torch.ones(4, 8)
+    with pytest.raises(Error, match="float32 CPU tensors"):
+        kernels.cpu_gptq_block(W1, torch.eye(4, dtype=torch.float64), S, S, 15)
+    with pytest.raises(Error, match="float32 CPU tensors"):
+        kernels.cpu_gptq_block(W1, torch.eye(4), S.T, S, 15)
+
+
+def test_hessian_of_wide_inputs_accumulates_the_upper_triangle_and_mirrors_it():
+    """K > 2 * band: only the upper triangle is accumulated (in bands), .H mirrors it; exactly symmetric and equal
+    to 2/n X^T X, including after further adds and a second read."""
+    g = torch.Generator().manual_seed(0)
+    K = 2 * Hessian.band + 37
+    X = torch.randn(700, K, generator=g, dtype=torch.float64)
+    hess = Hessian(K, "cpu")
+    hess.add(X[:300])
+    first = hess.H.clone()
+    torch.testing.assert_close(first.double(), 2 / 300 * X[:300].T @ X[:300], rtol=1e-5, atol=1e-5)
+    hess.add(X[300:])
+    assert torch.equal(hess.H, hess.H.T) and hess.n == 700
+    torch.testing.assert_close(hess.H.double(), 2 / 700 * X.T @ X, rtol=1e-5, atol=1e-5)
