@@ -304,7 +304,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     H = None  # nothing in this group will be solved
                 else:
                     H = _hessian_pass(block, list(linears.values()), xs, ctx, compute, replays)
-                solved = [name for name in linears if not unpackable[name]]
+                prepared = {}  # what the group's linears share of the solver's work (gptq's `shared`)
                 for name, lin in linears.items():
                     hf = to_hf[f"layers.{i}.{name}"]
                     t0 = time.perf_counter()
@@ -314,8 +314,8 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                         log(f"  {hf}: kept in full precision ({unpackable[name]})")
                         continue
                     try:
-                        if method == "gptq":  # the group's last solve uses H as its workspace (3 K^2, not 4)
-                            res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=name == solved[-1])
+                        if method == "gptq":  # one Cholesky per group, H its workspace (3 K^2 at most)
+                            res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=True, shared=prepared)
                         else:
                             res = rtn(lin.weight, qcfg, H.H)
                     except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
@@ -334,7 +334,7 @@ def quantize_checkpoint(ckpt: Checkpoint, calib: Tensor, qcfg: QuantConfig, run:
                     records.append(dict(block=i, module=hf, method=method, error=loss, percdamp=percdamp,
                                         seconds=time.perf_counter() - t0, g_idx_trivial=trivial))
                     bar.set_postfix_str(f"{name} err {loss:.4g}")
-                H = None  # this group's Hessian is spent (and was the last solve's workspace)
+                H = prepared = None  # this group's Hessian is spent (it was the solver's workspace)
                 for r in replays:
                     if r.linear in linears.values():
                         r.start()

@@ -124,14 +124,17 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], 
 @torch.no_grad()
 @_no_tf32()
 def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = print,
-         consume_h: bool = False) -> QuantResult:
+         consume_h: bool = False, shared: dict | None = None) -> QuantResult:
     """Quantize W [N, K] given its Hessian H [K, K]. Returns codes, grids and the dequantized W.
 
     Pure: W and H are copied, never modified -- except that with consume_h=True H is the solver's workspace (the
     caller's last use of it, as in the reference, which frees H after the Cholesky step): then the solver holds
-    at most three K x K matrices (H, H^-1 and its factor) instead of four. Computed on W's device in float32 (float64 if W is float64, which
-    the tests use to compare against a plain reference without rounding noise); results are float32 / int32.
-    `log` receives a message when the damping had to be raised.
+    at most three K x K matrices (H, H^-1 and its factor) instead of four. Computed on W's device in float32
+    (float64 if W is float64, which the tests use to compare against a plain reference without rounding noise);
+    results are float32 / int32. `log` receives a message when the damping had to be raised.
+    shared: a dict for the linears of one true-sequential group, which share H (q/k/v, gate/up): the first call
+    stores what depends on H and cfg alone (dead inputs, column order, Hinv, damping) and the others reuse it
+    (the same numbers, one Cholesky per group; H may then be consumed by the first call).
 
     Algorithm 1 of the paper (line numbers ours; the comments below point at them):
       1  Q <- 0 [N, K];  E <- 0 [N, B]
@@ -149,7 +152,8 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     W = W.detach().to(dtype=dtype, copy=True)  # [N, K] updated in place below
     if not torch.isfinite(W).all():
         raise Error("W contains NaN or Inf; cannot quantize")
-    if not torch.isfinite(H).all():
+    reuse = bool(shared)
+    if not reuse and not torch.isfinite(H).all():
         raise Error("H contains NaN or Inf; the calibration activations may contain NaN/Inf")
     N, K = W.shape
     maxq = 2**cfg.bits - 1
@@ -158,7 +162,7 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
 
     # Dead inputs (always zero in the calibration data): their weights cannot matter, so set them to 0 (and below
     # give H a unit diagonal there, which keeps it invertible).
-    dead = torch.diag(H) == 0  # [K]
+    dead = shared["dead"] if reuse else torch.diag(H) == 0  # [K]
     W[:, dead] = 0
 
     # Grids computed up front: static_groups (every group on the unpermuted W), and group_size = -1 (one grid
@@ -170,21 +174,28 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         for g in range(G):
             scales[g], zeros[g] = find_params(W[:, g * gs : (g + 1) * gs], cfg.bits, cfg.sym, cfg.mse)
 
-    # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
-    # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
-    if cfg.act_order:
-        diag = torch.diag(H).clone()  # [K]
-        diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
-        perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
-        if consume_h and H.device == W.device and H.dtype == dtype:
-            H.copy_(H[perm]).copy_(H[:, perm])  # in processing order, in place (one K x K temporary at a time)
-        else:
-            H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
+    if reuse:  # this group's H was prepared by its first linear
+        perm, Hinv, percdamp = shared["perm"], shared["Hinv"], shared["percdamp"]
     else:
-        perm = torch.arange(K, device=W.device)  # [K]
-        if not (consume_h and H.device == W.device and H.dtype == dtype):
-            H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
-    H.diagonal()[dead[perm]] = 1
+        # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
+        # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
+        if cfg.act_order:
+            diag = torch.diag(H).clone()  # [K]
+            diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
+            perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
+            if consume_h and H.device == W.device and H.dtype == dtype:
+                H.copy_(H[perm]).copy_(H[:, perm])  # in processing order, in place (one K x K temporary at a time)
+            else:
+                H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
+        else:
+            perm = torch.arange(K, device=W.device)  # [K]
+            if not (consume_h and H.device == W.device and H.dtype == dtype):
+                H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
+        H.diagonal()[dead[perm]] = 1
+        Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
+        del H  # damped in place: not needed any more
+        if shared is not None:
+            shared.update(dead=dead, perm=perm, Hinv=Hinv, percdamp=percdamp)
     invperm = torch.argsort(perm)  # [K]
     if cfg.act_order:
         W = W[:, perm]  # [N, K] in processing order
@@ -192,8 +203,6 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     # static groups belong to the original column.
     group_of = (perm // gs).tolist() if upfront else [j // gs for j in range(K)]
 
-    Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
-    del H  # damped in place: not needed any more
     codes = torch.zeros_like(W)  # [N, K] integer codes (as floats), processing order
     fast = PLAIN_LOOP is False and dtype == torch.float32 and W.is_cpu and kernels.cpu_available()
     loss = torch.zeros((), dtype=dtype, device=W.device)

@@ -443,3 +443,21 @@ def test_hessian_of_wide_inputs_accumulates_the_upper_triangle_and_mirrors_it():
     hess.add(X[300:])
     assert torch.equal(hess.H, hess.H.T) and hess.n == 700
     torch.testing.assert_close(hess.H.double(), 2 / 700 * X.T @ X, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=64), dict(bits=3, group_size=32, act_order=True),
+                                dict(bits=4, group_size=64, act_order=True, static_groups=True)])
+def test_linears_sharing_a_hessian_share_its_preparation(kw):
+    """The driver solves q/k/v (gate/up) with one `shared` preparation of their H, consumed by the first solve:
+    every linear gets exactly what a separate solve on an untouched H gives."""
+    cfg = QuantConfig(**kw)
+    _, _, H = make_layer(5, N=8)
+    Ws = [make_layer(s, N=n)[0] for s, n in ((6, 24), (7, 40), (8, 16))]
+    alone = [gptq(W, H, cfg) for W in Ws]
+    shared, Hwork = {}, H.clone()
+    together = [gptq(W, Hwork, cfg, consume_h=True, shared=shared) for W in Ws]
+    assert not torch.equal(Hwork, H)  # it really was the workspace
+    for a, b in zip(alone, together):
+        for name in ("qweight", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        assert a.loss == b.loss and a.percdamp == b.percdamp
