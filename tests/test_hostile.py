@@ -636,11 +636,11 @@ def test_failure_after_some_blocks(tmp_path, monkeypatch, exc, code, needle, kee
     real = driver.gptq
     calls = {"n": 0}
 
-    def failing(W, H, cfg, log=print):
+    def failing(W, H, cfg, log=print, **kw):
         calls["n"] += 1
         if calls["n"] > 3 * 4:  # 4 solved linears per block (the MLP is kept); fail in block 3
             raise exc
-        return real(W, H, cfg, log=log)
+        return real(W, H, cfg, log=log, **kw)
     monkeypatch.setattr(driver, "gptq", failing)
     before = snapshot(tmp_path)
     got, err = run_cli("quantize", quant_argv(tmp_path, m, tmp_path / "q"))
