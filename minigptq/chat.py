@@ -166,7 +166,7 @@ def main(args) -> None:
 
 def parser():
     import argparse
-    from .cli import add_debug_flag, add_device_flags
+    from .cli import add_debug_flag, add_device_flags, add_sampling_flags
     p = argparse.ArgumentParser(prog="python -m minigptq.chat",
                                 description="Chat with a checkpoint through its chat template, one line per user turn "
                                             "on stdin; the KV cache is kept across turns.")
@@ -175,10 +175,7 @@ def parser():
     p.add_argument("--stop", action="append", default=None, help="stop a reply at this string; repeatable")
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default 256)")
     p.add_argument("--context", type=int, default=None, help="tokens of conversation kept (default: the model's)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    add_sampling_flags(p)
     add_device_flags(p)
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="dtype of the embedding and lm_head (see generate --help)")

@@ -35,6 +35,14 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
                         "where the CPU has AVX-512 VNNI / AVX-VNNI (default)")
 
 
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """--temperature, --top-k, --top-p and --seed, shared by generate and chat."""
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+
+
 def resolve_device(device: str, dtype: str | None = None):
     """-> (torch.device, dtype name); a CUDA request without a GPU is a user error."""
     import torch

@@ -64,7 +64,7 @@ class _Replay:
         if self.done[j]:
             return self.core[j]
         y = self.linear(self.core[j].to(x.dtype))
-        if self.dtype == torch.float32 and y.dtype == torch.float32 and y.shape == self.core[j].shape:
+        if self.dtype == torch.float32 and y.dtype == torch.float32:
             self.core[j], self.done[j] = y, True  # later passes (o is run by three of them) reuse it
         return y
 

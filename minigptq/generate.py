@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import Error
-from .cli import add_debug_flag, add_device_flags, resolve_device, run
+from .cli import add_debug_flag, add_device_flags, add_sampling_flags, resolve_device, run
 from .transformer import KVCache, Transformer
 
 log = logging.getLogger("minigptq")
@@ -276,10 +276,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=None,
                    help="stop when the generated text contains this string (the text is cut before it); repeatable")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
+    add_sampling_flags(p)
     add_device_flags(p)
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="store the embedding and lm_head in this dtype (bf16: half the bytes per token of an fp32 "

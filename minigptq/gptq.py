@@ -179,17 +179,18 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     else:
         # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
         # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
+        in_place = consume_h and H.device == W.device and H.dtype == dtype  # H is our workspace as it is
         if cfg.act_order:
             diag = torch.diag(H).clone()  # [K]
             diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
             perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
-            if consume_h and H.device == W.device and H.dtype == dtype:
+            if in_place:
                 H.copy_(H[perm]).copy_(H[:, perm])  # in processing order, in place (one K x K temporary at a time)
             else:
                 H = H.to(device=W.device, dtype=dtype)[perm][:, perm]  # [K, K] our copy, in processing order
         else:
             perm = torch.arange(K, device=W.device)  # [K]
-            if not (consume_h and H.device == W.device and H.dtype == dtype):
+            if not in_place:
                 H = H.detach().to(device=W.device, dtype=dtype, copy=True)  # [K, K] our copy
         H.diagonal()[dead[perm]] = 1
         Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
