@@ -102,19 +102,35 @@ std::vector<Chunk> check_and_chunk(const QWeight& w, int32_t chunk_rows = detail
     invalid("K=" + std::to_string(w.K) + ", N=" + std::to_string(w.N) + ", G=" + std::to_string(w.G) +
             ": K must be a positive multiple of " + std::to_string(unit) + " for " + std::to_string(w.bits) +
             "-bit, N and G positive");
+  // This runs on every call (the layout is only pointers here), so the common case is cheap: a block of
+  // chunk_rows rows that all hold one group is one chunk, checked with a loop the compiler vectorizes.
   std::vector<Chunk> chunks;
+  chunks.reserve(size_t(w.K / chunk_rows + w.G + 1));
   int32_t prev = 0;
-  for (int64_t r = 0; r < w.K; ++r) {
-    const int32_t g = w.row_group[r];
-    if (g < prev || g >= w.G)
-      invalid("row_group[" + std::to_string(r) + "]=" + std::to_string(g) + " must be nondecreasing and in [0, " +
-              std::to_string(w.G) + ")");
-    if (w.perm && (w.perm[r] < 0 || w.perm[r] >= w.K))
-      invalid("perm[" + std::to_string(r) + "]=" + std::to_string(w.perm[r]) + " is outside [0, " +
-              std::to_string(w.K) + ")");
-    if (r == 0 || g != prev || r % chunk_rows == 0) chunks.push_back({int32_t(r), int32_t(r), g});
-    chunks.back().r1 = int32_t(r + 1);
-    prev = g;
+  for (int64_t r0 = 0; r0 < w.K; r0 += chunk_rows) {
+    const int64_t r1 = std::min<int64_t>(w.K, r0 + chunk_rows);
+    const int32_t g0 = w.row_group[r0];
+    uint32_t differ = 0, outside = 0;
+    for (int64_t r = r0; r < r1; ++r) differ |= uint32_t(w.row_group[r] ^ g0);
+    if (w.perm)
+      for (int64_t r = r0; r < r1; ++r) outside |= uint32_t(uint64_t(uint32_t(w.perm[r])) >= uint64_t(w.K));
+    if (!differ && !outside && g0 >= prev && g0 < w.G) {
+      chunks.push_back({int32_t(r0), int32_t(r1), g0});
+      prev = g0;
+      continue;
+    }
+    for (int64_t r = r0; r < r1; ++r) {  // group boundaries inside the block, or an error to name
+      const int32_t g = w.row_group[r];
+      if (g < prev || g >= w.G)
+        invalid("row_group[" + std::to_string(r) + "]=" + std::to_string(g) + " must be nondecreasing and in [0, " +
+                std::to_string(w.G) + ")");
+      if (w.perm && (w.perm[r] < 0 || w.perm[r] >= w.K))
+        invalid("perm[" + std::to_string(r) + "]=" + std::to_string(w.perm[r]) + " is outside [0, " +
+                std::to_string(w.K) + ")");
+      if (r == r0 || g != prev) chunks.push_back({int32_t(r), int32_t(r), g});
+      chunks.back().r1 = int32_t(r + 1);
+      prev = g;
+    }
   }
   return chunks;
 }
@@ -277,6 +293,8 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   int order[32];  // order[i] = row (within a unit) of staged byte i: byte b of quad q is row quad_row(q, b)
   for (int q = 0; q < Q; ++q)
     for (int b = 0; b < 4; ++b) order[4 * q + b] = quad_row(w.bits, q, b);
+  uint8_t shuf[32];  // the same order as a pshufb pattern over 32 bytes of whole units (3-bit: units of 32, in order)
+  for (int i = 0; i < 32; ++i) shuf[i] = uint8_t((U > 16 ? i : i / U * U + order[i % U]) % 16);
   thread_local std::vector<float> xs, sx;
   thread_local std::vector<int32_t> xq, sxq;
   int8_t span[detail::kChunkRowsI8 + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
@@ -286,27 +304,38 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   sxq.resize(M * C);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = static_cast<const float*>(x) + m * K;
-    if (w.perm || dtype == DType::BF16) {
+    if (w.perm) {
       for (int64_t r = 0; r < K; ++r) {
-        const int64_t src = m * K + (w.perm ? w.perm[r] : r);
+        const int64_t src = m * K + w.perm[r];
         xs[r] = dtype == DType::BF16 ? bf16_to_f32(static_cast<const uint16_t*>(x)[src])
                                      : static_cast<const float*>(x)[src];
       }
       xr = xs.data();
+    } else if (dtype == DType::BF16) {
+      const uint16_t* xb = static_cast<const uint16_t*>(x) + m * K;
+      for (int64_t r = 0; r < K; ++r) xs[r] = bf16_to_f32(xb[r]);
+      xr = xs.data();
     }
     for (int64_t c = 0; c < C; ++c) {
       const detail::ChunkI8& ch = ck[c];
+      int8_t* dst = reinterpret_cast<int8_t*>(xq.data() + m * S + ch.xoff);
+      // A whole aligned chunk (the common case): vector code, the same numbers as the loop below.
+      if (ch.r1 - ch.r0 == detail::kChunkRowsI8 && ch.r0 % U == 0 &&
+          kern.stage32(xr + ch.r0, shuf, dst, &sx[m * C + c], &sxq[m * C + c]))
+        continue;
       const int64_t base = int64_t(ch.u0) * U, n = int64_t(ch.units) * U;
       float amax = 0.f;
+      bool finite = true;
       for (int32_t r = ch.r0; r < ch.r1; ++r) {
         const float a = std::fabs(xr[r]);
-        if (!(a <= amax)) amax = a;  // NaN propagates (std::max would drop it)
+        if (!std::isfinite(a)) finite = false;
+        else if (a > amax) amax = a;
       }
-      const bool finite = std::isfinite(amax);
-      const float inv = amax > 0.f && finite ? 127.f / amax : 0.f;  // as the torch reference: x * (127 / max|x|)
+      // as the torch reference: x * (127 / max|x|); a chunk with Inf or NaN gets codes 0 and scale NaN
+      const float inv = finite && amax >= detail::kTinyI8 ? 127.f / amax : 0.f;
       std::memset(span, 0, size_t(n));
       int32_t sum = 0;
-      for (int32_t r = ch.r0; r < ch.r1; ++r) {
+      for (int32_t r = ch.r0; r < ch.r1 && inv != 0.f; ++r) {
         // round half to even (like torch.round) by adding and removing 1.5 * 2^23; no FMA here: this file is
         // compiled with -ffp-contract=off, so x * inv is rounded to fp32 first, as in the reference
         float t = xr[r] * inv;
@@ -315,7 +344,6 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
         span[r - base] = int8_t(t);
         sum += int32_t(t);
       }
-      int8_t* dst = reinterpret_cast<int8_t*>(xq.data() + m * S + ch.xoff);
       for (int64_t u = 0; u < n; u += U)
         for (int i = 0; i < U; ++i) dst[u + i] = span[u + order[i]];
       sx[m * C + c] = finite ? amax / 127.f : NAN;  // NaN/Inf in x gives NaN out, as the fp32 path does

@@ -62,11 +62,19 @@ constexpr int64_t kTileCols = 64;  // columns of one tile of the int8 layout ([t
 // (measured on SmolLM2 4-bit: chunks of 32 rows cost less perplexity than 128, at no measurable speed). A multiple
 // of 32 rows (the 3-bit packing unit).
 constexpr int32_t kChunkRowsI8 = 32;
+// A chunk whose max|x| is below this counts as zero: 127 / max|x| would overflow for subnormal maxima (kernels.py
+// INT8_TINY; such activations contribute < 32 * 2^-100 * |w| per chunk).
+constexpr float kTinyI8 = 0x1p-100f;
 
 // y[M][N] fp32: writes (overwrites) the columns of tiles [t0, t1). Threads get disjoint tile ranges.
 using TilesI8Fn = void (*)(const ProblemI8& p, int64_t t0, int64_t t1, float* y);
+// One full chunk (kChunkRowsI8 = 32 rows of x, fp32) to int8, exactly as the driver's scalar staging: returns false
+// (and writes nothing) when max|x| is not finite, else writes the 32 bytes reordered within 16-byte lanes by `shuf`
+// (a pshufb pattern: the packing unit's quad order), the scale max|x| / 127 and the sum of the int8 values.
+using StageI8Fn = bool (*)(const float* x, const uint8_t* shuf, int8_t* dst, float* sx, int32_t* sum);
 struct KernelsI8 {
   TilesI8Fn tiles[9];  // indexed by bits (2, 3, 4, 8)
+  StageI8Fn stage32;
 };
 
 namespace avx512vnni { KernelsI8 kernels_i8(); }

@@ -127,6 +127,10 @@ struct V {
 #pragma GCC pop_options
 #endif
 
+namespace avxvnni {
+bool stage32(const float* x, const uint8_t* shuf, int8_t* dst, float* sx, int32_t* sum);
+}
+
 // ------------------------------------------------------------------------------- AVX-512 VNNI (int8 activations)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma"))), \
@@ -178,6 +182,46 @@ struct VI {
 #pragma GCC target("avx2,fma,avxvnni")
 #endif
 namespace avxvnni {
+// detail::StageI8Fn. The scalar staging in cpu_qgemm.cpp (and kernels.py:int8_reference) is the definition; this is
+// the same arithmetic on 8 lanes: max|x| as the integer maximum of the sign-cleared bit patterns (exact for finite
+// values, and >= 0x7F800000 exactly when a lane is Inf or NaN: left to the scalar code), x * (127 / max|x|) rounded to
+// nearest even.
+bool stage32(const float* x, const uint8_t* shuf, int8_t* dst, float* sx, int32_t* sum) {
+  const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
+  __m256 v[4];
+  __m256i mx = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(x + 8 * i);
+    mx = _mm256_max_epi32(mx, _mm256_and_si256(_mm256_castps_si256(v[i]), abs_mask));
+  }
+  __m128i m4 = _mm_max_epi32(_mm256_castsi256_si128(mx), _mm256_extracti128_si256(mx, 1));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0x4E));
+  m4 = _mm_max_epi32(m4, _mm_shuffle_epi32(m4, 0xB1));
+  const int32_t bits = _mm_cvtsi128_si32(m4);
+  if (bits >= 0x7F800000) return false;
+  float amax;
+  std::memcpy(&amax, &bits, 4);
+  const __m256 inv = _mm256_set1_ps(amax >= kTinyI8 ? 127.f / amax : 0.f);
+  const __m256i lo = _mm256_set1_epi32(-127), hi = _mm256_set1_epi32(127);
+  __m256i q[4], s = _mm256_setzero_si256();
+  for (int i = 0; i < 4; ++i) {
+    const __m256 t = _mm256_round_ps(_mm256_mul_ps(v[i], inv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q[i] = _mm256_min_epi32(hi, _mm256_max_epi32(lo, _mm256_cvttps_epi32(t)));
+    s = _mm256_add_epi32(s, q[i]);
+  }
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  // The packs work per 128-bit lane: bytes come out as dwords [0 2 4 6 1 3 5 7] of the row order; put them back.
+  const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+  const __m256i rows = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  const __m256i out = _mm256_shuffle_epi8(rows, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(shuf)));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), out);
+  *sx = amax / 127.f;
+  *sum = _mm_cvtsi128_si32(s4);
+  return true;
+}
+
 struct VI {
   using i = __m256i;
   using f = __m256;

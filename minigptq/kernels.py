@@ -44,6 +44,7 @@ INT8_ISAS = ("avx512vnni", "avxvnni")
 CHUNK_ROWS = 128  # cuda/cpu_qgemm_detail.h kChunkRows: a chunk is at most this many sorted rows of one group
 TILE_COLS = 64  # cuda/cpu_qgemm_detail.h kTileCols: columns of one tile of the int8 layout
 CHUNK_ROWS_INT8 = 32  # cuda/cpu_qgemm_detail.h kChunkRowsI8: rows sharing one int8 activation scale
+INT8_TINY = 2.0**-100  # kTinyI8: a chunk with max|x| below this counts as zero (127 / max|x| would overflow)
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/qweight.h: DType
 CPU_DTYPES = (torch.float32, torch.bfloat16)
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -289,7 +290,8 @@ def chunks_of(row_group: Tensor, rows: int = CHUNK_ROWS) -> list[tuple[int, int,
 def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32.
 
-    Per chunk (CHUNK_ROWS_INT8 rows of one group): xq = round(x * (127 / max|x|)) clamped to [-127, 127], sx = max|x| / 127; then
+    Per chunk (CHUNK_ROWS_INT8 rows of one group): xq = round(x * (127 / max|x|)) clamped to [-127, 127] (0 where
+    max|x| < INT8_TINY), sx = max|x| / 127 (NaN where the chunk holds Inf or NaN); then
     y += (s[g] * sx) * float(xq @ q - z[g] * sum(xq)) with the integer products summed exactly (int64).
     """
     K, N = layout.K, layout.N
@@ -302,12 +304,15 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     y = torch.zeros(x.shape[0], layout.N)
     for r0, r1, g in chunks_of(layout.row_group, CHUNK_ROWS_INT8):
         xc = xs[:, r0:r1]
+        finite = xc.isfinite().all(dim=1, keepdim=True)  # (M, 1); a chunk with Inf or NaN: codes 0, scale NaN
+        xc = torch.where(finite, xc, 0.0)
         amax = xc.abs().amax(dim=1, keepdim=True)  # (M, 1)
         c127 = torch.full_like(amax, 127.0)  # tensor / tensor: one rounding (127.0 / t is reciprocal, then multiply)
-        inv = torch.where(amax > 0, c127 / amax, torch.zeros_like(amax))
+        inv = torch.where(amax >= INT8_TINY, c127 / amax, torch.zeros_like(amax))
         xq = torch.round(xc * inv).clamp(-127, 127).to(torch.int64)  # (M, r1 - r0)
         d = xq @ codes[r0:r1] - zeros[g].to(torch.int64) * xq.sum(dim=1, keepdim=True)  # (M, N) exact
-        y = y + (scales[g] * (amax / c127)) * d.float()
+        sx = torch.where(finite, amax / c127, float("nan"))
+        y = y + (scales[g] * sx) * d.float()
     return y
 
 

@@ -86,6 +86,36 @@ def test_int8_kernels_exact_when_every_step_is_exact():
 
 
 @needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_int8_staging_edge_values(bits):
+    """The activation staging (vector code for whole chunks, scalar for the rest) on the values where rounding and
+    special cases differ: exact ties of x * 127 / max|x| (round half to even), all-zero chunks, subnormal maxima
+    (counted as zero: 127 / max|x| would overflow), large values, and Inf or NaN in one chunk (the whole output row
+    NaN, as the fp32 kernels give)."""
+    K, N = 256, 64
+    qw, qz, s, g_idx = random_layer(K, N, bits, 128, False, seed=7)
+    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", int8=True)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(6, K, generator=g)
+    x[0, :32] = torch.arange(32) - 15.5  # with max|x| = 127 the codes are round(x): ties at every -15.5 .. 15.5
+    x[0, 0] = 127.0
+    x[0, 32:64] = (torch.arange(32) % 5 - 2) / 254  # x * 127 / max|x| = 63.5 k: ties at +-63.5
+    x[1, :64] = 0.0  # zero chunks: scale 0, codes 0
+    x[2, :32] = torch.randn(32, generator=g) * 1e-40  # subnormals
+    x[2, 32:64] = torch.randn(32, generator=g) * 1e36  # large, yet no overflow in the sums
+    x[3, 40] = float("inf")
+    x[4, 100] = float("nan")
+    x[5] = -x[5].abs()
+    ref = kernels.int8_reference(x, L)
+    for isa in ISAS:
+        y = kernels.cpu_qgemm_int8(x, L, isa=isa)
+        assert torch.equal(y.isnan(), ref.isnan()), isa
+        finite = ~ref.isnan()
+        assert torch.equal(y[finite], ref[finite]), (isa, (y - ref)[finite].abs().max())
+    assert y[3].isnan().all() and y[4].isnan().all() and not y[[0, 1, 2, 5]].isnan().any()
+
+
+@needs_vnni
 def test_int8_layout_and_bad_calls():
     q = torch.randint(0, 8, (64, 96))
     assert torch.equal(kernels.unpack_planes3(kernels.pack_planes3(q), 64), q.int())
