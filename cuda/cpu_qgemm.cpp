@@ -247,20 +247,25 @@ inline int quad_row(int bits, int q, int b) { return bits == 3 ? 4 * q + b : uni
 void int8_layout_row(const QWeight& w, int64_t r, float* row) {
   using detail::kTileCols;
   const int64_t N = w.N, Kw = w.K * w.bits / 32, g = w.row_group[r];
-  int64_t wi[2], sh[2];  // word rows (within a tile) and shifts of the code's bits: [low or all, high]
-  if (w.bits == 3) {
+  // word rows (within a tile) and shifts of the code's bits: [low or all, high (3-bit quads 6, 7 only)]
+  int64_t wi[2] = {0, 0}, sh[2] = {0, -1};
+  uint32_t mask = (1u << w.bits) - 1;
+  if (w.bits == 3) {  // the byte-field layout (kernels.py:_field_positions)
     const int64_t u = r / 32, s = r % 32 / 4, b = r % 4;
-    wi[0] = 3 * u + s / 4, sh[0] = 2 * (4 * b + s % 4), wi[1] = 3 * u + 2, sh[1] = 8 * b + s;
+    if (s < 6) {
+      wi[0] = 3 * u + s / 2, sh[0] = 8 * b + 3 * (s % 2);
+    } else {
+      wi[0] = 3 * u + s - 6, sh[0] = 8 * b + 6, wi[1] = 3 * u + 2, sh[1] = 8 * b + s, mask = 3u;
+    }
   } else {
     const int64_t per = 32 / w.bits;
-    wi[0] = r / per, sh[0] = w.bits * (r % per), wi[1] = 0, sh[1] = 0;
+    wi[0] = r / per, sh[0] = w.bits * (r % per);
   }
-  const uint32_t mask = w.bits == 3 ? 3u : (1u << w.bits) - 1;
   for (int64_t n = 0; n < N; ++n) {
     const int64_t t = n / kTileCols, col = n % kTileCols, sz = (t * w.G + g) * kTileCols + col;
     const uint32_t* tile = w.qweight + t * Kw * kTileCols + col;
     uint32_t q = (tile[wi[0] * kTileCols] >> sh[0]) & mask;
-    if (w.bits == 3) q |= ((tile[wi[1] * kTileCols] >> sh[1]) & 1u) << 2;
+    if (sh[1] >= 0) q |= ((tile[wi[1] * kTileCols] >> sh[1]) & 1u) << 2;
     row[n] = w.scales[sz] * float(int(q) - w.zeros[sz]);
   }
 }

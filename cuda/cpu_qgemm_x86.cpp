@@ -151,12 +151,12 @@ struct VI {
   static inline i set1(int32_t a) { return _mm512_set1_epi32(a); }
   static inline i zero() { return _mm512_setzero_si512(); }
   static inline i and_(i a, i b) { return _mm512_and_si512(a, b); }
-  static inline i merge(i a, i b, i m) { return _mm512_ternarylogic_epi32(a, b, m, 0xEC); }  // (a & m) | b
   template <int S> static inline i srli(i v) { return _mm512_srli_epi32(v, S); }
-  template <int S> static inline i slli(i v) { return _mm512_slli_epi32(v, S); }
+  template <int S> static inline i srai(i v) { return _mm512_srai_epi32(v, S); }
   static inline i dp(i acc, i u8, i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
   static inline i mullo(i a, i b) { return _mm512_mullo_epi32(a, b); }
   static inline i sub(i a, i b) { return _mm512_sub_epi32(a, b); }
+  static inline i add(i a, i b) { return _mm512_add_epi32(a, b); }
   static inline i load_z(const int16_t* p, m k) { return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, p)); }
   static inline f cvt(i v) { return _mm512_cvtepi32_ps(v); }
   static inline f load_f(const float* p, m k) { return _mm512_maskz_loadu_ps(k, p); }
@@ -238,12 +238,12 @@ struct VI {
   static inline i set1(int32_t a) { return _mm256_set1_epi32(a); }
   static inline i zero() { return _mm256_setzero_si256(); }
   static inline i and_(i a, i b) { return _mm256_and_si256(a, b); }
-  static inline i merge(i a, i b, i m) { return _mm256_or_si256(_mm256_and_si256(a, m), b); }
   template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
-  template <int S> static inline i slli(i v) { return _mm256_slli_epi32(v, S); }
+  template <int S> static inline i srai(i v) { return _mm256_srai_epi32(v, S); }
   static inline i dp(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
   static inline i mullo(i a, i b) { return _mm256_mullo_epi32(a, b); }
   static inline i sub(i a, i b) { return _mm256_sub_epi32(a, b); }
+  static inline i add(i a, i b) { return _mm256_add_epi32(a, b); }
   static inline i load_z(const int16_t* p, m k) {
     alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     std::memcpy(tmp, p, sizeof(int16_t) * (k.n < 0 ? 0 : k.n > L ? L : k.n));

@@ -12,8 +12,8 @@ checkpoint tensors, which stay untouched:
   kernels never touch qzeros;
 - for the int8-activation kernels (`int8=True`, CPU with AVX-512 VNNI or AVX-VNNI): the packed words cut into
   column tiles of TILE_COLS stored whole ([tiles, K*bits/32, 64]: each tile one sequential stream over K), and 3-bit
-  codes re-packed into the "plane" layout (`pack_planes3`: the same 3 words per 32 rows, arranged so that 4 codes
-  become 4 bytes with a few shifts and masks). The same number of bytes; `int8_reference` is their torch reference:
+  codes re-packed into the "byte-field" layout (`pack_fields3`: the same 3 words per 32 rows, arranged so that 6 of
+  every 8 codes sit whole in a byte and a mask alone yields 4 of them as bytes). The same number of bytes; `int8_reference` is their torch reference:
   the same int8 scheme with integer accumulation.
 On a CUDA device make_layout builds a `CudaLayout` instead (its own interleaved layout for the tensor-core kernel:
 see the CUDA section below and the comment block at the top of cuda/cuda_qgemm.cu).
@@ -135,7 +135,7 @@ def make_layout(qweight: Tensor, qzeros: Tensor, scales: Tensor, g_idx: Tensor, 
         g = g[perm]
     scales = scales.float()
     if int8:
-        qweight = to_tiles(pack_planes3(unpack_rows(qweight, bits, K)) if bits == 3 else qweight)
+        qweight = to_tiles(pack_fields3(unpack_rows(qweight, bits, K)) if bits == 3 else qweight)
         scales, zeros = to_tiles(scales), to_tiles(zeros)
     return KernelLayout(qweight.contiguous(), scales.contiguous(), zeros, g.contiguous(),
                         None if perm is None else perm.to(torch.int32), bits, int8, N)
@@ -157,33 +157,40 @@ def from_tiles(tiles: Tensor, N: int) -> Tensor:
     return tiles.transpose(0, 1).reshape(R, T * C)[:, :N]
 
 
-def _plane_positions(K: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """For each row r of K (a multiple of 32): (low word row, low bit shift, high word row, high bit shift) in the
-    3-bit plane layout (cuda/cpu_qgemm_i8.inc): row 4s + b of a unit has its low 2 bits in word s // 4 at bit
-    2 * (4b + s % 4) and its high bit in word 2 at bit 8b + s."""
+def _field_positions(K: int, device=None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """For each row r of K (a multiple of 32) in the 3-bit byte-field layout (cuda/cpu_qgemm_i8.inc): (word row of
+    its low bits, their shift, how many low bits (3 or 2), word row of its high bit, its shift or -1 for none).
+    Row 4s + b of a unit (quad s, byte b): s < 6 whole in word s // 2 at bit 8b + 3 (s % 2); s = 6, 7: the low 2 bits
+    in word s - 6 at bit 8b + 6, the high bit in word 2 at bit 8b + s."""
     r = torch.arange(K, device=device)
     u, s, b = r // 32, r % 32 // 4, r % 4
-    return 3 * u + s // 4, 2 * (4 * b + s % 4), 3 * u + 2, 8 * b + s
+    whole = s < 6
+    lw = 3 * u + torch.where(whole, s // 2, s - 6)
+    ls = 8 * b + torch.where(whole, 3 * (s % 2), 6)
+    return lw, ls, torch.where(whole, 3, 2), 3 * u + 2, torch.where(whole, -1, 8 * b + s)
 
 
-def pack_planes3(codes: Tensor) -> Tensor:
-    """3-bit codes [K, N] (K a multiple of 32) -> int32 [3K/32, N] in the plane layout of the int8 kernels."""
+def pack_fields3(codes: Tensor) -> Tensor:
+    """3-bit codes [K, N] (K a multiple of 32) -> int32 [3K/32, N] in the byte-field layout of the int8 kernels."""
     K, N = codes.shape
     if K % 32:
-        raise Error(f"the 3-bit plane layout needs K divisible by 32, got K={K}")
-    lw, ls, hw, hs = _plane_positions(K, codes.device)
+        raise Error(f"the 3-bit byte-field layout needs K divisible by 32, got K={K}")
+    lw, ls, lbits, hw, hs = _field_positions(K, codes.device)
     c = codes.to(torch.int64)
     out = torch.zeros(3 * K // 32, N, dtype=torch.int64, device=codes.device)
-    out.index_add_(0, lw, (c & 3) << ls[:, None])  # disjoint bit fields: adding is OR-ing
-    out.index_add_(0, hw, (c >> 2) << hs[:, None])
+    out.index_add_(0, lw, (c & ((1 << lbits) - 1)[:, None]) << ls[:, None])  # disjoint bit fields: adding is OR-ing
+    split = hs >= 0
+    out.index_add_(0, hw[split], (c[split] >> 2) << hs[split, None])
     return (out - (out >= 2**31).to(torch.int64) * 2**32).to(torch.int32)  # uint32 bit patterns as int32
 
 
-def unpack_planes3(packed: Tensor, K: int) -> Tensor:
-    """The inverse of pack_planes3 -> int32 codes [K, N]."""
-    lw, ls, hw, hs = _plane_positions(K, packed.device)
+def unpack_fields3(packed: Tensor, K: int) -> Tensor:
+    """The inverse of pack_fields3 -> int32 codes [K, N]."""
+    lw, ls, lbits, hw, hs = _field_positions(K, packed.device)
     w = packed.to(torch.int64) & 0xFFFFFFFF
-    return (((w[lw] >> ls[:, None]) & 3) | (((w[hw] >> hs[:, None]) & 1) << 2)).to(torch.int32)
+    low = (w[lw] >> ls[:, None]) & ((1 << lbits) - 1)[:, None]
+    high = ((w[hw] >> hs.clamp(min=0)[:, None]) & 1) * (hs >= 0)[:, None]
+    return (low | (high << 2)).to(torch.int32)
 
 
 # ------------------------------------------------------------------------------------------------------ CPU
@@ -298,7 +305,7 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     words, scales, zeros = layout.qweight, layout.scales, layout.zeros
     if layout.int8:
         words, scales, zeros = (from_tiles(t, N) for t in (words, scales, zeros))
-    codes = (unpack_planes3(words, K) if layout.int8 and layout.bits == 3
+    codes = (unpack_fields3(words, K) if layout.int8 and layout.bits == 3
              else unpack_rows(words, layout.bits, K)).to(torch.int64)  # (K, N) sorted rows
     xs = x.float()[:, layout.perm.long()] if layout.perm is not None else x.float()  # (M, K) sorted rows
     y = torch.zeros(x.shape[0], layout.N)

@@ -118,7 +118,7 @@ def test_int8_staging_edge_values(bits):
 @needs_vnni
 def test_int8_layout_and_bad_calls():
     q = torch.randint(0, 8, (64, 96))
-    assert torch.equal(kernels.unpack_planes3(kernels.pack_planes3(q), 64), q.int())
+    assert torch.equal(kernels.unpack_fields3(kernels.pack_fields3(q), 64), q.int())
     words = torch.randint(-2**31, 2**31, (10, 100), dtype=torch.int32)
     assert kernels.to_tiles(words).shape == (2, 10, 64) and torch.equal(kernels.from_tiles(kernels.to_tiles(words), 100),
                                                                          words)
