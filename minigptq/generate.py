@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import sys
 import time
@@ -19,7 +20,8 @@ from torch import Tensor
 
 from . import Error
 from .cli import add_debug_flag, add_device_flags, add_sampling_flags, resolve_device, run
-from .transformer import KVCache, Transformer
+from . import rope
+from .transformer import Context, KVCache, Transformer, alibi_slopes
 
 log = logging.getLogger("minigptq")
 
@@ -81,12 +83,100 @@ def compiled_decode_step(model: Transformer) -> Callable[..., Tensor]:
     return step
 
 
+class StaticDecodeStep:
+    """One decode step whose shapes never change and that reads nothing back to the host, so that a CUDA graph can
+    capture it once and replay it for every token (CudaGraphStep).
+
+    Where Transformer.forward slices the cache to the keys written so far and builds masks and positions on the
+    host, this step writes the new key and value at a device-side slot (KVCache.update with a tensor) and attends
+    over every slot of the cache, with a mask that hides the slots after the current one (and left padding, and the
+    sliding window). Positions and RoPE tables of every slot are made once. The same numbers as a dynamic step up to
+    rounding (the masked keys weigh exactly 0). Set `tokens` (B, 1) and `slot` (1,), then call -> logits (B, 1, V).
+    """
+
+    def __init__(self, model: Transformer, cache: KVCache, key_valid: Tensor):
+        cfg, (B, S) = model.cfg, key_valid.shape
+        if not self.supported(model):
+            raise Error(f"rope_scaling {cfg.rope_scaling.type!r} depends on the sequence length at every step: the "
+                        f"decode step has no static form (run without CUDA graphs)")
+        dev, dtype = key_valid.device, model.act_dtype
+        if S < cache.max_len:  # a cache longer than this generation: its later slots are never valid
+            key_valid = torch.cat([key_valid, key_valid.new_zeros(B, cache.max_len - S)], dim=1)
+            S = cache.max_len
+        self.model, self.cache, self.key_valid = model, cache, key_valid
+        self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.slots = torch.arange(S, device=dev)
+        self.kpos = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S) position of every slot, as forward
+        self.cos = self.sin = self.alibi = None
+        if cfg.positions == "rope":
+            self.cos, self.sin = rope.cos_sin(cfg, self.kpos, dtype)  # (B, 1, S, hd)
+        if cfg.positions == "alibi":
+            slopes = alibi_slopes(cfg.num_heads).to(dev)
+            self.alibi = (slopes[None, :, None, None] * self.kpos[:, None, None, :]).to(dtype)  # (B, H, 1, S)
+        self.window = cfg.sliding_window if cfg.window_layers else 0
+
+    @staticmethod
+    def supported(model: Transformer) -> bool:
+        s = model.cfg.rope_scaling
+        return s is None or s.type not in ("dynamic", "longrope")
+
+    def __call__(self) -> Tensor:
+        m, B, S = self.model, self.key_valid.shape[0], self.key_valid.shape[1]
+        dtype = m.act_dtype
+        slot, slots = self.slot, self.slots
+        allowed = (slots <= slot) & (self.key_valid | (slots == slot))  # (B, S): causal, padding hidden
+        mask = torch.zeros(B, 1, 1, S, device=slots.device, dtype=dtype).masked_fill(~allowed[:, None, None], -math.inf)
+        window_mask = None
+        if self.window:
+            hidden = ~(allowed & (slots > slot - self.window))
+            window_mask = torch.zeros_like(mask).masked_fill(hidden[:, None, None], -math.inf)
+        if self.alibi is not None:
+            mask = mask + self.alibi
+        cos = sin = None
+        if self.cos is not None:
+            cos, sin = self.cos.index_select(2, slot), self.sin.index_select(2, slot)  # (B, 1, 1, hd)
+        x = m.embed_tokens(self.tokens, self.kpos.index_select(1, slot))
+        ctx = Context(mask, False, cos, sin, self.cache, slot, window_mask)
+        for block in m.layers:
+            x = block(x, ctx)
+        return m.head(x)
+
+
+class CudaGraphStep:
+    """The static decode step captured in one CUDA graph (after a warm-up on a side stream that also pays any
+    torch.compile compilation) and replayed per token: one launch of the whole step instead of hundreds of kernel
+    launches and their host work. Call with the new tokens (B,) and their cache slot -> logits (B, 1, V), a buffer
+    that the next call overwrites."""
+
+    def __init__(self, model: Transformer, cache: KVCache, key_valid: Tensor, first_slot: int, compile: bool = False):
+        self.step = StaticDecodeStep(model, cache, key_valid)
+        self.step.slot.fill_(first_slot)  # the warm-up writes (junk) keys there only; the first real step rewrites them
+        fn = torch.compile(self.step.__call__, dynamic=False) if compile else self.step.__call__
+        dev = key_valid.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = fn()
+
+    def __call__(self, tokens: Tensor, slot: int) -> Tensor:
+        self.step.tokens.copy_(tokens.view(-1, 1))
+        self.step.slot.fill_(slot)
+        self.graph.replay()
+        return self.logits
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
              seed: int | None = None, on_step: Callable[[Tensor], None] | None = None, compile: bool = False,
-             stop: Callable[[int, list[int]], bool] | None = None, cache: KVCache | None = None, start: int = 0
-             ) -> tuple[list[list[int]], GenerationStats]:
+             stop: Callable[[int, list[int]], bool] | None = None, cache: KVCache | None = None, start: int = 0,
+             cuda_graph: bool | None = None) -> tuple[list[list[int]], GenerationStats]:
     """Generate up to max_new_tokens for each prompt (token id lists) -> (new tokens per prompt, stats).
 
     Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output), or
@@ -95,6 +185,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     torch.compile (compiled_decode_step; the first steps of the first call pay the compilation); the prompt's
     prefill stays eager. cache, start: continue one sequence (B = 1) whose first `start` tokens are already in
     `cache` (a chat that keeps its KV cache across turns); the prompt is then only the tokens after them.
+    cuda_graph: replay the decode step from a CUDA graph (CudaGraphStep; with compile, the compiled step). None: on a
+    CUDA device when the model has a static step (StaticDecodeStep.supported) and more than one step is asked for.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -110,6 +202,13 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                     f"context of {ctx_len}")
         max_new_tokens = ctx_len - start - T0
     device, dtype = model.embed.weight.device, model.act_dtype
+    if cuda_graph and device.type != "cuda":
+        raise Error(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if cuda_graph and not StaticDecodeStep.supported(model):
+        raise Error(f"rope_scaling {model.cfg.rope_scaling.type!r} changes with the sequence length every step: no "
+                    f"CUDA graph can replay it; use cuda_graph=False")
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda" and StaticDecodeStep.supported(model) and max_new_tokens > 1
     B, S = len(prompts), start + T0 + max_new_tokens
     tokens = torch.full((B, T0), pad_id, dtype=torch.long, device=device)
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S): real tokens, False for left padding
@@ -134,7 +233,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     eos = torch.tensor(eos_ids or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = [False] * B  # by `stop`
-    step = compiled_decode_step(model) if compile else model
+    graph = CudaGraphStep(model, cache, valid, start + T0, compile) if cuda_graph else None
+    step = compiled_decode_step(model) if compile and graph is None else model
     for i in range(max_new_tokens):
         out[:, i] = nxt
         if eos_ids:  # without EOS ids no step needs to look at the tokens (no host sync beyond the timing)
@@ -151,7 +251,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             break
         t = time.perf_counter()
         pos = start + T0 + i
-        logits = step(nxt[:, None], cache, pos, valid[:, :pos + 1] if padded else None)  # (B, 1, V)
+        if graph is not None:
+            logits = graph(nxt, pos)
+        else:
+            logits = step(nxt[:, None], cache, pos, valid[:, :pos + 1] if padded else None)  # (B, 1, V)
         nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
         if eos_ids or stop is not None:
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -240,7 +343,8 @@ def main(args: argparse.Namespace) -> None:
     if stream and not chat:
         print(args.prompt[0], end="", flush=True)
     new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                          eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile, stop=stops)
+                          eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile, stop=stops,
+                          cuda_graph=None if args.cuda_graph is None or device.type != "cuda" else args.cuda_graph)
     texts = [stops.cut(tok.decode(n)) if stops else tok.decode(n) for n in new]
     if args.json:
         for p, ids, n, text, fin in zip(args.prompt, prompts, new, texts, stats.finish):
@@ -285,6 +389,9 @@ def parser() -> argparse.ArgumentParser:
                    help="compile the decode step with torch.compile (fuses the small ops between the matmuls; the "
                         "first tokens wait for the compilation, and the timing then includes it: see "
                         "tools/bench_generate.py --compile for steady-state figures)")
+    p.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+                   help="on a CUDA device, run every decode step eagerly instead of replaying it from a CUDA graph "
+                        "(default: graphs, captured once before the first step; not used on the CPU)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (prompt, completion, token counts, finish reason, timings)")
     p.add_argument("--quiet", action="store_true", help="do not stream tokens; print the texts at the end, no timings")

@@ -62,8 +62,17 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_len = max_len
 
-    def update(self, layer: int, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, kv_heads, T, hd) at slots start..start+T; return all keys/values up to there."""
+    def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, kv_heads, T, hd) at slots start..start+T; return all keys/values up to there.
+        start as a tensor (1,) on the cache's device (the static-shape decode step of CUDA graphs, T = 1): the slot is
+        read on the device, and every slot is returned (the caller masks those after it)."""
+        if isinstance(start, Tensor):
+            if torch.compiler.is_compiling():
+                kv_write_at(self.k, self.v, k, v, layer, start)
+            else:
+                self.k[layer].index_copy_(2, start, k)
+                self.v[layer].index_copy_(2, start, v)
+            return self.k[layer], self.v[layer]
         end = start + k.shape[2]
         if torch.compiler.is_compiling():  # an opaque in-place op: traced as a slice assignment, the write
             kv_write(self.k, self.v, k, v, layer, start)  # would become a copy of the whole cache every layer
@@ -85,6 +94,13 @@ def kv_write(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, layer: int,
     v_cache[layer, :, :, start:end] = v
 
 
+@torch.library.custom_op("minigptq::kv_write_at", mutates_args=("k_cache", "v_cache"))
+def kv_write_at(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, layer: int, slot: Tensor) -> None:
+    """KVCache.update's write at a device-side slot (1,) as one op for torch.compile: k, v (B, kv_heads, 1, hd)."""
+    k_cache[layer].index_copy_(2, slot, k)
+    v_cache[layer].index_copy_(2, slot, v)
+
+
 @dataclass
 class Context:
     """What every block needs besides its input: built once per forward by Transformer.context()."""
@@ -93,7 +109,7 @@ class Context:
     cos: Tensor | None        # RoPE (B, 1, T, head_dim), or None
     sin: Tensor | None
     cache: KVCache | None
-    start: int                # cache slot of the first of the T new tokens
+    start: int | Tensor       # cache slot of the first of the T new tokens (a (1,) tensor: generate.StaticDecodeStep)
     window_mask: Tensor | None = None  # (B, 1, T, S) for sliding-window layers; None while the window hides nothing
 
     def attn_mask(self, windowed: bool) -> tuple[Tensor | None, bool]:
@@ -154,7 +170,8 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
         B, T, _ = x.shape
         mask, causal = ctx.attn_mask(self.windowed)
-        if T == 1 and ctx.cache is not None and _cpu_fast(x) and ctx.cache.k.dtype == torch.float32 and \
+        if T == 1 and ctx.cache is not None and isinstance(ctx.start, int) and _cpu_fast(x) and \
+                ctx.cache.k.dtype == torch.float32 and \
                 (ctx.cos is None or ctx.cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
             return self.o(self._decode_step(x, ctx, layer, mask))
         q, k, v = self.project(x)
