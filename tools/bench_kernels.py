@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -74,12 +75,16 @@ def copies_for(nbytes: int, cache_bytes: int) -> int:
 
 
 def timed_loop(fns: dict, reps: int, device: str) -> dict:
-    """Run every fn once per round, interleaved; returns name -> list of seconds."""
+    """Run every fn once per round, interleaved in a new random order each round (a call is slower right after some
+    others: a fixed order would always hand one candidate the same neighbour); returns name -> list of seconds."""
     times = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
+    order, rng = list(fns), random.Random(0)
     for _ in range(reps):
-        for name, f in fns.items():
+        rng.shuffle(order)
+        for name in order:
+            f = fns[name]
             if device == "cuda":
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         machine=machine,
         versions=dict(torch=torch.__version__, python=platform.python_version(), minigptq_kernels=(
             "cpu " + ",".join(kernels.cpu_isas())) if args.device == "cpu" else "cuda"),
-        method=("times are per call (median and best of `reps` interleaved rounds, after one warm-up); weights "
+        method=("times are per call (median and best of `reps` rounds, after one warm-up; every candidate runs once "
+                "per round, in a new random order each round); weights "
                 "rotate over copies so the working set is >= 4x the last-level cache; GBps = bytes the call must "
                 "read or write (weights incl. scales/zeros, x, y) / median time; quantized layers use group size "
                 f"{GROUP_SIZE}, no act-order; speedup = torch time / kernel time for the same activation dtype; "
