@@ -300,13 +300,14 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
     for (int b = 0; b < 4; ++b) order[4 * q + b] = quad_row(w.bits, q, b);
   uint8_t shuf[32];  // the same order as a pshufb pattern over 32 bytes of whole units (3-bit: units of 32, in order)
   for (int i = 0; i < 32; ++i) shuf[i] = uint8_t((U > 16 ? i : i / U * U + order[i % U]) % 16);
-  thread_local std::vector<float> xs, sx;
+  thread_local std::vector<float> xs, sx, zs;
   thread_local std::vector<int32_t> xq, sxq;
   int8_t span[detail::kChunkRowsI8 + 64];  // one chunk's int8 activations in row order, whole units, zero-padded
   if (w.perm || dtype == DType::BF16) xs.resize(K);
   xq.resize(M * S);
   sx.resize(M * C);
   sxq.resize(M * C);
+  zs.resize(M * C);
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = static_cast<const float*>(x) + m * K;
     if (w.perm) {
@@ -354,8 +355,12 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
       sx[m * C + c] = finite ? amax / 127.f : NAN;  // NaN/Inf in x gives NaN out, as the fp32 path does
       sxq[m * C + c] = sum;
     }
+    for (int64_t c = 0; c < C; ++c) {  // zs: sx * sum(xq) summed over each group's chunks, in chunk order
+      const float before = c > 0 && ck[c - 1].g == ck[c].g ? zs[m * C + c - 1] : 0.f;
+      zs[m * C + c] = before + sx[m * C + c] * float(sxq[m * C + c]);
+    }
   }
-  const detail::ProblemI8 p{&w, xq.data(), sx.data(), sxq.data(), ck.data(), C, M, S};
+  const detail::ProblemI8 p{&w, xq.data(), sx.data(), zs.data(), ck.data(), C, M, S};
 
   // Tiles -> threads: contiguous ranges of whole tiles, one per thread.
   const int64_t tiles = (N + detail::kTileCols - 1) / detail::kTileCols;

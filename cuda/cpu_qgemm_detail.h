@@ -52,7 +52,7 @@ struct ProblemI8 {
   const QWeight* w;
   const int32_t* xq;   // [M][S] int8 activations, 4 per int32 ("quads"), in the order of cpu_qgemm_i8.inc
   const float* sx;     // [M][C] scale of each chunk's int8 activations: x ~ sx * xq
-  const int32_t* sxq;  // [M][C] sum of the chunk's int8 activations
+  const float* zs;     // [M][C] sum of sx * float(sum of the int8 activations) over the group's chunks up to this one
   const ChunkI8* chunks;
   int64_t C, M, S;
 };

@@ -144,7 +144,7 @@ struct VI {
   using i = __m512i;
   using f = __m512;
   using m = __mmask16;
-  static constexpr int L = 16, ACC = 16;  // of 32 zmm registers: 16 for accumulators, the rest for words, quads
+  static constexpr int L = 16, ACC = 20;  // of 32 zmm registers: 20 for accumulators, the rest for masks, quads
 
   static inline m mask(int valid) { return valid >= L ? m(0xFFFF) : m((1u << valid) - 1); }
   static inline i load_w(const uint32_t* p) { return _mm512_loadu_si512(p); }
@@ -165,6 +165,7 @@ struct VI {
   static inline f zerof() { return _mm512_setzero_ps(); }
   static inline f mul(f a, f b) { return _mm512_mul_ps(a, b); }
   static inline f add(f a, f b) { return _mm512_add_ps(a, b); }
+  static inline f sub(f a, f b) { return _mm512_sub_ps(a, b); }
 };
 #include "cpu_qgemm_i8.inc"
 }  // namespace avx512vnni
@@ -258,6 +259,7 @@ struct VI {
   static inline f zerof() { return _mm256_setzero_ps(); }
   static inline f mul(f a, f b) { return _mm256_mul_ps(a, b); }
   static inline f add(f a, f b) { return _mm256_add_ps(a, b); }
+  static inline f sub(f a, f b) { return _mm256_sub_ps(a, b); }
 };
 #include "cpu_qgemm_i8.inc"
 }  // namespace avxvnni

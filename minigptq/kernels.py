@@ -298,8 +298,9 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32.
 
     Per chunk (CHUNK_ROWS_INT8 rows of one group): xq = round(x * (127 / max|x|)) clamped to [-127, 127] (0 where
-    max|x| < INT8_TINY), sx = max|x| / 127 (NaN where the chunk holds Inf or NaN); then
-    y += (s[g] * sx) * float(xq @ q - z[g] * sum(xq)) with the integer products summed exactly (int64).
+    max|x| < INT8_TINY), sx = max|x| / 127 (NaN where the chunk holds Inf or NaN); part += sx * float(xq @ q) with
+    the integer products summed exactly (int64), zs += sx * float(sum(xq)); after a group's last chunk
+    y += s[g] * (part - float(z[g]) * zs), and part, zs restart at 0. Every step one fp32 rounding, in chunk order.
     """
     K, N = layout.K, layout.N
     words, scales, zeros = layout.qweight, layout.scales, layout.zeros
@@ -308,8 +309,11 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
     codes = (unpack_fields3(words, K) if layout.int8 and layout.bits == 3
              else unpack_rows(words, layout.bits, K)).to(torch.int64)  # (K, N) sorted rows
     xs = x.float()[:, layout.perm.long()] if layout.perm is not None else x.float()  # (M, K) sorted rows
-    y = torch.zeros(x.shape[0], layout.N)
-    for r0, r1, g in chunks_of(layout.row_group, CHUNK_ROWS_INT8):
+    M = x.shape[0]
+    y = torch.zeros(M, layout.N)
+    part, zs = torch.zeros(M, layout.N), torch.zeros(M, 1)  # this group's chunks so far
+    chunks = chunks_of(layout.row_group, CHUNK_ROWS_INT8)
+    for i, (r0, r1, g) in enumerate(chunks):
         xc = xs[:, r0:r1]
         finite = xc.isfinite().all(dim=1, keepdim=True)  # (M, 1); a chunk with Inf or NaN: codes 0, scale NaN
         xc = torch.where(finite, xc, 0.0)
@@ -317,9 +321,12 @@ def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
         c127 = torch.full_like(amax, 127.0)  # tensor / tensor: one rounding (127.0 / t is reciprocal, then multiply)
         inv = torch.where(amax >= INT8_TINY, c127 / amax, torch.zeros_like(amax))
         xq = torch.round(xc * inv).clamp(-127, 127).to(torch.int64)  # (M, r1 - r0)
-        d = xq @ codes[r0:r1] - zeros[g].to(torch.int64) * xq.sum(dim=1, keepdim=True)  # (M, N) exact
         sx = torch.where(finite, amax / c127, float("nan"))
-        y = y + (scales[g] * sx) * d.float()
+        part = part + sx * (xq @ codes[r0:r1]).float()  # the integer sum is exact (int64), then one rounding
+        zs = zs + sx * xq.sum(dim=1, keepdim=True).float()
+        if i + 1 == len(chunks) or chunks[i + 1][2] != g:  # the group's last chunk: its scale and zero point
+            y = y + scales[g] * (part - zeros[g].float() * zs)
+            part, zs = torch.zeros_like(part), torch.zeros_like(zs)
     return y
 
 
