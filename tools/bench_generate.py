@@ -10,7 +10,7 @@ CPU, real weights (SmolLM2-135M-Instruct full precision and its GPTQ checkpoints
     add `--compile` for variants whose decode step runs through torch.compile, and `--llamacpp FILE.gguf` for
     llama.cpp on the same prompts (run by tools/bench_llamacpp.py in the venv named by --llamacpp-python).
 GPU, synthetic weights with real shapes (latency does not depend on the values):
-    python tools/bench_generate.py --device cuda --synthetic llama2-7b
+    python tools/bench_generate.py --device cuda --synthetic llama2-7b [--eager-too]
 Results: bench/results/generate_<device>_<model>.json
 """
 from __future__ import annotations
@@ -120,10 +120,11 @@ def measure(args) -> dict:
     for ctx in args.contexts:
         prompt = prompts[str(ctx)]
         # warm-up (allocator, kernels, threads; with compile: the compilation, whose cache later rounds reuse)
-        generate(model, [prompt[:16]], max_new_tokens=4, compile=args.compile)
+        graph = getattr(args, "cuda_graph", None)  # None: generate's default (CUDA graphs on a GPU)
+        generate(model, [prompt[:16]], max_new_tokens=4, compile=args.compile, cuda_graph=graph)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _, stats = generate(model, [prompt], max_new_tokens=args.steps + 1, compile=args.compile)
+        _, stats = generate(model, [prompt], max_new_tokens=args.steps + 1, compile=args.compile, cuda_graph=graph)
         out["contexts"][ctx] = {"prefill_ms": round(stats.prefill_s * 1000, 2),
                                 "median_ms_per_token": round(stats.median_ms, 3),
                                 "p90_ms_per_token": round(1000 * statistics.quantiles(stats.step_s, n=10)[-1], 3),
@@ -157,6 +158,9 @@ def main(argv=None) -> None:
     p.add_argument("--compile", action="store_true",
                    help="also run the quantized variants (and the full-precision baseline) with the decode step "
                         "compiled by torch.compile")
+    p.add_argument("--eager-too", action="store_true",
+                   help="on CUDA, also run every variant with its decode steps launched one by one instead of replayed "
+                        "from a CUDA graph (generate --no-cuda-graph), side by side")
     p.add_argument("--llamacpp", default=None, metavar="GGUF",
                    help="also measure llama.cpp on this GGUF file with the same prompts (CPU)")
     p.add_argument("--llamacpp-python", default=str(ROOT / ".venv-llamacpp" / "bin" / "python"),
@@ -208,6 +212,8 @@ def main(argv=None) -> None:
     if args.compile:
         variants.update({f"{name} compiled": dict(spec, compile=True) for name, spec in list(variants.items())
                          if name != "bf16"})
+    if args.eager_too and args.device == "cuda":
+        variants.update({f"{name} eager": dict(spec, cuda_graph=False) for name, spec in list(variants.items())})
     if args.llamacpp:
         if not Path(args.llamacpp_python).exists():
             raise SystemExit(f"--llamacpp needs llama-cpp-python: {args.llamacpp_python} does not exist (see "
@@ -281,7 +287,9 @@ def main(argv=None) -> None:
            "protocol": f"batch 1, greedy, prompt of each context length prefilled, then {args.steps} decode steps "
                        f"timed one by one (synchronised on GPU); median per run, then the median over {args.rounds} "
                        f"rounds run in alternating order; the same random prompts for every variant. 'compiled': "
-                       f"decode step through torch.compile (dynamic shapes), compilation done in a warm-up. llama.cpp: "
+                       f"decode step through torch.compile (dynamic shapes; on CUDA the static step, captured in the "
+                       f"graph), compilation done in a warm-up. On CUDA every decode step is replayed from a CUDA "
+                       f"graph captured before the first step, except for 'eager' variants. llama.cpp: "
                        f"tools/bench_llamacpp.py, llama_decode of one token + argmax of the last logits row. "
                        f"GPTQModel: tools/bench_gptqmodel_decode.py, its forward with past_key_values + argmax. "
                        f"'int8': --cpu-kernel int8 with fused q/k/v and gate/up; the plain GPTQ variants run the exact "
