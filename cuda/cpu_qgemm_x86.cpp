@@ -230,7 +230,7 @@ struct VI {
     __m256i v;
     int n;
   };
-  static constexpr int L = 8, ACC = 8;  // of 16 ymm registers: 8 for accumulators
+  static constexpr int L = 8, ACC = 12;  // of 16 ymm registers: 12 for accumulators
 
   static inline m mask(int valid) {
     return {_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), valid};
