@@ -243,7 +243,7 @@ constexpr int unit_rows(int bits) { return bits == 3 ? 32 : 32 / bits; }
 // Row (within its packing unit) of byte b of quad q: the order in which cpu_qgemm_i8.inc unpacks codes to bytes.
 inline int quad_row(int bits, int q, int b) { return bits == 3 ? 4 * q + b : unit_rows(bits) / 4 * b + q; }
 
-// Sorted row r of an int8 layout (column tiles; 3-bit in planes) -> the dequantized row [N] (M > 16 rows of x).
+// Sorted row r of an int8 layout (column tiles; 3-bit in byte fields) -> the dequantized row [N] (M > 16 rows of x).
 void int8_layout_row(const QWeight& w, int64_t r, float* row) {
   using detail::kTileCols;
   const int64_t N = w.N, Kw = w.K * w.bits / 32, g = w.row_group[r];

@@ -16,7 +16,7 @@ struct QWeight {
   const int32_t* perm;       // [K] checkpoint row of each sorted row, or nullptr for the identity
   int64_t K, N, G;
   int bits;                  // 2, 3, 4 or 8
-  int int8 = 0;              // 1: the int8 kernels' layout (cpu_qgemm_i8.inc): column tiles, 3-bit codes in planes
+  int int8 = 0;              // 1: the int8 kernels' layout (cpu_qgemm_i8.inc): column tiles, 3-bit codes in byte fields
 };
 
 // A QWeight from the integer addresses (tensor.data_ptr()) the pybind11 bindings receive from minigptq/kernels.py.

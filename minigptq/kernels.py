@@ -73,7 +73,7 @@ class KernelLayout:
     row_group: Tensor  # int32 [K] group of each sorted row, nondecreasing
     perm: Tensor | None  # int32 [K] checkpoint row of each sorted row (x is gathered with it); None = identity
     bits: int
-    int8: bool = False  # the int8 kernels' layout: column tiles, 3-bit codes in planes
+    int8: bool = False  # the int8 kernels' layout: column tiles, 3-bit codes in byte fields
     N: int = -1  # out_features (needed with int8, whose tensors are padded to whole tiles)
 
     def __post_init__(self) -> None:
