@@ -154,8 +154,6 @@ struct VI {
   template <int S> static inline i srli(i v) { return _mm512_srli_epi32(v, S); }
   template <int S> static inline i srai(i v) { return _mm512_srai_epi32(v, S); }
   static inline i dp(i acc, i u8, i s8) { return _mm512_dpbusd_epi32(acc, u8, s8); }
-  static inline i mullo(i a, i b) { return _mm512_mullo_epi32(a, b); }
-  static inline i sub(i a, i b) { return _mm512_sub_epi32(a, b); }
   static inline i add(i a, i b) { return _mm512_add_epi32(a, b); }
   static inline i load_z(const int16_t* p, m k) { return _mm512_cvtepi16_epi32(_mm256_maskz_loadu_epi16(k, p)); }
   static inline f cvt(i v) { return _mm512_cvtepi32_ps(v); }
@@ -242,8 +240,6 @@ struct VI {
   template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
   template <int S> static inline i srai(i v) { return _mm256_srai_epi32(v, S); }
   static inline i dp(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
-  static inline i mullo(i a, i b) { return _mm256_mullo_epi32(a, b); }
-  static inline i sub(i a, i b) { return _mm256_sub_epi32(a, b); }
   static inline i add(i a, i b) { return _mm256_add_epi32(a, b); }
   static inline i load_z(const int16_t* p, m k) {
     alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};

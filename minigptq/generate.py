@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from torch import Tensor
 from . import Error
 from .cli import add_debug_flag, add_device_flags, add_sampling_flags, resolve_device, run
 from . import rope
-from .transformer import Context, KVCache, Transformer, alibi_slopes
+from .transformer import Context, KVCache, Transformer, alibi_bias, attention_masks, key_positions
 
 log = logging.getLogger("minigptq")
 
@@ -107,13 +106,12 @@ class StaticDecodeStep:
         self.tokens = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.slots = torch.arange(S, device=dev)
-        self.kpos = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # (B, S) position of every slot, as forward
-        self.cos = self.sin = self.alibi = None
+        self.kpos = key_positions(key_valid)  # (B, S)
+        self.cos = self.sin = None
         if cfg.positions == "rope":
             self.cos, self.sin = rope.cos_sin(cfg, self.kpos, dtype)  # (B, 1, S, hd)
-        if cfg.positions == "alibi":
-            slopes = alibi_slopes(cfg.num_heads).to(dev)
-            self.alibi = (slopes[None, :, None, None] * self.kpos[:, None, None, :]).to(dtype)  # (B, H, 1, S)
+        # made once: the slopes' host-to-device copy may not happen inside a graph capture
+        self.alibi = alibi_bias(cfg, self.kpos, dtype) if cfg.positions == "alibi" else None
         self.window = cfg.sliding_window if cfg.window_layers else 0
 
     @staticmethod
@@ -122,17 +120,9 @@ class StaticDecodeStep:
         return s is None or s.type not in ("dynamic", "longrope")
 
     def __call__(self) -> Tensor:
-        m, B, S = self.model, self.key_valid.shape[0], self.key_valid.shape[1]
-        dtype = m.act_dtype
-        slot, slots = self.slot, self.slots
-        allowed = (slots <= slot) & (self.key_valid | (slots == slot))  # (B, S): causal, padding hidden
-        mask = torch.zeros(B, 1, 1, S, device=slots.device, dtype=dtype).masked_fill(~allowed[:, None, None], -math.inf)
-        window_mask = None
-        if self.window:
-            hidden = ~(allowed & (slots > slot - self.window))
-            window_mask = torch.zeros_like(mask).masked_fill(hidden[:, None, None], -math.inf)
-        if self.alibi is not None:
-            mask = mask + self.alibi
+        m, slot = self.model, self.slot
+        mask, window_mask = attention_masks(self.slots, slot, self.key_valid, self.key_valid.shape[0], self.window,
+                                            m.act_dtype, self.alibi)
         cos = sin = None
         if self.cos is not None:
             cos, sin = self.cos.index_select(2, slot), self.sin.index_select(2, slot)  # (B, 1, 1, hd)

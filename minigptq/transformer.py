@@ -133,6 +133,37 @@ def alibi_slopes(heads: int) -> Tensor:
     return torch.tensor(slopes)  # (heads,)
 
 
+def key_positions(key_valid: Tensor) -> Tensor:
+    """Position of every cache slot (B, S) from key_valid (B, S): positions skip the left padding."""
+    return (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def alibi_bias(cfg: ModelConfig, kpos: Tensor, dtype: torch.dtype) -> Tensor:
+    """ALiBi's additive bias (B, heads, 1, S) for keys at positions kpos (B, S)."""
+    slopes = alibi_slopes(cfg.num_heads).to(kpos.device)
+    return (slopes[None, :, None, None] * kpos[:, None, None, :]).to(dtype)
+
+
+def attention_masks(slot: Tensor, qslot: Tensor, key_valid: Tensor | None, B: int, window: int, dtype: torch.dtype,
+                    alibi: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """Additive masks for queries at cache slots qslot (T,) over the keys at slots slot (S,) -> (mask, window_mask).
+
+    mask (B, 1|heads, T, S): causal, left padding hidden (key_valid (B, S), False = padding; a padding row still
+    sees itself), plus `alibi` if given. window_mask (B, 1, T, S): the same without ALiBi and, as transformers, a query
+    at slot t sees only slots t-window+1 .. t (cache slots, not positions); None when window is 0.
+    """
+    T, S = qslot.shape[0], slot.shape[0]
+    allowed = (slot[None, :] <= qslot[:, None])[None, None].expand(B, 1, T, S)  # causal
+    if key_valid is not None:
+        allowed = allowed & (key_valid[:, None, None, :] | (slot[None, :] == qslot[:, None]))
+    mask = torch.zeros(B, 1, T, S, device=slot.device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+    window_mask = None
+    if window:
+        hidden = ~(allowed & (slot[None, :] > qslot[:, None] - window))
+        window_mask = torch.zeros(B, 1, T, S, device=slot.device, dtype=dtype).masked_fill(hidden, float("-inf"))
+    return (mask if alibi is None else mask + alibi), window_mask
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
@@ -328,7 +359,7 @@ class Transformer(nn.Module):
         if key_valid is None:
             kpos = torch.arange(S, device=device).expand(B, S)  # (B, S)
         else:
-            kpos = (key_valid.long().cumsum(-1) - 1).clamp(min=0)  # positions skip the padding
+            kpos = key_positions(key_valid)
         pos = kpos[:, start:]  # (B, T)
         cos = sin = mask = window_mask = None
         if self.cfg.positions == "rope":
@@ -337,20 +368,10 @@ class Transformer(nn.Module):
         w = self.cfg.sliding_window if self.cfg.window_layers else 0
         windowed = 0 < w < S  # the window hides a key from some query: the last query sees slots S-w .. S-1 only
         if needs_mask or windowed:
-            slot, qslot = torch.arange(S, device=device), start + torch.arange(T, device=device)
-            allowed = slot[None, :] <= qslot[:, None]  # (T, S) causal
-            allowed = allowed[None, None].expand(B, 1, T, S)
-            if key_valid is not None:
-                itself = slot[None, :] == qslot[:, None]
-                allowed = allowed & (key_valid[:, None, None, :] | itself)  # padding rows still see themselves
-            if needs_mask:
-                mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
-            if self.cfg.positions == "alibi":
-                slopes = alibi_slopes(self.cfg.num_heads).to(device)
-                mask = mask + (slopes[None, :, None, None] * kpos[:, None, None, :]).to(dtype)  # (B, H, T, S)
-            if windowed:  # as transformers: a query at slot t sees slots t-w+1 .. t (cache slots, not positions)
-                allowed = allowed & (slot[None, :] > qslot[:, None] - w)
-                window_mask = torch.zeros(B, 1, T, S, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+            alibi = alibi_bias(self.cfg, kpos, dtype) if self.cfg.positions == "alibi" else None
+            mask, window_mask = attention_masks(torch.arange(S, device=device), start + torch.arange(T, device=device),
+                                                key_valid, B, w if windowed else 0, dtype, alibi)
+            mask = mask if needs_mask else None
         causal = mask is None and T > 1
         return Context(mask, causal, cos, sin, cache, start, window_mask), pos
 
