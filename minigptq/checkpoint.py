@@ -8,15 +8,20 @@ A quantization run keeps its work in a hidden folder beside the output, `.<out>.
 Only when every block is done is the checkpoint assembled in `.<out>.tmp/` and renamed to `<out>`, so an
 interrupted run never leaves a half-written checkpoint, and `--resume` restarts from the last finished block after
 checking that nothing it reuses has changed. Every file is fsync()ed before its rename, and the folder after it.
+The final rename never replaces anything but what was accepted at the start (nothing, or with --overwrite the same
+minigptq checkpoint, moved to `.<out>.old` first): whatever appeared at `<out>` meanwhile is left alone and the run
+stops with its blocks kept. A run stopped between the two renames of an --overwrite is recovered by the next one.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import hashlib
 import json
 import os
 import shutil
+import stat
 from pathlib import Path
 
 import torch
@@ -110,6 +115,63 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# -- renames that never replace what is there ----------------------------------------------------------------------
+
+def _load_renameat2():
+    try:
+        f = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28; absent on macOS and older C libraries
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    f.restype = ctypes.c_int
+    return f
+
+
+_RENAMEAT2 = _load_renameat2()
+_AT_FDCWD, _RENAME_NOREPLACE = -100, 1
+
+
+def rename_new(src: Path, dst: Path) -> None:
+    """Rename src to dst only if nothing is at dst; FileExistsError otherwise. Never replaces a user's folder.
+
+    Linux's renameat2(RENAME_NOREPLACE) makes the check and the rename one step, so no folder that appears in between
+    can be replaced; elsewhere (or on a file system without it) the check comes just before rename(2), which itself
+    refuses a non-empty folder and anything but a folder, so at most an empty folder could be replaced there.
+    """
+    if _RENAMEAT2 is not None:
+        if _RENAMEAT2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: this file system has no RENAME_NOREPLACE
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))  # EEXIST gives FileExistsError
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(src), None, str(dst))
+    os.rename(src, dst)
+
+
+def out_state(path: Path) -> tuple | None:
+    """What is at `path`: None if nothing, else its type and identity and, for a folder, each entry's name, inode,
+    size and mtime. Taken when --out is accepted and again at the commit, which refuses if they differ."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    entries = ()
+    if stat.S_ISDIR(st.st_mode):
+        entries = tuple(sorted((e.name, s.st_mode, s.st_ino, s.st_size, s.st_mtime_ns)
+                               for e in os.scandir(path) for s in [e.stat(follow_symlinks=False)]))
+    return stat.S_IFMT(st.st_mode), st.st_dev, st.st_ino, entries
+
+
+def _describe(state: tuple | None) -> str:
+    if state is None:
+        return "nothing"
+    if state[0] != stat.S_IFDIR:
+        return "a symbolic link" if state[0] == stat.S_IFLNK else "a file"
+    names = [e[0] for e in state[3]]
+    return f"a folder holding {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}" if names else "an empty folder"
+
+
 # -- where a run may write ------------------------------------------------------------------------------------------
 
 CHECKPOINT_FILES = TOKENIZER_FILES + ("config.json", "quantize_config.json", "quant_log.tsv",
@@ -119,7 +181,8 @@ CHECKPOINT_FILES = TOKENIZER_FILES + ("config.json", "quantize_config.json", "qu
 def written_by_minigptq(folder: Path) -> bool:
     """True if `folder` is a checkpoint minigptq wrote: its quantize_config.json names minigptq as the quantizer."""
     try:
-        q = json.loads((folder / "quantize_config.json").read_text(encoding="utf-8"))
+        from .config import read_json  # a regular file of bounded size only: a FIFO there would block the read
+        q = read_json(folder / "quantize_config.json")
         return any(str(x).startswith("minigptq:") for x in q["meta"]["quantizer"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
@@ -129,12 +192,75 @@ def _is_our_file(name: str) -> bool:
     return name in CHECKPOINT_FILES or (name.startswith("model-") and name.endswith(".safetensors"))
 
 
-def check_out(out: str | Path, model: str | Path, overwrite: bool) -> Path:
+def _only_our_files(folder: Path, tmp_too: bool = False) -> bool:
+    """True if `folder` is a real folder (no link) holding only regular files with the names minigptq writes
+    (tmp_too: also their half-written `.tmp` versions)."""
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return False
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    return all(e.is_file(follow_symlinks=False) and _is_our_file(e.name.removesuffix(".tmp") if tmp_too else e.name)
+               for e in entries)
+
+
+def _remove_ours(folder: Path, log=lambda msg: None) -> None:
+    """Delete a folder of minigptq's files (_only_our_files), its marker quantize_config.json last so that a
+    deletion cut short still says whose folder it is; a name that appeared meanwhile keeps the folder."""
+    names = sorted(os.listdir(folder), key=lambda n: n == "quantize_config.json")
+    for name in names:
+        if _is_our_file(name.removesuffix(".tmp")):
+            (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        log(f"note: {folder} was left in place: it now holds files minigptq did not write")
+
+
+def _complete(folder: Path) -> bool:
+    return written_by_minigptq(folder) and (folder / "config.json").is_file() and any(
+        (folder / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json"))
+
+
+def recover_swap(out: Path, log=lambda msg: None) -> None:
+    """Finish what a run killed inside the two renames of an --overwrite left behind (PartialRun.finish): the
+    previous checkpoint in `.<out>.old`. Restored to `out` if nothing is there, or removed if `out` is a complete
+    minigptq checkpoint. A `.old` that is not a minigptq checkpoint is never touched."""
+    old = out.parent / f".{out.name}.old"
+    if not (written_by_minigptq(old) and _only_our_files(old)):
+        return
+    try:
+        fd = os.open(out.parent / f".{out.name}.partial", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        fd = None  # no work folder: no run at this --out is committing
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a run at this --out holds it while it commits
+        except OSError:
+            os.close(fd)
+            return  # that run may be between its renames right now: it finishes them itself
+    try:
+        if not os.path.lexists(out):
+            rename_new(old, out)
+            fsync_dir(out.parent)
+            log(f"note: restored the previous checkpoint {out} from {old.name} (a run was stopped while replacing "
+                f"it)")
+        elif _complete(out):
+            _remove_ours(old, log)
+            log(f"note: removed {old.name}, the previous checkpoint left by a run stopped after replacing {out}")
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def check_out(out: str | Path, model: str | Path, overwrite: bool, log=lambda msg: None) -> Path:
     """Validate an output folder before any work: -> the absolute path to write. Raises ValueError/FileExistsError.
 
     Refused: the model folder itself or a folder that contains it, the current folder or one containing it, a
     symlink, a file, a folder that exists (without --overwrite), and with --overwrite anything but a checkpoint
     minigptq wrote that holds only the files minigptq writes. The nearest existing parent must be writable.
+    First the previous checkpoint of an --overwrite stopped between its two renames is recovered (recover_swap).
     """
     given = Path(out)
     if str(out) == "" or given.name in ("", ".", ".."):
@@ -148,6 +274,7 @@ def check_out(out: str | Path, model: str | Path, overwrite: bool) -> Path:
                          f"choose a folder outside it (the source model is never replaced)")
     if o == cwd or o in cwd.parents:
         raise Error(f"--out {given} is the current folder or contains it; choose a new folder")
+    recover_swap(o, log)
     if o.exists():
         if not o.is_dir():
             raise Error(f"--out {given} exists and is not a folder; choose a new folder name")
@@ -162,10 +289,22 @@ def check_out(out: str | Path, model: str | Path, overwrite: bool) -> Path:
             raise Error(f"--out {given} holds files minigptq did not write ({', '.join(foreign[:5])}"
                              f"{' ...' if len(foreign) > 5 else ''}); --overwrite would delete them: move them "
                              f"away or choose another --out")
+        old = o.parent / f".{o.name}.old"
+        if os.path.lexists(old):  # what recover_swap must leave: not minigptq's, or beside an incomplete --out
+            raise Error(f"--overwrite first moves {given} aside to {old}, but something is there already (minigptq "
+                        f"removes only its own previous checkpoint, beside a complete --out); move {old} away")
     parent = next(p for p in o.parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise PermissionError(f"cannot write --out {given}: {parent} is not a writable folder "
                               f"(read-only file system or no permission)")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(os.fsencode(f".{o.name}.partial")) > name_max:  # found now, not after the calibration
+        raise Error(f"--out name {o.name[:20]}... is {len(os.fsencode(o.name))} bytes long; the work folder beside it "
+                    f"(.<name>.partial) must fit this file system's {name_max} bytes per name, so at most "
+                    f"{name_max - len('..partial')} bytes")
     return o
 
 
@@ -174,22 +313,37 @@ class PartialRun:
 
     Use it as a context manager: on an error it removes what this run created (the work folder of a fresh run,
     parent folders it made) but keeps finished blocks after an interruption or an I/O error (full disk), so that
-    `--resume` continues. The folder is flock()ed while the run lives: a second run at the same --out is refused.
+    `--resume` continues. The folder is flock()ed while the run lives: a second run at the same --out is refused,
+    and removes nothing (only what a run made itself, and only while it holds the lock, is its own to remove).
     """
 
-    def __init__(self, out: Path, resume: bool, overwrite: bool, log=lambda msg: None):
+    def __init__(self, out: Path, resume: bool, overwrite: bool, log=lambda msg: None, seen=...):
+        """seen: out_state(out) when check_out accepted it (default: now); the commit refuses if out changed."""
         self.out = Path(out)
         self.dir = self.out.parent / f".{self.out.name}.partial"
         self.log = log
-        self.created: list[Path] = [p for p in reversed(self.out.parents) if not p.exists()]
-        for p in self.created:
-            p.mkdir()
-        self.owned = not self.dir.exists()  # may be removed on failure: made (or emptied) by this run
-        self.dir.mkdir(exist_ok=True)
+        self.seen = out_state(self.out) if seen is ... else seen
+        self.keep = False  # set when the commit is refused: the finished blocks stay for --resume
+        self.made_tmp = False  # only this run's own assembly folder is removed on failure
+        self.created: list[Path] = []  # what this run made itself is all it may remove (another run may share them)
+        for p in reversed(self.out.parents):
+            if not p.exists():
+                try:
+                    p.mkdir()
+                    self.created.append(p)
+                except FileExistsError:  # another process made it just now: not ours
+                    pass
+        try:
+            self.dir.mkdir()
+            self.owned = True  # made by this run (or emptied by it, _clear): may be removed on failure
+        except FileExistsError:
+            self.owned = False
         self.state: dict = {"blocks": {}}
         self.fd = None
         try:
             self.fd = self._lock()
+            if not self.owned and not any(self.dir.iterdir()):
+                self.owned = True  # empty: made by a run started at the same moment, which the lock now refuses
             if not self.owned and not resume:
                 if not overwrite:
                     raise FileExistsError(f"an interrupted run left {self.dir}; pass --resume to continue it or "
@@ -200,18 +354,36 @@ class PartialRun:
             raise
 
     def _lock(self) -> int:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        """flock the work folder; whatever stops us, nothing here is ours to remove (another run is using it)."""
+        gone = FileExistsError(f"another minigptq run just finished or gave up writing {self.out} (it removed its "
+                               f"work folder {self.dir}); rerun to continue")
+        try:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError as e:
+            self.owned, self.created = False, []
+            if e.errno == errno.ENOENT:
+                raise gone from None
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):  # never work (or delete) through a link or in a file
+                what = "a symbolic link" if self.dir.is_symlink() else "not a folder"
+                raise Error(f"the work folder {self.dir} is {what}; minigptq writes only a real folder there: move "
+                            f"it away") from None
+            raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            same = os.lstat(self.dir).st_ino == os.fstat(fd).st_ino
         except OSError as e:
             os.close(fd)
+            self.owned, self.created = False, []
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 raise FileExistsError(f"another minigptq run is writing {self.out} right now (its work folder "
                                       f"{self.dir} is locked); wait for it or choose another --out") from None
+            if e.errno == errno.ENOENT:
+                raise gone from None
             raise
-        if os.stat(self.dir).st_ino != os.fstat(fd).st_ino:  # the run we waited for removed it: ours is gone
+        if not same:  # the run that held it removed it (and maybe another made a new one): ours is gone
             os.close(fd)
-            raise FileExistsError(f"another minigptq run just finished writing {self.out}; rerun to continue")
+            self.owned, self.created = False, []
+            raise gone
         return fd
 
     def _clear(self) -> None:
@@ -255,7 +427,7 @@ class PartialRun:
             # or a resource problem (full disk, out of memory). Removed: what a fresh run made, after a bad input or
             # a bug, so that the corrected rerun starts clean.
             resource = isinstance(exc, (KeyboardInterrupt, OSError, MemoryError, torch.OutOfMemoryError))
-            if not self.owned or (self.state["blocks"] and resource):
+            if not self.owned or (self.state["blocks"] and (resource or self.keep)):
                 if self.state["blocks"]:
                     self.log(f"finished blocks kept in {self.dir}: rerun with --resume to continue")
             else:
@@ -265,7 +437,8 @@ class PartialRun:
                         p.rmdir()  # only if still empty
                     except OSError:
                         pass
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.made_tmp:
+                shutil.rmtree(self.tmp, ignore_errors=True)
         self.close()
 
     def close(self) -> None:
@@ -308,9 +481,15 @@ class PartialRun:
         """Assemble the checkpoint in a temporary folder, then rename it into place and drop the work folder."""
         from .loader import SafetensorsFile
         tmp = self.tmp
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if os.path.lexists(tmp):  # left by a run at this --out that was stopped while assembling (we hold the lock)
+            if not _only_our_files(tmp, tmp_too=True):
+                self.keep = True
+                raise Error(f"{tmp}, where the checkpoint is assembled, holds files minigptq did not write (or is not "
+                            f"a folder); move it away and rerun with --resume (the finished blocks are kept in "
+                            f"{self.dir})")
+            _remove_ours(tmp)
         tmp.mkdir()
+        self.made_tmp = True
         files = [SafetensorsFile(self.block_file(i)) for i in sorted(self.done_blocks())]
         tensors = dict(top)
         for f in files:
@@ -327,18 +506,58 @@ class PartialRun:
             f"{r['block']}\t{r['module']}\t{r['method']}\t{r['error']:.6g}\t{r['percdamp']}\t{r['seconds']:.3f}\n"
             for r in self.records()))
         fsync_dir(tmp)
-        if self.out.exists():  # --overwrite (checked by check_out): move the old one aside, so the swap is two renames
-            old = self.out.parent / f".{self.out.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
-            os.replace(tmp, self.out)
-            fsync_dir(self.out.parent)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, self.out)
-            fsync_dir(self.out.parent)
+        self._install(tmp)
         shutil.rmtree(self.dir)
         self.created = []
+
+    def _install(self, tmp: Path) -> None:
+        """Rename the assembled folder to --out, which must still be what check_out accepted: nothing, or (with
+        --overwrite) the same minigptq checkpoint, moved aside to `.<out>.old` first so the swap is two renames.
+        Anything else at --out (made by a person or program while this run worked) is never replaced."""
+        now = out_state(self.out)
+        if now is not None and now != self.seen:
+            self._refuse()
+        if now is None:  # new, or the previous checkpoint was removed meanwhile: nothing there to lose
+            try:
+                rename_new(tmp, self.out)
+            except FileExistsError:  # appeared since the check just above
+                self._refuse()
+            fsync_dir(self.out.parent)
+            return
+        old = self.out.parent / f".{self.out.name}.old"
+        try:
+            rename_new(self.out, old)
+        except FileExistsError:
+            self.keep = True
+            raise Error(f"cannot move the previous {self.out} aside: {old} appeared while this run worked; move it "
+                        f"away and rerun with --resume --overwrite (the finished blocks are kept in {self.dir})") \
+                from None
+        if out_state(old)[3] != self.seen[3]:  # changed in the instant before the rename: put it back untouched
+            rename_new(old, self.out)
+            self._refuse()
+        try:
+            rename_new(tmp, self.out)
+        except FileExistsError:
+            self.keep = True
+            raise Error(f"--out {self.out} appeared again while this run replaced it; it was left as it is: the "
+                        f"previous checkpoint is in {old}: move {self.out} away and rerun with --resume --overwrite "
+                        f"(which restores {old.name} first)") from None
+        fsync_dir(self.out.parent)
+        _remove_ours(old, self.log)
+
+    def _refuse(self) -> None:
+        self.keep = True
+        now = out_state(self.out)
+        if self.seen is None:
+            what = f"appeared while this run worked ({_describe(now)})"
+        elif now is not None and now[:3] == self.seen[:3]:  # the same folder: name what differs
+            names = sorted({e[0] for e in set(now[3]) ^ set(self.seen[3])})
+            what = (f"changed while this run worked ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''} "
+                    f"added, removed or edited since --overwrite accepted it)")
+        else:
+            what = f"was replaced while this run worked (now {_describe(now)}, not the checkpoint --overwrite accepted)"
+        raise Error(f"--out {self.out} {what}: it was left as it is and no checkpoint was written; the finished "
+                    f"blocks are kept in {self.dir}: move {self.out} away and rerun with --resume to write it")
 
 
 def write_shards(folder: Path, tensors: dict[str, Tensor]) -> None:

@@ -60,6 +60,25 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def quiet_start() -> None:
+    """The first thing `python -m minigptq.<command>` does, before its imports load torch (a second or more):
+    Ctrl-C or SIGTERM meanwhile ends the process with one line and exit code 130 / 143 instead of Python's
+    traceback (nothing has been created yet, so there is nothing to clean up). run() puts back the
+    KeyboardInterrupt / Terminated exceptions that its cleanup relies on."""
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+    signal.signal(signal.SIGTERM, _terminated_while_starting)
+
+
+def _interrupted_while_starting(signum, frame):
+    print("interrupted", file=sys.stderr)
+    sys.exit(130)
+
+
+def _terminated_while_starting(signum, frame):
+    print("terminated", file=sys.stderr)
+    sys.exit(143)
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
@@ -90,6 +109,8 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
+        if main_thread and signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # quiet_start's
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         main(args)
     except KeyboardInterrupt as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)

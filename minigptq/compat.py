@@ -8,6 +8,8 @@ The rules, gathered from the loaders' sources (transformers 5, GPTQModel 7.7, vL
 - vLLM current (0.22 and later, one AutoGPTQConfig for every GPTQ checkpoint): symmetric 4- or 8-bit v1 only,
   `desc_act: false`.
 - vLLM older (0.21, exllama kernels): bits 2/3/4/8, symmetric, or asymmetric in v2; act-order allowed.
+- None of them loads a checkpoint whose tensors contradict config.json and the quantization config (transformers and
+  vLLM stop at the first size mismatch): the shapes are checked first.
 - Both vLLMs fuse the projections that read the same input (q/k/v -> qkv_proj, gate/up -> gate_up_proj: the
   true-sequential groups of more than one linear): they must be all quantized or all kept. Their kernels need the
   group size to divide every quantized layer's input width, and trust `desc_act`: with `desc_act: false` g_idx must be
@@ -47,7 +49,8 @@ def layer_facts(ckpt) -> tuple[dict[str, dict], list[str]]:
         if name.endswith(".qweight"):
             prefix = name[:-len(".qweight")]
             g_idx = ckpt.get(prefix + ".g_idx") if ckpt.has(prefix + ".g_idx") else None
-            K = ckpt.get(name).shape[0] * 32 // q["bits"]
+            shape = ckpt.get(name).shape  # a misshapen qweight is reported by tensor_problems, not here
+            K = shape[0] * 32 // q["bits"] if len(shape) == 2 else 0
             layers[prefix] = dict(K=K, trivial=g_idx is None or trivial_g_idx(g_idx, q["group_size"]))
     fused = []
     hf_of = {ours: hf for hf, ours in ckpt.arch.layer_names.items()}
@@ -63,6 +66,46 @@ def layer_facts(ckpt) -> tuple[dict[str, dict], list[str]]:
     return layers, fused
 
 
+def quantizer_names(q: dict) -> tuple[list[str], str]:
+    """-> (the tools named by the quantization config's meta.quantizer, a note when that field is malformed).
+    GPTQModel writes {"meta": {"quantizer": ["gptqmodel:X"]}}; another shape names no tool."""
+    meta = q.get("meta")
+    if meta is None:
+        return [], ""
+    if not isinstance(meta, dict):
+        return [], f"meta is {repr(meta)[:80]}, not an object: ignored"
+    tools = meta.get("quantizer")
+    tools = [tools] if isinstance(tools, str) else [] if tools is None else tools
+    if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+        return [], f"meta.quantizer is {repr(tools)[:80]}, not a list of tool names: ignored"
+    return tools, ""
+
+
+def tensor_problems(ckpt) -> list[str]:
+    """The tensors whose shape contradicts config.json and the quantization config (bits, group size), or that a
+    packed layer lacks: with one, no loader takes the checkpoint. Reads the safetensors headers only."""
+    from .loader import build_empty, internal_to_hf
+    q = ckpt.quant
+    packed = [n[:-len(".qweight")] for n in ckpt.names() if n.endswith(".qweight")]
+    if not packed:
+        return ["it holds no packed tensors (qweight): a GPTQ quantization config over full-precision weights"]
+    missing = [f"{p}.{leaf}" for p in packed for leaf in ("qzeros", "scales") if not ckpt.has(f"{p}.{leaf}")]
+    if missing:
+        return [f"{m} is missing (a packed layer needs qweight, qzeros and scales)" for m in missing]
+    try:
+        model = build_empty(ckpt)  # on the meta device: the shapes config.json and bits / group_size imply
+    except ValueError as e:
+        return [str(e)]
+    to_hf, out = internal_to_hf(ckpt), []
+    for mname, mod in model.named_modules():
+        for leaf, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            hf = f"{to_hf.get(mname, mname)}.{leaf}"
+            if ckpt.has(hf) and tuple(ckpt.get(hf).shape) != tuple(t.shape):
+                out.append(f"{hf} has shape {list(ckpt.get(hf).shape)}, but config.json (and bits={q['bits']}, "
+                           f"group_size={q['group_size']}) imply {list(t.shape)}")
+    return out
+
+
 def report(path: str | Path) -> list[Verdict]:
     """One Verdict per loader in LOADERS for the checkpoint folder `path`."""
     from .loader import Checkpoint
@@ -71,8 +114,12 @@ def report(path: str | Path) -> list[Verdict]:
     if q is None:
         raise Error(f"{path} is not a GPTQ checkpoint (no quantization_config)")
     bits, gs, sym, desc_act, fmt = q["bits"], q["group_size"], q["sym"], q["desc_act"], q["checkpoint_format"]
+    bad = tensor_problems(ckpt)
+    if bad:
+        why = f"it will not load: {bad[0]}" + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+        return [Verdict(name, False, [why]) for name in LOADERS]
     layers, fused = layer_facts(ckpt)
-    quantizer = " ".join(map(str, (q.get("meta") or {}).get("quantizer", []))).lower()
+    quantizer = " ".join(quantizer_names(q)[0]).lower()
     nontrivial = [n for n, f in layers.items() if not f["trivial"]]
     indivisible = [f"{n} (in_features {f['K']})" for n, f in layers.items() if gs != -1 and f["K"] % gs]
 

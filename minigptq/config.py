@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,9 +83,18 @@ class ModelConfig:
         if self.positions == "rope" and self.head_dim % 2:
             raise Error(f"head_dim={self.head_dim} must be even for rotary position embeddings")
         r = self.rope_scaling
+        if r is not None and r.type == "dynamic" and self.head_dim < 4:  # its base is raised to d / (d - 2)
+            raise Error(f"rope_scaling dynamic needs head_dim >= 4, got {self.head_dim}")
         if r is not None and r.type == "longrope" and {len(r.short_factor), len(r.long_factor)} != {self.head_dim // 2}:
             raise Error(f"rope_scaling short_factor and long_factor must each hold head_dim / 2 = "
                         f"{self.head_dim // 2} numbers, got {len(r.short_factor)} and {len(r.long_factor)}")
+        if not self.norm_eps >= 1e-37:  # the norms add it in float32, where a smaller one is subnormal or 0: an
+            # all-zero row (a padding embedding) would then be divided by 0 and turn NaN
+            raise Error(f"the norm epsilon (rms_norm_eps / layer_norm_epsilon) {self.norm_eps:g} is too small for "
+                        f"float32; valid: [1e-37, 1]")
+        if self.positions == "rope":
+            from .rope import check_angles  # here, not at the top: rope.py imports this module
+            check_angles(self)
         for name in ("bos_token_id", "pad_token_id"):
             i = getattr(self, name)
             if i is not None and not 0 <= i < self.vocab_size:
@@ -98,14 +109,46 @@ class ModelConfig:
         return self.embed_dim or self.hidden_size
 
 
+# Caps on the side files of a checkpoint, read whole into memory: far above any real one (Gemma's tokenizer.json is
+# ~33 MB), low enough that a file linked to /dev/zero or a huge one is refused before it is read.
+MAX_SIDE_FILE = 64 * 2**20       # JSON configs, the safetensors index, chat_template.jinja
+MAX_TOKENIZER_FILE = 512 * 2**20  # tokenizer.json, tokenizer.model
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _not_regular(path: Path, mode: int) -> Error:
+    kind = next((what for test, what in _KINDS if test(mode)), "not a regular file")
+    return Error(f"{path} is {kind}, expected a regular file")
+
+
+def read_file(path: Path, cap: int = MAX_SIDE_FILE) -> bytes:
+    """The bytes of a regular file of at most `cap` bytes. A FIFO would block the read for ever and a device
+    (/dev/zero) never ends, so anything but a regular file is refused before reading, as is a bigger file."""
+    st = os.stat(path)  # follows links: a link to /dev/zero is a device
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(path, st.st_mode)
+    # O_NONBLOCK: should the file be swapped for a FIFO after the stat, the open still returns, and fstat refuses it
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(path, st.st_mode)
+        data = f.read(cap + 1) if st.st_size <= cap else b""  # + 1: catches a file that grew since the fstat
+    if max(st.st_size, len(data)) > cap:
+        raise Error(f"{path} is {max(st.st_size, len(data))} bytes, over the {cap // 2**20} MiB limit for this file "
+                    f"(real ones are far smaller)")
+    return data
+
+
 def read_json(path: Path) -> dict:
     """Read a JSON file that must hold an object; a parse failure or another type is a ValueError naming the file."""
+    data = read_file(path)
     try:
-        obj = json.loads(Path(path).read_bytes().decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise Error(f"{path} is not valid JSON: {e}") from None
-    except IsADirectoryError:
-        raise Error(f"{path} is a folder, expected a JSON file") from None
+        obj = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # ValueError: bad JSON or UTF-8, an integer of over 4300 digits
+        raise Error(f"{path} is not valid JSON: {' '.join(str(e).split())[:200] or 'nested too deeply'}") from None
     if not isinstance(obj, dict):
         raise Error(f"{path} must hold a JSON object {{...}}, got a {type(obj).__name__}")
     return obj
@@ -142,7 +185,7 @@ class Fields:
         """A finite number in (lo, hi]: integers are accepted (JSON writes 10000.0 as 10000)."""
         k, v = self._get(keys, default)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and lo < v <= hi):
-            raise Error(f"the field {k!r} must be a finite number in ({lo}, {hi}], got {v!r}")
+            raise Error(f"the field {k!r} must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
         return float(v)
 
     def bool(self, key: str, default: bool) -> bool:

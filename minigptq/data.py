@@ -7,6 +7,7 @@ non-overlapping `seqlen` windows.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -15,10 +16,36 @@ from torch import Tensor
 from . import Error
 
 
+# Far above any calibration or evaluation text (128 windows of 2048 tokens are ~1 MB, WikiText-2's test set 1.3 MB),
+# low enough that a huge or sparse file is refused before it is read into memory and tokenized for an hour.
+MAX_TEXT_FILE = 2**30
+
+
+def read_utf8(path: Path) -> str:
+    """A file's text. Bytes that are not UTF-8 are an error naming the line and byte offset: decoded as U+FFFD they
+    would calibrate or evaluate on text nobody wrote, and say nothing about it."""
+    with open(path, "rb") as f:
+        too_big = os.fstat(f.fileno()).st_size > MAX_TEXT_FILE
+        data = b"" if too_big else f.read(MAX_TEXT_FILE + 1)  # + 1: a file growing past the limit is seen too
+    if too_big or len(data) > MAX_TEXT_FILE:
+        raise Error(f"{path} is over the {MAX_TEXT_FILE // 2**30} GiB limit for a dataset file; calibration uses "
+                    f"nsamples x seqlen tokens (~1 MB of text) and evaluation sets are a few MB: give a part of it "
+                    f"(e.g. head -c 100M)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise Error(f"{path}: line {line} (byte offset {e.start}) is not UTF-8 text ({data[e.start:e.start + 4]!r}"
+                    f"...); save the file as UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """The rows of a .jsonl file: each a {"text": str} or a {"messages": [{"role": ..., "content": ...}, ...]}."""
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    # Lines end at "\n" only (JSON Lines): str.splitlines would also cut at U+2028, U+0085 ..., which JSON strings
+    # may hold unescaped (json.dumps(..., ensure_ascii=False) writes them so).
+    # A leading byte-order mark (Windows editors write one) marks the encoding; it is not part of the first row.
+    for n, line in enumerate(read_utf8(path).removeprefix("\ufeff").split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -51,7 +78,7 @@ def read_text(path: str | Path) -> str:
                         f"calibration (quantize), not as plain text")
         raw = "\n\n".join(r["text"] for r in rows)
     else:
-        raw = path.read_text(encoding="utf-8", errors="replace")
+        raw = read_utf8(path)
         # The paper's convention: the Hugging Face dataset's rows joined with "\n\n". Those rows are the file's
         # lines with their trailing newline kept, and whitespace-only lines as "" (this reproduces published ppl).
         raw = "\n\n".join(line if line.strip() else "" for line in raw.splitlines(keepends=True))
@@ -73,7 +100,7 @@ def preset_text(name: str, data_dir: str | Path) -> tuple[str, Path]:
     path = _file(Path(data_dir) / rel)
     if rule == "rows":
         return read_text(path), path
-    text = " ".join(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    text = " ".join(line.strip() for line in read_utf8(path).splitlines() if line.strip())
     if not text:
         raise Error(f"dataset file {path} is empty")
     return text, path

@@ -7,6 +7,10 @@ window).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwhile exits 130 with one line
+    from .cli import quiet_start
+    quiet_start()
+
 import argparse
 import logging
 import math
@@ -43,9 +47,16 @@ def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int 
             logits = logits[0, :-1].float()
         else:
             logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
-        nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        window_nll = F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+        if not math.isfinite(window_nll):  # NaN or Inf logits: never report them as a perplexity
+            from .transformer import nonfinite_error
+            raise nonfinite_error(model, w, f"logits in window {i}")
+        nll += window_nll
         count += w.shape[1] - 1
-        bar.set_postfix_str(f"ppl {math.exp(nll / count):.3f}")
+        bar.set_postfix_str(f"ppl {math.exp(min(nll / count, 709)):.3f}")
+    if nll / count > 709:  # exp overflows a float: the logits are finite but absurd
+        raise Error(f"the mean negative log-likelihood is {nll / count:.4g} nats per token, so the perplexity "
+                    f"exp({nll / count:.4g}) overflows: the model's logits are degenerate (broken weights?)")
     return math.exp(nll / count)
 
 
@@ -61,6 +72,9 @@ def main(args: argparse.Namespace) -> None:
     device, dtype = resolve_device(args.device, args.dtype)
     model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel)
     seqlen = min(args.seqlen, model.cfg.max_positions)
+    if seqlen < 2:  # one token predicts nothing: no window would hold a prediction
+        raise Error(f"{args.model}: the model's context (max_position_embeddings {model.cfg.max_positions}) is "
+                    f"shorter than the 2 tokens a perplexity window needs; valid: a model whose context is >= 2")
     tok = load_tokenizer(args.model)
     if args.dataset in PRESETS:
         text, source = preset_text(args.dataset, args.data_dir)

@@ -5,6 +5,10 @@ max tokens. Timing follows the paper's latency protocol: per-step wall time, syn
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwhile exits 130 with one line
+    from .cli import quiet_start
+    quiet_start()
+
 import argparse
 import json
 import logging
@@ -41,9 +45,13 @@ class GenerationStats:
         return 1000 / self.median_ms if self.step_s else float("nan")
 
 
+GREEDY_BELOW = 1e-5  # temperatures below this sample greedily (see sample)
+
+
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None) -> Tensor:
-    """logits (B, V) -> next tokens (B,). temperature 0 is greedy."""
-    if temperature == 0:
+    """logits (B, V) -> next tokens (B,). temperature 0 is greedy, and so is one below GREEDY_BELOW (as in vLLM):
+    dividing fp32 logits by it would overflow them to Inf (1e-300 is 0 in fp32) and the softmax to NaN."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(-1)
     logits = logits.float() / temperature
     if 0 < top_k < logits.shape[-1]:
@@ -58,7 +66,9 @@ def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: to
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float) -> None:
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int, top_p: float, seed: int | None = None) -> None:
+    if seed is not None and not -2**63 <= seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise Error(f"seed must be an integer in [-2**63, 2**64), got {seed}")
     if max_new_tokens < 1:
         raise Error(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not (0 <= temperature < float("inf")):  # also NaN
@@ -178,7 +188,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     cuda_graph: replay the decode step from a CUDA graph (CudaGraphStep; with compile, the compiled step). None: on a
     CUDA device when the model has a static step (StaticDecodeStep.supported) and more than one step is asked for.
     """
-    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise Error("every prompt needs at least one token")
     if start and (len(prompts) != 1 or cache is None):
@@ -207,7 +217,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         tokens[b, T0 - len(p):] = torch.tensor(p, device=device)
         valid[b, start + T0 - len(p):] = True
     padded = not bool(valid[:, :start + T0].all())
-    cache = cache if cache is not None else KVCache(model.cfg, B, S, dtype, device)
+    # sized to this run (prompt + max_new_tokens, at most the context), after a memory check
+    cache = cache if cache is not None else KVCache(model.cfg, B, S, dtype, device,
+                                                    hint="lower --max-new-tokens, or give fewer or shorter prompts")
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     stats = GenerationStats(kv_cache_bytes=cache.nbytes)
@@ -215,13 +227,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     sync()
     t = time.perf_counter()
     logits = model(tokens, cache, start, valid[:, :start + T0] if padded else None, last_only=True)  # (B, 1, V)
-    nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    bad = torch.zeros(B, dtype=torch.bool, device=device)  # rows whose logits held NaN/Inf (read where the host syncs)
+    nxt, bad = _sample_finite(logits[:, -1], bad, done, temperature, top_k, top_p, gen)
     sync()
     stats.prefill_s = time.perf_counter() - t
 
     out = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     stopped = [False] * B  # by `stop`
     graph = CudaGraphStep(model, cache, valid, start + T0, compile) if cuda_graph else None
     step = compiled_decode_step(model) if compile and graph is None else model
@@ -236,6 +249,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                     stopped[b] = True
                     done[b] = True
         if on_step is not None:
+            _check_finite(model, prompts, out, i, bad)  # before a stream shows a token of broken logits
             on_step(nxt)
         if i == max_new_tokens - 1 or ((eos_ids or stop is not None) and bool(done.all())):
             break
@@ -245,11 +259,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             logits = graph(nxt, pos)
         else:
             logits = step(nxt[:, None], cache, pos, valid[:, :pos + 1] if padded else None)  # (B, 1, V)
-        nxt = sample(logits[:, -1], temperature, top_k, top_p, gen)
+        nxt, bad = _sample_finite(logits[:, -1], bad, done, temperature, top_k, top_p, gen)
         if eos_ids or stop is not None:
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         sync()
         stats.step_s.append(time.perf_counter() - t)
+    _check_finite(model, prompts, out, i, bad)
     result = []
     for b, row in enumerate(out[:, :i + 1].tolist()):
         cut = next((j for j, tok in enumerate(row) if tok in eos_ids), None)
@@ -260,16 +275,41 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     return result, stats
 
 
-class StopStrings:
-    """stop(b, new_ids) for generate: True once the text of the new tokens contains one of `strings`."""
+def _sample_finite(logits: Tensor, bad: Tensor, done: Tensor, *sampling) -> tuple[Tensor, Tensor]:
+    """sample() on logits (B, V) whose rows may hold NaN/Inf (broken weights) -> (next tokens (B,), bad (B,) with
+    those rows added, except rows already done (B,), whose tokens are dropped). Such rows are sampled as zeros
+    (multinomial would fail on them, on a GPU fatally); the host reads `bad` later, where it syncs anyway
+    (_check_finite): no extra sync per step."""
+    row_bad = ~torch.isfinite(logits).all(-1)  # (B,)
+    return sample(torch.where(row_bad[:, None], 0, logits), *sampling), bad | (row_bad & ~done)
 
-    def __init__(self, tokenizer, strings: list[str]):
+
+def _check_finite(model: Transformer, prompts: list[list[int]], out: Tensor, i: int, bad: Tensor) -> None:
+    """Raise the user error if a row's logits were non-finite; out[:, :i + 1] are the tokens generated so far (the
+    last of them sampled from the broken logits), so the diagnostic re-runs its prompt and out[b, :i]."""
+    if bool(bad.any()):
+        from .transformer import nonfinite_error
+        b = int(bad.nonzero()[0])
+        seq = torch.tensor(prompts[b] + out[b, :i].tolist(), device=out.device)[None]  # (1, T)
+        which = f" for prompt {b + 1} of {len(prompts)}" if len(prompts) > 1 else ""
+        raise nonfinite_error(model, seq, f"logits{which} at generated token {i + 1}")
+
+
+class StopStrings:
+    """stop(b, new_ids) for generate: True once the text of the new tokens contains one of `strings`.
+
+    prompts: the prompts' token ids; their last tokens are decoded before the new ones so that the text is the one
+    shown (completion_text, TextStream: a stop string " and" matches the first new token "▁and")."""
+
+    def __init__(self, tokenizer, strings: list[str], prompts: list[list[int]] | None = None):
         if any(not isinstance(x, str) or not x for x in strings):
             raise Error(f"stop strings must be non-empty strings, got {strings!r}")
         self.tok, self.strings = tokenizer, list(strings)
+        self.anchors = [p[-4:] for p in prompts] if prompts else None
 
     def __call__(self, b: int, ids: list[int]) -> bool:
-        tail = self.tok.decode(ids[-64:]) if len(ids) > 64 else self.tok.decode(ids)
+        ctx = ids[-68:-64] if len(ids) > 64 else self.anchors[b] if self.anchors else []
+        tail = self.tok.decode(ctx + ids[-64:])[len(self.tok.decode(ctx)):] if ctx else self.tok.decode(ids[-64:])
         return any(x in tail for x in self.strings)
 
     def cut(self, text: str) -> str:
@@ -278,11 +318,23 @@ class StopStrings:
         return text[:at]
 
 
+def completion_text(tokenizer, prompt: list[int], new: list[int]) -> str:
+    """The text of the new tokens as it reads after the prompt: decode(prompt + new) minus decode(prompt).
+
+    Decoding `new` alone loses what depends on the token before it (SentencePiece drops the space of a first
+    "▁and": "Lily" + "and"); this is what the full text shows, exact for SentencePiece and byte-level BPE."""
+    head, full = tokenizer.decode(prompt), tokenizer.decode(prompt + new)
+    if not full.startswith(head):  # the prompt's text changed with what follows: keep the part both share
+        head = head[:next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))]
+    return full[len(head):]
+
+
 class TextStream:
     """Prints the text of new tokens as they come (batch 1), holding back incomplete UTF-8 characters and any
     text that may be the start of a stop string; nothing after EOS or a stop string is shown."""
 
-    def __init__(self, tokenizer, prompt: list[int], eos_ids, file=sys.stdout, stops: list[str] = ()):
+    def __init__(self, tokenizer, prompt: list[int], eos_ids, file=None, stops: list[str] = ()):
+        file = file if file is not None else sys.stdout  # read now, not at import: a redirected stdout is followed
         self.tok, self.anchor, self.eos, self.file, self.stops = tokenizer, prompt[-4:], set(eos_ids), file, stops
         self.ids: list[int] = []
         self.shown = 0
@@ -308,10 +360,18 @@ class TextStream:
             print(text[self.shown:], end="", flush=True, file=self.file)
             self.shown = len(text)
 
+    def finish(self, text: str) -> None:
+        """At the end: show the rest of `text`, the completion as --quiet prints it (what was held back: a character
+        whose last bytes never came, the start of a stop string that never completed)."""
+        if len(text) > self.shown:
+            print(text[self.shown:], end="", flush=True, file=self.file)
+            self.shown = len(text)
+
 
 def main(args: argparse.Namespace) -> None:
     from .loader import load_model, weight_bytes
     from .tokenizer import check_token_ids, load_tokenizer
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)  # before any output
     device, dtype = resolve_device(args.device, args.dtype)
     tok = load_tokenizer(args.model)  # before the weights: a prompt or template problem is reported at once
     chat = args.chat or args.system is not None
@@ -320,7 +380,7 @@ def main(args: argparse.Namespace) -> None:
         prompts = [tok.apply_chat_template(system + [{"role": "user", "content": p}]) for p in args.prompt]
     else:
         prompts = [tok.encode(p) for p in args.prompt]
-    stops = StopStrings(tok, args.stop) if args.stop else None
+    stops = StopStrings(tok, args.stop, prompts) if args.stop else None
     model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
     for p in prompts:
         check_token_ids(p, model.cfg.vocab_size, "the prompt")
@@ -335,13 +395,15 @@ def main(args: argparse.Namespace) -> None:
     new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile, stop=stops,
                           cuda_graph=None if args.cuda_graph is None or device.type != "cuda" else args.cuda_graph)
-    texts = [stops.cut(tok.decode(n)) if stops else tok.decode(n) for n in new]
+    texts = [completion_text(tok, p, n) for p, n in zip(prompts, new)]
+    texts = [stops.cut(t) for t in texts] if stops else texts
     if args.json:
         for p, ids, n, text, fin in zip(args.prompt, prompts, new, texts, stats.finish):
             print(json.dumps(dict(prompt=p, completion=text, prompt_tokens=len(ids), completion_tokens=len(n),
                                   finish_reason=fin, prefill_ms=round(stats.prefill_s * 1000, 2),
                                   median_ms_per_token=round(stats.median_ms, 3), batch=len(prompts))), flush=True)
     elif stream:
+        stream.finish(texts[0])
         print()
     else:
         for i, (p, text) in enumerate(zip(args.prompt, texts)):

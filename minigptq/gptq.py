@@ -92,7 +92,7 @@ class Hessian:
 
 
 def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], None]) -> tuple[Tensor, float]:
-    """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping up to 1.0.
+    """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping (at least 1e-6) up to 1.0.
 
     H is damped in place (its diagonal is restored before a retry) and must not be used afterwards. Memory: at most
     two K x K matrices besides H at any time (the factor and the inverse), each freed as soon as the next exists.
@@ -116,7 +116,10 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], 
                 "Hessian not positive definite even at percdamp=1.0; the calibration activations may contain "
                 "NaN/Inf, or H was not built as a sum of x x^T"
             )
-        new = min(percdamp * 10, 1.0)
+        # At least 1e-6: below ~1e-7 of the mean diagonal the damping is lost in float32 rounding, so retries there
+        # would only repeat the failure (from --percdamp 5e-324: 300 Cholesky factorizations per layer). Seven
+        # retries at most.
+        new = min(max(percdamp * 10, 1e-6), 1.0)
         log(f"gptq: Cholesky failed with percdamp={percdamp:g}; retrying with percdamp={new:g}")
         percdamp = new
 

@@ -4,6 +4,10 @@ The verdicts come from the written config and tensors alone, with the rules in m
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwhile exits 130 with one line
+    from .cli import quiet_start
+    quiet_start()
+
 import argparse
 import json
 from dataclasses import asdict
@@ -12,21 +16,25 @@ from .cli import add_debug_flag, run
 
 
 def main(args: argparse.Namespace) -> None:
-    from .compat import format_report, layer_facts, report
+    from .compat import format_report, layer_facts, quantizer_names, report
     from .loader import Checkpoint
     verdicts = report(args.model)
     ckpt = Checkpoint(args.model)
     q = ckpt.quant
     layers, _ = layer_facts(ckpt)
+    tools, note = quantizer_names(q)
     summary = dict(model_type=ckpt.cfg.model_type, bits=q["bits"], group_size=q["group_size"], sym=q["sym"],
                    desc_act=q["desc_act"], checkpoint_format=q["checkpoint_format"], quantized_layers=len(layers),
-                   quantizer=(q.get("meta") or {}).get("quantizer"))
+                   quantizer=tools or None)
+    if note:
+        summary["note"] = note
     if args.json:
         print(json.dumps(dict(summary, loaders=[asdict(v) for v in verdicts]), indent=2))
         return
     print(f"{args.model}: {summary['model_type']}, {q['bits']}-bit, group {q['group_size']}, "
           f"{'sym' if q['sym'] else 'asym'}, desc_act {str(q['desc_act']).lower()}, {q['checkpoint_format']}, "
-          f"{len(layers)} quantized layers (written by {', '.join(summary['quantizer'] or ['an unnamed tool'])})")
+          f"{len(layers)} quantized layers (written by {', '.join(tools or ['an unnamed tool'])}"
+          f"{'; ' + note if note else ''})")
     print(format_report(args.model, verdicts))
 
 

@@ -339,8 +339,10 @@ def cpu_gptq_block(W1: Tensor, Hinv1: Tensor, S: Tensor, Z: Tensor, maxq: int) -
     W1 [N, b] contiguous fp32 is error-compensated in place; Hinv1 [b, b] (rows may be strided) the block of the
     upper Cholesky factor of H^-1; S, Z [b, N] each column's scale and zero point. -> (codes, E), both [N, b]."""
     N, b = W1.shape
+    # A one-column block (blocksize 1, or the last column after groups of 3 on 64 inputs) reads only Hinv1[0, 0]:
+    # its strides do not matter, and a slice of a column-major factor has stride (1, K) that .contiguous() keeps.
     ok = all(t.dtype == torch.float32 and t.is_cpu for t in (W1, Hinv1, S, Z)) and W1.is_contiguous() \
-        and S.is_contiguous() and Z.is_contiguous() and Hinv1.shape == (b, b) and Hinv1.stride(1) == 1 \
+        and S.is_contiguous() and Z.is_contiguous() and Hinv1.shape == (b, b) and (Hinv1.stride(1) == 1 or b == 1) \
         and S.shape == (b, N) and Z.shape == (b, N)
     if not ok:
         raise Error(f"need float32 CPU tensors W1 [N, b] contiguous, Hinv1 [b, b] with unit column stride, S and Z "

@@ -112,6 +112,13 @@ class QuantLinear(nn.Module):
         if G < 1 or int(self.g_idx.min()) < 0 or int(self.g_idx.max()) >= G:
             raise Error(f"g_idx values must lie in [0, {G}) (the number of scale groups), got "
                              f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]")
+        # The kernels compute W = scale * (q - zero) in fp32 with |q - zero| <= 2^bits: a finite but huge scale
+        # (3e38) would make W Inf, the outputs NaN, and a NaN query is silently zeroed by CPU attention.
+        limit = torch.finfo(torch.float32).max / 2**bits
+        top = float(self.scales.detach().abs().max()) if self.scales.numel() else 0.0
+        if not top <= limit:
+            raise Error(f"scales hold a value of magnitude {top:.3g}: the dequantized weights scale * (q - zero) "
+                        f"would overflow float32; valid: |scale| <= {limit:.3g} (real ones are far smaller)")
         int8 = self.cpu_int8 and kernels.cpu_int8_available()
         self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits,
                                            self.checkpoint_format, int8=int8)

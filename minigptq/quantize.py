@@ -4,6 +4,10 @@ See minigptq/driver.py for the layer-by-layer loop and minigptq/gptq.py for the 
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwhile exits 130 with one line
+    from .cli import quiet_start
+    quiet_start()
+
 import argparse
 import logging
 import re
@@ -16,7 +20,7 @@ import torch
 
 from . import Error
 from . import __version__
-from .checkpoint import PartialRun, check_out, tensor_digest
+from .checkpoint import PartialRun, check_out, out_state, tensor_digest
 from .compat import format_report, report
 from .cli import add_debug_flag, resolve_device, run
 from .quantizer import QuantConfig
@@ -74,7 +78,11 @@ def _hf(ckpt, internal: str) -> str:
 
 
 def default_out(model: str | Path, method: str, bits: int, group_size: int) -> Path:
-    return Path(f"{str(model).rstrip('/')}-{method}-{bits}bit{'' if group_size == -1 else f'-g{group_size}'}")
+    """<model>-<method>-<bits>bit[-g<group>] beside the model folder (never inside it, even for `--model .`)."""
+    m = Path(model)
+    if m.name in ("", ".", ".."):  # "." or "..": name the folder by its real name, beside it
+        m = m.resolve()
+    return m.parent / f"{m.name}-{method}-{bits}bit{'' if group_size == -1 else f'-g{group_size}'}"
 
 
 def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: QuantConfig = QuantConfig(),
@@ -128,7 +136,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                         f"({ckpt.cfg.max_positions})")
     seqlen = min(seqlen, ckpt.cfg.max_positions)
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
-                    overwrite)
+                    overwrite, log)
+    seen = out_state(out)  # what check_out accepted; the commit refuses to replace anything else (PartialRun)
     check_memory(ckpt, nsamples, seqlen, device, acts)
     t0 = time.perf_counter()
     windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
@@ -138,7 +147,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
                     act_dtype=act_dtype, compute=str(compute), version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
                     model_sha256=top_source(ckpt))
-    with PartialRun(out, resume=resume, overwrite=overwrite, log=log) as partial:
+    with PartialRun(out, resume=resume, overwrite=overwrite, log=log, seen=seen) as partial:
         partial.start(settings)
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"

@@ -56,10 +56,11 @@ class QuantConfig:
 
         if not is_int(self.bits) or self.bits not in VALID_BITS:
             raise Error(f"bits={self.bits!r} is not supported; valid values are {VALID_BITS}")
-        if not is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+        # < 2**31: group sizes are int32 in the packed layers' index math and in the loaders of the checkpoint
+        if not is_int(self.group_size) or not (self.group_size == -1 or 0 < self.group_size < 2**31):
             raise Error(
                 f"group_size={self.group_size!r} is invalid; use -1 (one group per output row over all "
-                f"inputs) or a positive number of input columns per group, e.g. 128"
+                f"inputs) or a positive number of input columns per group below 2**31, e.g. 128"
             )
         for name in ("sym", "act_order", "static_groups", "mse"):
             if not isinstance(getattr(self, name), bool):

@@ -28,6 +28,13 @@ from . import Error
 from .config import MAX_POSITIONS, Fields, ModelConfig, RopeScaling
 
 SUPPORTED = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# Ranges (lo excluded) where RoPE stays finite and meaningful. rope_theta: the base, 1e4 .. 1e7 in real models (the
+# largest seen, a 1M-context Llama 3, ~3.6e9); <= 1 turns every rotation the same or faster per dimension, and a tiny
+# one is 0 in fp32, so the frequencies become Inf and cos / sin NaN. The scaling factors divide the frequencies (a
+# tiny one overflows them too); attention_factor multiplies cos and sin (real: ~1 .. 1.5).
+THETA = dict(lo=1.0, hi=1e15)
+FACTOR = dict(lo=1e-3, hi=1e6)
+ATTENTION = dict(lo=0.0, hi=100.0)
 
 
 def _floats(r: Fields, key: str) -> tuple[float, ...]:
@@ -48,7 +55,7 @@ def scaling_from_hf(f: Fields, max_pos: int, aliases: dict[str, str] | None = No
     """
     rope = f.dict(("rope_parameters", "rope_scaling"))
     r = Fields(rope)
-    theta = r.float("rope_theta", f.float("rope_theta", 10000.0))
+    theta = r.float("rope_theta", f.float("rope_theta", 10000.0, **THETA), **THETA)
     partial = r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0))
     if partial != 1.0:
         raise Error(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported; only 1.0 is")
@@ -62,29 +69,50 @@ def scaling_from_hf(f: Fields, max_pos: int, aliases: dict[str, str] | None = No
     original = f.int("original_max_position_embeddings", None, hi=MAX_POSITIONS) or \
         r.int("original_max_position_embeddings", max_pos, hi=MAX_POSITIONS)
     if kind in ("linear", "dynamic"):
-        factor = r.float("factor")
+        factor = r.float("factor", **FACTOR)
         return theta, RopeScaling(kind, factor, max_pos), min(MAX_POSITIONS, int(max_pos * factor))
     if kind == "llama3":
-        s = RopeScaling(kind, r.float("factor"), original, low_freq_factor=r.float("low_freq_factor"),
+        s = RopeScaling(kind, r.float("factor", **FACTOR), original, low_freq_factor=r.float("low_freq_factor"),
                         high_freq_factor=r.float("high_freq_factor"))
         if s.high_freq_factor <= s.low_freq_factor:
             raise Error(f"rope_scaling high_freq_factor={s.high_freq_factor} must exceed "
                         f"low_freq_factor={s.low_freq_factor}")
         return theta, s, max_pos
-    factor = r.float("factor", max_pos / original)
+    factor = r.float("factor", max_pos / original, **FACTOR)
     if kind == "yarn":
         attention = r.d.get("attention_factor")
         if attention is None:
             mscale, mscale_all = r.float("mscale", 0.0, lo=-1.0), r.float("mscale_all_dim", 0.0, lo=-1.0)
+            if mscale and mscale_all and _mscale(factor, mscale_all) <= 0:  # the divisor below
+                raise Error(f"rope_scaling mscale_all_dim={mscale_all} with factor={factor} gives a scale "
+                            f"0.1 * mscale_all_dim * ln(factor) + 1 <= 0; valid: a value that keeps it positive")
             attention = _mscale(factor, mscale) / _mscale(factor, mscale_all) if mscale and mscale_all \
                 else _mscale(factor)
         s = RopeScaling(kind, factor, original, beta_fast=r.float("beta_fast", 32.0),
                         beta_slow=r.float("beta_slow", 1.0), truncate=r.bool("truncate", True),
-                        attention_factor=r.float("attention_factor", float(attention)))
+                        attention_factor=r.float("attention_factor", float(attention), **ATTENTION))
         return theta, s, max(max_pos, min(MAX_POSITIONS, int(original * factor)))
+    if factor > 1 and original < 2:  # log(original) divides below
+        raise Error(f"rope_scaling longrope with factor={factor} needs original_max_position_embeddings >= 2, "
+                    f"got {original}")
     attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))  # longrope
-    return theta, RopeScaling(kind, factor, original, attention_factor=r.float("attention_factor", attention),
+    return theta, RopeScaling(kind, factor, original, attention_factor=r.float("attention_factor", attention,
+                                                                               **ATTENTION),
                               short_factor=_floats(r, "short_factor"), long_factor=_floats(r, "long_factor")), max_pos
+
+
+def check_angles(cfg: ModelConfig) -> None:
+    """Refuse RoPE settings whose rotation angles (position * frequency) or cos / sin factor are not finite up to the
+    last position: cos and sin would be NaN there (and CPU attention silently turns a NaN query into zeros). The
+    field ranges above keep most values sane; this catches their combinations (e.g. a longrope factor of 1e-300)."""
+    last = cfg.max_positions - 1
+    for seq_len in dict.fromkeys((1, cfg.max_positions)):  # dynamic and longrope change with the length
+        inv, attention = inv_freq(cfg, seq_len, "cpu")
+        if not (bool(torch.isfinite(inv * last).all()) and math.isfinite(attention) and attention > 0):
+            kind = cfg.rope_scaling.type if cfg.rope_scaling is not None else "none"
+            raise Error(f"the RoPE settings (rope_theta={cfg.rope_theta}, rope_scaling {kind}) give non-finite "
+                        f"rotation angles by position {last}; valid: settings whose frequencies stay finite in "
+                        f"float32 (check rope_theta and the rope_scaling factors)")
 
 
 def _mscale(scale: float, mscale: float = 1.0) -> float:

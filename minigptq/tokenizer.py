@@ -7,11 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import Error
-from .config import eos_tuple, read_json
+from .config import MAX_TOKENIZER_FILE, eos_tuple, read_file, read_json
 
 
 def _side_file(path: Path) -> dict:
-    """An optional JSON side file (tokenizer_config.json, generation_config.json): {} if absent."""
+    """An optional JSON side file (tokenizer_config.json, generation_config.json): {} if absent. Present as a FIFO,
+    a device or a folder, it is an error (read_json): not silently skipped."""
     return read_json(path) if path.exists() else {}
 
 
@@ -26,12 +27,14 @@ class Tokenizer:
         gen = _side_file(path / "generation_config.json")
         if (path / "tokenizer.json").exists():
             from tokenizers import Tokenizer as HFTokenizer
-            self.kind, self.tok = "tokenizers", _open(HFTokenizer.from_file, path / "tokenizer.json")
+            self.kind = "tokenizers"
+            self.tok = _open(lambda b: HFTokenizer.from_str(b.decode("utf-8")), path / "tokenizer.json")
             self._id = self.tok.token_to_id
         elif (path / "tokenizer.model").exists():
             import sentencepiece as spm
             self.kind = "sentencepiece"
-            self.tok = _open(lambda f: spm.SentencePieceProcessor(model_file=f), path / "tokenizer.model")
+            self.tok = spm.SentencePieceProcessor()  # then Load: model_proto=b"" would load nothing, silently
+            _open(self.tok.LoadFromSerializedProto, path / "tokenizer.model")
             self._id = lambda s: (i if (i := self.tok.piece_to_id(s)) != self.tok.unk_id() or s == "<unk>" else None)
         else:
             raise FileNotFoundError(f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model")
@@ -66,6 +69,8 @@ class Tokenizer:
                              f"got {self.add_bos!r}")
         from .chat import find_template, special_tokens
         self.chat_template = find_template(path, tc)  # None: the checkpoint has none
+        self.chat_template_source = path / ("tokenizer_config.json" if tc.get("chat_template") is not None
+                                            else "chat_template.jinja")  # named in the template's errors
         self.special_tokens = special_tokens(tc)
 
     @property
@@ -75,6 +80,7 @@ class Tokenizer:
     def encode(self, text: str, bos: bool | None = None, special: bool = True) -> list[int]:
         """Text -> token ids; bos=None follows the checkpoint's convention. special=False: add no special token
         (no BOS either) and read the special tokens written in the text as themselves (a rendered chat)."""
+        check_text(text)
         if not special:
             return self._encode_raw(text)
         if self.kind == "tokenizers":
@@ -89,6 +95,7 @@ class Tokenizer:
         return ids
 
     def _encode_raw(self, text: str) -> list[int]:
+        check_text(text)
         if self.kind == "tokenizers":  # its added-token matching finds the special tokens in the text
             return self.tok.encode(text, add_special_tokens=False).ids
         specials = sorted({t for k, t in self.special_tokens.items() if isinstance(t, str) and self._id(t) is not None}
@@ -112,7 +119,8 @@ class Tokenizer:
         if self.chat_template is None:
             raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template); use plain "
                              "prompts")
-        text = render(self.chat_template, messages, add_generation_prompt, **self.special_tokens)
+        text = render(self.chat_template, messages, add_generation_prompt, source=str(self.chat_template_source),
+                      **self.special_tokens)
         return self._encode_raw(text) if tokenize else text
 
     def decode(self, ids: list[int]) -> str:
@@ -123,14 +131,28 @@ class Tokenizer:
 
 
 def _open(loader, file: Path):
-    """Load a tokenizer file; any failure of the parsing library becomes a ValueError naming the file."""
-    if not file.is_file():
-        raise Error(f"{file} is not a readable file")
+    """Load a tokenizer file from its bytes, read here (a regular file, capped: config.read_file) so that the parsing
+    library never opens a FIFO or a device itself; any failure of that library becomes a ValueError naming the file."""
+    data = read_file(file, MAX_TOKENIZER_FILE)
     try:
-        return loader(str(file))
+        return loader(data)
     except Exception as e:  # tokenizers and sentencepiece raise their own types for corrupt files
         raise Error(f"{file}: cannot be read as a tokenizer ({type(e).__name__}: "
                          f"{' '.join(str(e).split())[:200]}); the file is corrupt or of another format") from None
+
+
+def check_text(text: str) -> None:
+    """Text must be a str that UTF-8 can encode. Bytes that were not UTF-8 reach Python as lone surrogates (argv
+    and, in the C locale, stdin are decoded with surrogateescape); the tokenizer libraries cannot take them."""
+    if not isinstance(text, str):
+        raise Error(f"the text to tokenize must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        byte = f"the byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise Error(f"the text is not valid UTF-8: {byte} at character {e.start} ({text[max(0, e.start - 20):e.start]!r}"
+                    f" comes before it); give UTF-8 text (check the encoding of the terminal or file)") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

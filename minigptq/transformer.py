@@ -53,13 +53,46 @@ ACTIVATIONS = {
 }
 
 
-class KVCache:
-    """Preallocated keys and values of every layer: k, v (layers, B, kv_heads, max_len, head_dim)."""
+def check_kv_memory(cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device, hint: str) -> None:
+    """Refuse a KV cache of max_len slots that cannot fit in the memory available (as quantize's check_memory does):
+    a one-line error with the sizes and `hint`, how the caller's user can ask for less (e.g. "lower --context")."""
+    from .driver import available_memory  # here: the driver imports this module
+    need = 2 * cfg.num_layers * batch * cfg.num_kv_heads * max_len * cfg.head_dim * dtype.itemsize
+    free = available_memory(torch.device(device))
+    if free is not None and need > free:
+        from . import Error
+        gib = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+        raise Error(f"the KV cache for {max_len} tokens x batch {batch} ({cfg.num_layers} layers x "
+                    f"{cfg.num_kv_heads} kv heads x {cfg.head_dim}, {dtype}) needs {gib(need)} but only {gib(free)} "
+                    f"of {torch.device(device).type} memory is available; {hint}")
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+
+class KVCache:
+    """Keys and values of every layer: k, v (layers, B, kv_heads, max_len, head_dim), allocated up front for max_len
+    slots once check_kv_memory agrees; grow() makes a longer one keeping what was written (a chat's conversation)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device,
+                 hint: str = "ask for fewer tokens"):
+        check_kv_memory(cfg, batch, max_len, dtype, device, hint)
         shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cfg, self.max_len = cfg, max_len
+
+    def grow(self, max_len: int, hint: str = "ask for fewer tokens") -> None:
+        """Make room for max_len slots, the slots written so far kept. New tensors: a decode step built on the old
+        ones (StaticDecodeStep, CudaGraphStep) must be built again; generate() builds them per call, so grow between
+        calls."""
+        L, B, H, S, D = self.k.shape
+        if max_len <= S:
+            return
+        check_kv_memory(self.cfg, B, max_len, self.k.dtype, self.k.device, hint)  # the old pair is still held
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros(L, B, H, max_len, D)
+            new[:, :, :, :S] = old
+            setattr(self, name, new)
+            del old  # one old tensor at a time: the peak is the new pair plus one old tensor
         self.max_len = max_len
 
     def update(self, layer: int, k: Tensor, v: Tensor, start: int | Tensor) -> tuple[Tensor, Tensor]:
@@ -394,3 +427,31 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.head(x)
+
+
+@torch.inference_mode()
+def first_nonfinite(model: Transformer, tokens: Tensor) -> str:
+    """Where a plain forward of tokens (1, T) first holds a NaN or Inf: "the embeddings", "block i (of n)",
+    "the final norm and lm_head", or "" if nowhere (a fast path differed). A diagnostic re-run, only after the
+    logits of a run were found non-finite: the normal forward checks nothing."""
+    finite = lambda t: bool(torch.isfinite(t).all())  # noqa: E731
+    ctx, pos = model.context(*tokens.shape, tokens.device, model.act_dtype)
+    x = model.embed_tokens(tokens, pos)  # (1, T, hidden)
+    if not finite(x):
+        return "the embeddings"
+    for i, block in enumerate(model.layers):
+        x = block(x, ctx)
+        if not finite(x):
+            return f"block {i} (of {len(model.layers)})"
+    return "" if finite(model.head(x)) else "the final norm and lm_head"
+
+
+def nonfinite_error(model: Transformer, tokens: Tensor, what: str) -> ValueError:
+    """The user error for non-finite `what` (e.g. "logits") of a forward over tokens (1, T), naming where it began."""
+    from . import Error
+    where = first_nonfinite(model, tokens)
+    at = f"; they first appear in {where}" if where else ""
+    narrow = model.act_dtype in (torch.float16, torch.bfloat16)
+    hint = f" (or the activations overflow {str(model.act_dtype)[6:]}: try --dtype fp32)" if narrow else ""
+    return Error(f"the model produced non-finite {what} (NaN or Inf){at}: its weights (e.g. GPTQ scales too large "
+                 f"for the activations) or config.json numbers are broken{hint}, so no result is reported")

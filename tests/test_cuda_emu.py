@@ -1,6 +1,6 @@
-"""The CUDA kernels' logic (cuda/cuda_qgemm.cu) on any machine: host emulation against the torch reference.
+"""The CUDA kernels' logic (cuda/gpu/qgemm.cu) on any machine: host emulation against the torch reference.
 
-cuda_qgemm.cu is compiled for the host with g++ against cuda/emu_cuda.h (every thread a fiber, barriers checked,
+qgemm.cu is compiled for the host with g++ against tests/emu_cuda.h (every thread a fiber, barriers checked,
 threads and blocks scheduled in a random order, tensor-core fragments emulated lane by lane) and called through
 the same module interface as on a GPU, with CPU tensors. Covers bit widths 2/3/4/8, groups not aligned to the
 kernel's tiles and a partial last group, act-order, one group, odd N, M = 1, 3, 16 (and 18: two row blocks),
@@ -36,12 +36,12 @@ def cases(bits):
 
 @pytest.fixture(scope="module")
 def emu(tmp_path_factory):
-    """minigptq._cuda_kernels built from cuda_qgemm.cu + cuda_bindings.cpp against emu_cuda.h."""
+    """minigptq._cuda_kernels built from cuda/gpu/qgemm.cu + bindings.cpp against emu_cuda.h."""
     if shutil.which("g++") is None:
         pytest.skip("g++ not found")
     pybind11 = pytest.importorskip("pybind11")
-    root, out = Path(__file__).resolve().parents[1] / "cuda", tmp_path_factory.mktemp("emu")
-    src = (root / "cuda_qgemm.cu").read_text()
+    root, out = Path(__file__).resolve().parents[1] / "cuda" / "gpu", tmp_path_factory.mktemp("emu")
+    src = (root / "qgemm.cu").read_text()
     cuda_headers = "#include <cuda_bf16.h>\n#include <cuda_fp16.h>\n#include <cuda_runtime.h>\n"
     assert cuda_headers in src
     src = src.replace(cuda_headers, '#include "emu_cuda.h"\n')
@@ -50,8 +50,8 @@ def emu(tmp_path_factory):
     assert n >= 5, f"expected the kernel launches of cuda_qgemm.cu, rewrote {n}"
     (out / "cuda_qgemm_emu.cpp").write_text(src)
     so = out / ("_cuda_kernels" + sysconfig.get_config_var("EXT_SUFFIX"))
-    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{root}", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}", str(out / "cuda_qgemm_emu.cpp"), str(root / "cuda_bindings.cpp"),
+    cmd = ["g++", "-std=c++20", "-O1", "-shared", "-fPIC", f"-I{root}", f"-I{Path(__file__).resolve().parent}", f"-I{pybind11.get_include()}",
+           f"-I{sysconfig.get_paths()['include']}", str(out / "cuda_qgemm_emu.cpp"), str(root / "bindings.cpp"),
            "-o", str(so)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -1,7 +1,7 @@
 """Static review of the CUDA kernels without a GPU: registers, spills, shared memory, and SASS instructions per
 weight in the hot loop -> bench/results/cuda_static.json.
 
-Compiles cuda/cuda_qgemm.cu with nvcc (-O3 -Xptxas -v) for sm_90 and sm_80, disassembles it with cuobjdump -sass
+Compiles cuda/gpu/qgemm.cu with nvcc (-O3 -Xptxas -v) for sm_90 and sm_80, disassembles it with cuobjdump -sass
 (which needs nvdisasm; both come with a CUDA toolkit, or `pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm`),
 and counts, for the tensor-core kernels of the decode shapes (qgemm_mma<BITS, T, MT, TPG>; M = 1 and M = 4 run the
 MT = 1 kernel, M = 16 the MT = 2 one; groups of 128 rows: TPG = 8):
@@ -35,7 +35,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SRC = ROOT / "cuda" / "cuda_qgemm.cu"
+SRC = ROOT / "cuda" / "gpu" / "qgemm.cu"
 # (label, BITS, T, MT): the kernels of the decode shapes, fp16 and bf16
 CASES = [(f"{bits}-bit {t} M={m}", bits, t, mt) for bits in (4, 3) for t in ("fp16", "bf16")
          for m, mt in ((1, 1), (4, 1), (16, 2))] + [(f"{bits}-bit {t} M=1", bits, t, 1) for bits in (2, 8)
@@ -169,7 +169,7 @@ def hot_loop(ins: list) -> dict:
 
 def analyse(archs: list[str]) -> dict:
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
-    result = {"source": "cuda/cuda_qgemm.cu", "nvcc": subprocess.run([nvcc, "--version"], capture_output=True,
+    result = {"source": "cuda/gpu/qgemm.cu", "nvcc": subprocess.run([nvcc, "--version"], capture_output=True,
                                                                      text=True).stdout.strip().splitlines()[-1],
               "method": __doc__.split("\n\n")[1].replace("\n", " "), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,7 +5,7 @@
 #include <string>
 #include <utility>
 
-#include "qweight.h"
+#include "../qweight.h"
 
 namespace minigptq::cuda {
 

@@ -55,7 +55,7 @@
 #include <type_traits>
 #include <utility>
 
-#include "cuda_qgemm.h"
+#include "qgemm.h"
 
 namespace minigptq::cuda {
 namespace {

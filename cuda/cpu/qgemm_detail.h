@@ -3,7 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#include "cpu_qgemm.h"
+#include "qgemm.h"
 
 namespace minigptq::detail {
 

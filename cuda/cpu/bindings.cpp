@@ -9,9 +9,9 @@
 #include <tuple>
 #include <vector>
 
-#include "cpu_decode.h"
-#include "cpu_gptq.h"
-#include "cpu_qgemm.h"
+#include "decode.h"
+#include "gptq.h"
+#include "qgemm.h"
 
 namespace py = pybind11;
 using namespace minigptq;

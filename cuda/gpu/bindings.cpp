@@ -9,7 +9,7 @@
 #include <cstdint>
 #include <tuple>
 
-#include "cuda_qgemm.h"
+#include "qgemm.h"
 
 namespace py = pybind11;
 using namespace minigptq;

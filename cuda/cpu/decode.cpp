@@ -2,9 +2,9 @@
 // of a small model spends more time dispatching those operators than computing them. Plain C++ compiled for
 // AVX-512 / AVX2 / baseline (target_clones picks at load time). Their torch references, and the fallback wherever
 // these do not apply, are the modules in minigptq/transformer.py (RMSNorm, Attention).
-#include "cpu_decode.h"
+#include "decode.h"
 
-#include "cpu_qgemm.h"
+#include "qgemm.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>

@@ -8,7 +8,7 @@
 #include <cstring>
 #include <utility>
 
-#include "cpu_qgemm_detail.h"
+#include "qgemm_detail.h"
 
 namespace minigptq::detail {
 
@@ -69,7 +69,7 @@ struct V {
     }
   }
 };
-#include "cpu_qgemm_simd.inc"
+#include "qgemm_simd.inc"
 }  // namespace avx2
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -119,7 +119,7 @@ struct V {
     }
   }
 };
-#include "cpu_qgemm_simd.inc"
+#include "qgemm_simd.inc"
 }  // namespace avx512
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -165,7 +165,7 @@ struct VI {
   static inline f add(f a, f b) { return _mm512_add_ps(a, b); }
   static inline f sub(f a, f b) { return _mm512_sub_ps(a, b); }
 };
-#include "cpu_qgemm_i8.inc"
+#include "qgemm_i8.inc"
 }  // namespace avx512vnni
 #if defined(__clang__)
 #pragma clang attribute pop
@@ -257,7 +257,7 @@ struct VI {
   static inline f add(f a, f b) { return _mm256_add_ps(a, b); }
   static inline f sub(f a, f b) { return _mm256_sub_ps(a, b); }
 };
-#include "cpu_qgemm_i8.inc"
+#include "qgemm_i8.inc"
 }  // namespace avxvnni
 #if defined(__clang__)
 #pragma clang attribute pop

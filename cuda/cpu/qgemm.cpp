@@ -14,8 +14,8 @@
 #include <omp.h>
 #endif
 
-#include "cpu_qgemm.h"
-#include "cpu_qgemm_detail.h"
+#include "qgemm.h"
+#include "qgemm_detail.h"
 
 namespace minigptq {
 
@@ -43,7 +43,7 @@ struct V {
   static inline i or_(i a, i b) { return a | b; }
   template <int BITS> static inline f codes(i v) { return float(v & ((1u << BITS) - 1)); }
 };
-#include "cpu_qgemm_simd.inc"
+#include "qgemm_simd.inc"
 }  // namespace detail::scalar
 
 #if !(defined(__x86_64__) || defined(_M_X64))
@@ -85,8 +85,12 @@ bool cpu_has(Isa isa) {
 }
 
 const detail::Kernels& kernels_for(Isa isa) {
-  static const detail::Kernels scalar = detail::scalar::kernels(), avx2 = detail::avx2::kernels(),
-                               avx512 = detail::avx512::kernels();
+  // A table is built only where the CPU runs its instruction set: the function returning it is compiled under that
+  // set's target pragma and may use its registers itself (GCC 12 fills the AVX-512 table with zmm stores: SIGILL on
+  // AVX2-only CPUs before any kernel was chosen).
+  static const detail::Kernels scalar = detail::scalar::kernels(),
+                               avx2 = cpu_has(Isa::Avx2) ? detail::avx2::kernels() : scalar,
+                               avx512 = cpu_has(Isa::Avx512) ? detail::avx512::kernels() : scalar;
   return isa == Isa::Avx512 ? avx512 : isa == Isa::Avx2 ? avx2 : scalar;
 }
 

@@ -4,7 +4,7 @@
 // Exactness: every step is one IEEE operation in the same order as the torch code (w / s, round half to even,
 // + z, clamp, q - z, s * (.), w - deq, / d, err * h, W - (.)); the file is compiled with -ffp-contract=off, so no
 // multiply-add is fused.
-#include "cpu_gptq.h"
+#include "gptq.h"
 
 #include <algorithm>
 #include <cmath>

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "qweight.h"
+#include "../qweight.h"
 
 namespace minigptq {
 
