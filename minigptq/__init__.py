@@ -1,11 +1,12 @@
 """minigptq: a compact, readable GPTQ implementation (Frantar et al. 2022, arXiv:2210.17323).
 
-Public API (imported lazily so that `python -m minigptq.<command>` starts fast):
-    load_model(path, dtype=None, device="cpu") -> Transformer   (full precision or GPTQ checkpoints)
-    load_tokenizer(path) -> Tokenizer
+Public API:
+    load_model(path, dtype=None, device="cpu") -> Transformer   (full precision or GPTQ checkpoints; minigptq/loader.py)
+    load_tokenizer(path) -> Tokenizer                            (minigptq/tokenizer.py)
     minigptq.generate.generate(model, prompts, ...) -> (new tokens per prompt, GenerationStats)
 (`minigptq.generate` is also the generation command's module, so import the function from there.)
 """
+import importlib
 import logging
 
 __all__ = ["Error", "load_model", "load_tokenizer"]
@@ -20,11 +21,13 @@ class Error(ValueError):
     command-line tools turn it into one line `error: ...` and exit code 2. A ValueError, so existing handlers work."""
 
 
-def __getattr__(name):
-    if name == "load_model":
-        from .loader import load_model
-        return load_model
-    if name == "load_tokenizer":
-        from .tokenizer import load_tokenizer
-        return load_tokenizer
+# load_model and load_tokenizer are looked up on first use (PEP 562), not imported here: this file runs before every
+# `python -m minigptq.<command>`, whose first act is to catch Ctrl-C while torch loads (cli.quiet_start), and
+# `import minigptq` stays ~0.1 s instead of torch's seconds. The table names the only two modules this file uses.
+_API = {"load_model": "minigptq.loader", "load_tokenizer": "minigptq.tokenizer"}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        return getattr(importlib.import_module(_API[name]), name)
     raise AttributeError(f"module 'minigptq' has no attribute {name!r}")

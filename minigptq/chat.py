@@ -1,11 +1,5 @@
-"""Chat templates, and `python -m minigptq.chat`: render a conversation the way the model was trained to read one, from its tokenizer_config.json.
-
-A checkpoint's `chat_template` (in tokenizer_config.json, as a string or a list of named templates, or in a
-chat_template.jinja file beside it) is a Jinja template over `messages` ([{"role": ..., "content": ...}, ...]),
-`add_generation_prompt` and the special tokens. It is rendered here as transformers renders it: a sandboxed Jinja
-environment with trim_blocks and lstrip_blocks, loop controls, a `tojson` filter that does not escape HTML, and the
-`raise_exception` / `strftime_now` helpers (templates from the Hub are untrusted code: the sandbox keeps them from
-reaching Python objects). The rendered text already holds the special tokens, so it is tokenized without adding any.
+"""`python -m minigptq.chat`: a conversation with a checkpoint through its chat template, and ChatSession, which keeps
+the KV cache across turns (the rendering itself is minigptq/chat_template.py, called by Tokenizer.apply_chat_template).
 """
 from __future__ import annotations
 
@@ -13,110 +7,16 @@ if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwh
     from .cli import quiet_start
     quiet_start()
 
-import json
+import argparse
 import logging
-from datetime import datetime
-from pathlib import Path
-
+import sys
 
 from . import Error
-from .config import read_file
-
-SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-
-
-def find_template(folder: Path, tokenizer_config: dict, name: str | None = None) -> str | None:
-    """The checkpoint's chat template (the default one, or `name` of a list of named ones), or None."""
-    tpl = tokenizer_config.get("chat_template")
-    if tpl is None and (folder / "chat_template.jinja").exists():  # a FIFO or a device there is refused by read_file
-        try:
-            tpl = read_file(folder / "chat_template.jinja").decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise Error(f"{folder / 'chat_template.jinja'} is not UTF-8 text ({e})") from None
-    if isinstance(tpl, list):
-        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
-        tpl = named.get(name or "default")
-        if tpl is None:
-            raise Error(f"{folder}: no chat template named {name or 'default'!r}; the checkpoint has "
-                             f"{', '.join(map(str, named))}")
-    if tpl is not None and not isinstance(tpl, str):
-        raise Error(f"{folder}/tokenizer_config.json: chat_template must be a string or a list of named "
-                         f"templates, got {type(tpl).__name__}")
-    return tpl
-
-
-def special_tokens(tokenizer_config: dict) -> dict[str, str]:
-    """The special tokens a template may refer to ({{ bos_token }} ...), as strings."""
-    out = {}
-    for key in SPECIAL_TOKENS:
-        tok = tokenizer_config.get(key)
-        tok = tok.get("content") if isinstance(tok, dict) else tok
-        if isinstance(tok, str):
-            out[key] = tok
-    extra = tokenizer_config.get("additional_special_tokens")
-    if isinstance(extra, list):
-        out["additional_special_tokens"] = [t.get("content") if isinstance(t, dict) else t for t in extra]
-    return out
-
-
-def check_messages(messages) -> list[dict]:
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and "content" in m for m in messages):
-        raise Error("messages must be a non-empty list of {\"role\": str, \"content\": ...} objects, got "
-                         f"{str(messages)[:200]}")
-    return messages
-
-
-def render(template: str, messages: list[dict], add_generation_prompt: bool = True, source: str | None = None,
-           **variables) -> str:
-    """The conversation as the model's input text (special tokens included, as text). source: where the template
-    came from, for the error messages. Rendered in minigptq/template.py's bounded sandbox: a template that runs too
-    long, builds too much or fails in any way is a one-line Error."""
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from .template import BoundedSandbox
-
-    class Generation(Extension):  # {% generation %}...{% endgeneration %} marks assistant text: rendered as is
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_pass"), [], [], body).set_lineno(lineno)
-
-        def _pass(self, caller):
-            return caller()
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        if not (indent is None or isinstance(indent, int) and 0 <= indent <= 16 or isinstance(indent, str)
-                and len(indent) <= 16):  # repeated per line and nesting level: a wide one multiplies the text
-            raise jinja2.exceptions.SecurityError(f"tojson: indent must be a number or a string up to 16, got "
-                                                  f"{str(indent)[:20]!r}")
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    def strftime_now(fmt):
-        if not isinstance(fmt, str) or len(fmt) > 1000:  # each %c grows 12-fold: keep the result small
-            raise jinja2.exceptions.SecurityError("strftime_now: the format must be a string of up to 1000 characters")
-        return datetime.now().strftime(fmt)
-
-    messages = check_messages(messages)
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = strftime_now
-    where = f"the chat template in {source}" if source else "the chat template"
-    try:
-        return env.render_text(template, messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-    except jinja2.exceptions.TemplateError as e:
-        raise Error(f"{where} failed: {' '.join(str(e).split())[:500]}") from None
-    # The template is untrusted code: whatever it raises (1/0, a TypeError, a recursion without end, a template
-    # too deeply nested for Python's compiler) is its fault, reported as one line.
-    except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError, RecursionError, MemoryError,
-            SyntaxError) as e:
-        raise Error(f"{where} failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}") from None
+from .cli import add_debug_flag, add_device_flags, add_sampling_flags, run
+from .generation import StopStrings, TextStream, check_sampling, completion_text, generate
+from .kv_cache import KVCache, check_kv_memory
+from .loader import load_model, resolve_device
+from .tokenizer import load_tokenizer
 
 
 class ChatSession:
@@ -128,7 +28,6 @@ class ChatSession:
     HINT = "lower --context (the tokens of conversation kept) or --max-new-tokens, or /reset the conversation"
 
     def __init__(self, model, tokenizer, system: str | None = None, context: int | None = None):
-        from .transformer import KVCache, check_kv_memory
         if tokenizer.chat_template is None:
             raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template)")
         n = model.cfg.max_positions if context is None else context
@@ -166,15 +65,19 @@ class ChatSession:
         self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
 
+    def prompt_ids(self, text: str) -> list[int]:
+        """The conversation so far with the user's message `text`, rendered for the assistant's turn: what reply
+        feeds the model (a TextStream for the reply starts from it, so that its text reads as the answer does)."""
+        return self.tok.apply_chat_template(self.messages + [{"role": "user", "content": text}])
+
     def reply(self, text: str, max_new_tokens: int = 256, stop: list[str] | None = None, on_step=None,
               **sampling) -> str:
         """Add the user's message, generate the assistant's answer (streamed through on_step), return its text."""
-        from .generate import StopStrings, generate
-        ids = self.tok.apply_chat_template(self.messages + [{"role": "user", "content": text}])
+        ids = self.prompt_ids(text)
         keep = 0
         while keep < min(len(ids) - 1, len(self.cached)) and ids[keep] == self.cached[keep]:
             keep += 1
-        stops = StopStrings(self.tok, stop) if stop else None
+        stops = StopStrings(self.tok, stop, [ids]) if stop else None
         eos = tuple(dict.fromkeys(self.tok.eos_ids + self.model.cfg.eos_token_ids))
         if len(ids) >= self.context:
             raise Error(f"the conversation has {len(ids)} tokens, as many as the context of {self.context} or more; "
@@ -183,7 +86,8 @@ class ChatSession:
         new, stats = generate(self.model, [ids[keep:]], max_new_tokens, eos_ids=eos, pad_id=self.tok.pad_id,
                               on_step=on_step, stop=stops, cache=self.cache, start=keep, **sampling)
         new = new[0]
-        answer = stops.cut(self.tok.decode(new)) if stops else self.tok.decode(new)
+        said = completion_text(self.tok, ids, new)  # decoded after the prompt: a leading space is kept
+        answer = stops.cut(said) if stops else said
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         # every generated token was fed back except the last one (unless the last one sampled was EOS, not in `new`)
         self.cached = ids + (new if stats.finish[0] == "eos" else new[:-1])
@@ -191,12 +95,7 @@ class ChatSession:
         return answer
 
 
-def main(args) -> None:
-    import sys
-    from .cli import resolve_device
-    from .generate import TextStream, check_sampling
-    from .loader import load_model
-    from .tokenizer import load_tokenizer
+def main(args: argparse.Namespace) -> None:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device, dtype = resolve_device(args.device, args.dtype)
     tok = load_tokenizer(args.model)
@@ -220,15 +119,14 @@ def main(args) -> None:
             continue
         if not line.strip():
             continue
-        stream = TextStream(tok, [], (), stops=args.stop or ())
-        session.reply(line, args.max_new_tokens, stop=args.stop, on_step=stream, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        stream = TextStream(tok, session.prompt_ids(line), (), stops=args.stop or ())
+        answer = session.reply(line, args.max_new_tokens, stop=args.stop, on_step=stream,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        stream.finish(answer)  # what the stream held back (an incomplete character, a stop string's start)
         print(flush=True)
 
 
-def parser():
-    import argparse
-    from .cli import add_debug_flag, add_device_flags, add_sampling_flags
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigptq.chat",
                                 description="Chat with a checkpoint through its chat template, one line per user turn "
                                             "on stdin; the KV cache is kept across turns.")
@@ -246,5 +144,4 @@ def parser():
 
 
 if __name__ == "__main__":
-    from .cli import run
     run(main, parser())

@@ -2,15 +2,18 @@
 
 Exit codes: 0 done; 2 a bad input or a problem of the machine (disk full, read-only folder, out of memory), with
 one line `error: ...`; 1 an unexpected exception, which is a bug in minigptq (one line; --debug shows the
-traceback); 130 / 143 interrupted by Ctrl-C / SIGTERM. Whatever the exit, each command removes what it created
+traceback); 130 / 143 interrupted by Ctrl-C / SIGTERM; 141, silently, when the reader of stdout goes away (a pipe
+into `head`). Whatever the exit, each command removes what it created
 and has no use for (quantize keeps finished blocks for --resume after an interruption or a resource problem).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from typing import Callable
 
 from . import Error
@@ -41,15 +44,6 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default 0)")
-
-
-def resolve_device(device: str, dtype: str | None = None):
-    """-> (torch.device, dtype name); a CUDA request without a GPU is a user error."""
-    import torch
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise Error("--device cuda given but no CUDA GPU is available; use --device cpu")
-    return dev, dtype or ("fp32" if dev.type == "cpu" else "fp16")
 
 
 class Terminated(KeyboardInterrupt):
@@ -105,7 +99,6 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     """Parse argv, call main(args); errors end as one line 'error: ...' and an exit code (module docstring)."""
     args = parser.parse_args(argv)
     setup_logging(getattr(args, "quiet", False))
-    import threading
     main_thread = threading.current_thread() is threading.main_thread()
     old = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
@@ -115,6 +108,9 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     except KeyboardInterrupt as e:
         print("terminated" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
         sys.exit(143 if isinstance(e, Terminated) else 130)
+    except BrokenPipeError:  # stdout's reader went away (`inspect --json | head -1`): stop quietly, as Unix tools do
+        _discard_stdout()
+        sys.exit(141)  # 128 + SIGPIPE: what a shell reports for a tool that SIGPIPE ended
     except Exception as e:
         if args.debug:
             raise
@@ -132,6 +128,16 @@ def run(main: Callable[[argparse.Namespace], None], parser: argparse.ArgumentPar
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, old)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that Python's final flush of what is left in its buffer does not fail again."""
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+        os.close(fd)
+    except (OSError, ValueError):  # stdout is not a file (replaced by a test, closed): nothing will flush to it
+        pass
 
 
 def _torch_oom():

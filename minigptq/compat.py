@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 
 from . import Error
+from .checkpoint_reader import CheckpointReader
+from .loader import build_empty, internal_to_hf
 
 LOADERS = ("transformers", "GPTQModel", "vLLM current (>= 0.22)", "vLLM older (0.21)")
 
@@ -41,7 +43,7 @@ def trivial_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
     return bool(torch.equal(g_idx.to(torch.int64).cpu(), torch.arange(K) // max(gs, 1)))
 
 
-def layer_facts(ckpt) -> tuple[dict[str, dict], list[str]]:
+def layer_facts(ckpt: CheckpointReader) -> tuple[dict[str, dict], list[str]]:
     """-> ({quantized layer (HF name): {"K", "trivial"}}, [problems with fused groups])."""
     q = ckpt.quant
     layers = {}
@@ -81,10 +83,9 @@ def quantizer_names(q: dict) -> tuple[list[str], str]:
     return tools, ""
 
 
-def tensor_problems(ckpt) -> list[str]:
+def tensor_problems(ckpt: CheckpointReader) -> list[str]:
     """The tensors whose shape contradicts config.json and the quantization config (bits, group size), or that a
     packed layer lacks: with one, no loader takes the checkpoint. Reads the safetensors headers only."""
-    from .loader import build_empty, internal_to_hf
     q = ckpt.quant
     packed = [n[:-len(".qweight")] for n in ckpt.names() if n.endswith(".qweight")]
     if not packed:
@@ -108,8 +109,7 @@ def tensor_problems(ckpt) -> list[str]:
 
 def report(path: str | Path) -> list[Verdict]:
     """One Verdict per loader in LOADERS for the checkpoint folder `path`."""
-    from .loader import Checkpoint
-    ckpt = Checkpoint(path)
+    ckpt = CheckpointReader(path)
     q = ckpt.quant
     if q is None:
         raise Error(f"{path} is not a GPTQ checkpoint (no quantization_config)")

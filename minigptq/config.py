@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import Error
+from .rope import check_angles
 
 # Sanity bounds on config.json sizes: far above any real model, low enough that a hostile value is refused before
 # anything is built from it.
@@ -24,7 +25,8 @@ MAX_POSITIONS = 2**24
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """A RoPE context extension (rope_scaling / rope_parameters of config.json), read by minigptq/rope.py."""
+    """A RoPE context extension (rope_scaling / rope_parameters of config.json, read by minigptq/arch/llama.py),
+    computed by minigptq/rope.py."""
     type: str                    # "linear" | "dynamic" | "yarn" | "llama3" | "longrope"
     factor: float = 1.0          # how many times the original context the model is stretched to
     original_max: int = 0        # the context the model was pretrained at (llama3, yarn, longrope)
@@ -93,7 +95,6 @@ class ModelConfig:
             raise Error(f"the norm epsilon (rms_norm_eps / layer_norm_epsilon) {self.norm_eps:g} is too small for "
                         f"float32; valid: [1e-37, 1]")
         if self.positions == "rope":
-            from .rope import check_angles  # here, not at the top: rope.py imports this module
             check_angles(self)
         for name in ("bos_token_id", "pad_token_id"):
             i = getattr(self, name)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from . import Error
+from .generation import generate
 
 
 # Far above any calibration or evaluation text (128 windows of 2048 tokens are ~1 MB, WikiText-2's test set 1.3 MB),
@@ -124,7 +125,8 @@ def calibration_tokens(source, tokenizer) -> tuple[Tensor, str]:
         if path.suffix == ".jsonl":
             rows = read_jsonl(path)
             if all("messages" in r for r in rows) and rows:
-                ids = [i for r in rows for i in tokenizer.apply_chat_template(r["messages"], add_generation_prompt=False)]
+                ids = [i for r in rows
+                       for i in tokenizer.apply_chat_template(r["messages"], add_generation_prompt=False)]
                 return torch.tensor(ids, dtype=torch.long), f"{len(rows)} conversations in {path} (chat template)"
         return tokenize_file(path, tokenizer), str(path)
     if isinstance(source, Tensor):
@@ -153,7 +155,7 @@ def calibration_windows(tokens: Tensor, nsamples: int, seqlen: int, seed: int, s
         raise Error(f"need nsamples >= 1 and seqlen >= 2, got nsamples={nsamples}, seqlen={seqlen}")
     if tokens.numel() <= seqlen:
         raise Error(f"calibration text {source} has {tokens.numel()} tokens, fewer than one window of "
-                         f"{seqlen + 1}; use a longer file or a smaller --seqlen")
+                    f"{seqlen + 1}; use a longer file or a smaller --seqlen")
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=g)
     return torch.stack([tokens[s:s + seqlen] for s in starts.tolist()])
@@ -176,7 +178,6 @@ def sample_from_model(model, nsamples: int, seqlen: int, seed: int, bos_id: int 
     Each sequence starts from BOS (or a random token when the model has none) and continues with the model's own
     samples, so its activations look like the model's natural input without any text at hand.
     """
-    from .generate import generate
     g = torch.Generator().manual_seed(seed)
     out = []
     for b in range(0, nsamples, batch):

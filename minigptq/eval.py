@@ -14,18 +14,23 @@ if __name__ == "__main__":  # before the imports below load torch: Ctrl-C meanwh
 import argparse
 import logging
 import math
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
-
 from tqdm import tqdm
 
 from . import Error
-from .cli import add_debug_flag, add_device_flags, resolve_device, run
+from .cli import add_debug_flag, add_device_flags, run
 from .data import PRESETS, eval_windows, preset_text, tokenize_file
+from .kv_cache import KVCache
+from .loader import load_model, resolve_device
+from .tokenizer import check_token_ids, load_tokenizer
+from .transformer import nonfinite_error
 
 log = logging.getLogger("minigptq")
+DATA_ENV = "MINIGPTQ_DATA"  # the default --data-dir (the folder of the presets' files), where set
 
 
 @torch.inference_mode()
@@ -35,21 +40,19 @@ def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int 
     chunk: feed each window `chunk` tokens at a time through the KV cache, as decoding does (the same result in exact
     arithmetic; with chunk <= 16 every packed layer runs its decode kernel, e.g. the int8 one).
     """
-    from .transformer import KVCache
     device = model.embed.weight.device
     nll, count = 0.0, 0
     bar = tqdm(windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr, leave=False)
     for i, w in enumerate(bar):
         w = w[None].to(device)  # (1, seqlen)
         if chunk:
-            cache = KVCache(model.cfg, 1, w.shape[1], model.act_dtype, device)
+            cache = KVCache(model.cfg, 1, w.shape[1], model.act_dtype, device, hint="lower --seqlen")
             logits = torch.cat([model(w[:, s:s + chunk], cache, s) for s in range(0, w.shape[1], chunk)], dim=1)
             logits = logits[0, :-1].float()
         else:
             logits = model(w)[0, :-1].float()  # (seqlen-1, vocab): predictions of tokens 1..seqlen-1
         window_nll = F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
         if not math.isfinite(window_nll):  # NaN or Inf logits: never report them as a perplexity
-            from .transformer import nonfinite_error
             raise nonfinite_error(model, w, f"logits in window {i}")
         nll += window_nll
         count += w.shape[1] - 1
@@ -61,8 +64,9 @@ def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int 
 
 
 def main(args: argparse.Namespace) -> None:
-    from .loader import load_model
-    from .tokenizer import check_token_ids, load_tokenizer
+    if args.dataset in PRESETS and not args.data_dir:
+        raise Error(f"--dataset {args.dataset} is read from a data folder: pass --data-dir DIR (the folder holding "
+                    f"{PRESETS[args.dataset][0]}) or set {DATA_ENV}")
     if args.seqlen < 2:
         raise Error(f"--seqlen must be >= 2, got {args.seqlen}")
     if args.max_windows is not None and args.max_windows < 1:
@@ -97,8 +101,9 @@ def parser() -> argparse.ArgumentParser:
                    help="wikitext2 or ptb (the paper's test sets from --data-dir, joined as its code joins them: "
                         "WikiText-2 rows with blank lines, PTB sentences with spaces), or a file: .txt (lines joined "
                         "with blank lines) or .jsonl with a \"text\" field")
-    p.add_argument("--data-dir", default="../shared/data",
-                   help="folder holding wikitext2/wiki.test.raw and ptb/ptb.test.txt (default ../shared/data)")
+    p.add_argument("--data-dir", default=os.environ.get(DATA_ENV) or None,
+                   help=f"folder holding wikitext2/wiki.test.raw and ptb/ptb.test.txt, for --dataset wikitext2 / ptb "
+                        f"(default: the environment variable {DATA_ENV}, if set)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length (default 2048, capped at the context)")
     p.add_argument("--max-windows", type=int, default=None, help="evaluate only the first N windows")
     p.add_argument("--chunk", type=int, default=None,

@@ -12,14 +12,14 @@ import argparse
 import json
 from dataclasses import asdict
 
+from .checkpoint_reader import CheckpointReader
 from .cli import add_debug_flag, run
+from .compat import format_report, layer_facts, quantizer_names, report
 
 
 def main(args: argparse.Namespace) -> None:
-    from .compat import format_report, layer_facts, quantizer_names, report
-    from .loader import Checkpoint
     verdicts = report(args.model)
-    ckpt = Checkpoint(args.model)
+    ckpt = CheckpointReader(args.model)
     q = ckpt.quant
     layers, _ = layer_facts(ckpt)
     tools, note = quantizer_names(q)

@@ -38,7 +38,7 @@ reads both the same way, so every v1 file they write dequantizes here exactly as
 zero points >= 1, so its files never wrap and both rules agree on them.)
 
 `dequantize` is the plain torch reference: it is both the fallback of QuantLinear and the test oracle of the
-compiled kernels (minigptq/kernels.py).
+compiled kernels (minigptq/kernels/).
 """
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """QuantLinear: an inference-only linear layer stored in the GPTQ checkpoint format (minigptq/pack.py).
 
 Its buffers are exactly the checkpoint tensors (qweight, qzeros, scales, g_idx, bias), so state_dict() is what
-goes to disk. post_load() builds, once, the layout the compiled kernels read (minigptq/kernels.py:make_layout:
+goes to disk. post_load() builds, once, the layout the compiled kernels read (minigptq/kernels/layout.py:make_layout:
 rows sorted by group for act-order, fp32 scales, unpacked int16 zeros); it is a plain attribute, not a buffer,
 so loaders that enumerate buffers and state_dict() never see it. forward() picks the fastest path for the input:
 
-    CPU,  M <= 16 rows   fused C++ kernel: int8 activations and VNNI dot products if `cpu_int8` is set and the CPU
-                         has AVX-512 VNNI / AVX-VNNI, else fp32 (AVX-512 / AVX2); OpenMP threads =
+    CPU,  M <= 16 rows   fused C++ kernel: int8 activations and VNNI dot products if `cpu_kernel` is "int8" and the
+                         CPU has AVX-512 VNNI / AVX-VNNI, else fp32 (AVX-512 / AVX2); OpenMP threads =
                          torch.get_num_threads()
     CPU,  M > 16         C++ dequantize to fp32/bf16, then torch.matmul
     CUDA, M <= 16        fused CUDA kernel on the current stream
@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
         G = 1 if group_size == -1 else math.ceil(K / group_size)
         self.in_features, self.out_features, self.bits, self.group_size = K, N, bits, group_size
         self.checkpoint_format = "gptq"  # how qzeros is read: "gptq" (v1, stores zero - 1) or "gptq_v2" (raw zero)
-        self.cpu_int8 = False  # on the CPU, run the int8-activation (VNNI) kernels where the CPU has them
+        self.cpu_kernel = "exact"  # "int8": on the CPU, the int8-activation (VNNI) kernels where the CPU has them
         self._fused = False  # a part of a FusedQuantLinear: its own layout is built only if it is called alone
         self.register_buffer("qweight", torch.zeros(K * bits // 32, N, dtype=torch.int32, device=device))
         self.register_buffer("qzeros", torch.zeros(G, N * bits // 32, dtype=torch.int32, device=device))
@@ -64,14 +64,14 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_codes(cls, codes: Tensor, scales: Tensor, zeros: Tensor, g_idx: Tensor, bias: Tensor | None,
                    bits: int, group_size: int, dtype: torch.dtype = torch.float16,
-                   cpu_int8: bool = False) -> "QuantLinear":
+                   cpu_kernel: str = "exact") -> "QuantLinear":
         """Pack a solver result: codes int [N, K], scales [G, N], zeros int [G, N] (raw, W = s * (q - z)), g_idx [K].
 
         qzeros are stored in the v1 form zero - 1 (checkpoint_format "gptq"), so every zero must be >= 1.
         """
         N, K = codes.shape
         mod = cls(K, N, bits, group_size, bias is not None, dtype=dtype, device=codes.device)
-        mod.cpu_int8 = cpu_int8
+        mod.cpu_kernel = cpu_kernel
         G = mod.scales.shape[0]
         for name, t, shape in (("scales", scales, [G, N]), ("zeros", zeros, [G, N]), ("g_idx", g_idx, [K])):
             if list(t.shape) != shape:
@@ -119,9 +119,8 @@ class QuantLinear(nn.Module):
         if not top <= limit:
             raise Error(f"scales hold a value of magnitude {top:.3g}: the dequantized weights scale * (q - zero) "
                         f"would overflow float32; valid: |scale| <= {limit:.3g} (real ones are far smaller)")
-        int8 = self.cpu_int8 and kernels.cpu_int8_available()
         self._layout = kernels.make_layout(self.qweight, self.qzeros, self.scales, self.g_idx, bits,
-                                           self.checkpoint_format, int8=int8)
+                                           self.checkpoint_format, cpu_kernel=_runnable(self.cpu_kernel))
 
     @staticmethod
     def _after_load_state_dict(module: "QuantLinear", incompatible_keys) -> None:
@@ -183,7 +182,14 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, bias={self.bias is not None}, format={self.checkpoint_format}"
-                f"{', cpu_int8' if self.cpu_int8 else ''}")
+                f"{', cpu_kernel=int8' if self.cpu_kernel == 'int8' else ''}")
+
+
+def _runnable(cpu_kernel: str) -> str:
+    """A layer's cpu_kernel setting -> the kernels its layout is built for: "int8" only where they can run here."""
+    if cpu_kernel not in kernels.CPU_KERNELS:
+        raise Error(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(kernels.CPU_KERNELS)}")
+    return "int8" if cpu_kernel == "int8" and kernels.cpu_int8_available() else "exact"
 
 
 def kernel_path(x: Tensor, L: kernels.KernelLayout | None) -> str:
@@ -194,7 +200,7 @@ def kernel_path(x: Tensor, L: kernels.KernelLayout | None) -> str:
     rows = x.numel() // max(x.shape[-1], 1)
     size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
     if x.device.type == "cpu" and kernels.cpu_available():
-        return "cpu-int8" if size == "fused" and L is not None and L.int8 else f"cpu-{size}"
+        return "cpu-int8" if size == "fused" and L is not None and L.cpu_kernel == "int8" else f"cpu-{size}"
     if x.device.type == "cuda" and kernels.cuda_available():
         return f"cuda-{size}"
     return "reference"
@@ -207,8 +213,8 @@ def kernel_matmul(x2: Tensor, L: kernels.KernelLayout, path: str) -> Tensor:
         if path == "cpu-dequant":
             return xc @ kernels.cpu_dequantize(L, xc.dtype)
         if torch.compiler.is_compiling():  # traced by torch.compile: the kernel as a custom op in the graph
-            return kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N, L.int8)
-        return kernels._cpu_qgemm_ptrs(xc, L.ptrs, L.N, L.G, L.bits, torch.get_num_threads(), int8=path == "cpu-int8")
+            return kernels.qgemm_op(xc, L.qweight, L.scales, L.zeros, L.row_group, L.perm, L.bits, L.N, L.cpu_kernel)
+        return kernels.cpu_qgemm_ptrs(xc, L.ptrs, L.N, L.G, L.bits, torch.get_num_threads(), cpu_kernel=L.cpu_kernel)
     xc = (x2 if x2.dtype in kernels.CUDA_DTYPES else x2.float()).contiguous()
     if path == "cuda-dequant":
         return xc @ kernels.cuda_dequantize(L, xc.dtype)
@@ -232,7 +238,7 @@ class FusedQuantLinear:
         self.splits = [p.out_features for p in parts]
         cat = [torch.cat([getattr(p, name) for p in parts], dim=1) for name in ("qweight", "qzeros", "scales")]
         self.layout = kernels.make_layout(*cat[:2], cat[2], a.g_idx, a.bits, a.checkpoint_format,
-                                          int8=a.cpu_int8 and kernels.cpu_int8_available())
+                                          cpu_kernel=_runnable(a.cpu_kernel))
         self.bias = None if a.bias is None else torch.cat([p.bias for p in parts])
         for p in parts:
             p._layout, p._fused = None, True
@@ -242,7 +248,7 @@ class FusedQuantLinear:
         a = parts[0]
         return all(isinstance(p, QuantLinear) and p._layout is not None and p.bits == a.bits
                    and p.group_size == a.group_size and p.in_features == a.in_features
-                   and p.checkpoint_format == a.checkpoint_format and p.cpu_int8 == a.cpu_int8
+                   and p.checkpoint_format == a.checkpoint_format and p.cpu_kernel == a.cpu_kernel
                    and (p.bias is None) == (a.bias is None) and p.qweight.device == a.qweight.device
                    and p.scales.dtype == a.scales.dtype and torch.equal(p.g_idx, a.g_idx) for p in parts)
 

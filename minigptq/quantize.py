@@ -18,21 +18,24 @@ from typing import Callable
 
 import torch
 
-from . import Error
-from . import __version__
-from .checkpoint import PartialRun, check_out, out_state, tensor_digest
+from . import Error, __version__, driver
+from .checkpoint_reader import CheckpointReader
+from .checkpoint_writer import PartialRun, tensor_digest
+from .cli import add_debug_flag, run
 from .compat import format_report, report
-from .cli import add_debug_flag, resolve_device, run
+from .data import calibration_tokens, calibration_windows, sample_from_model
+from .loader import build_empty, check_checkpoint, load_model, parse_dtype, resolve_device
+from .memory import check_memory
+from .out_folder import check_out, out_state
+from .pack import can_pack
 from .quantizer import QuantConfig
+from .tokenizer import check_token_ids, load_tokenizer
 
 logger = logging.getLogger("minigptq")
 
 
-
 def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int, device, log) -> torch.Tensor:
     """Calibration windows (nsamples, seqlen): from `dataset`, or sampled from the model itself (data-free)."""
-    from .data import calibration_tokens, calibration_windows, sample_from_model
-    from .tokenizer import check_token_ids, load_tokenizer
     tok = load_tokenizer(model_path)
     if dataset is not None:
         tokens, what = calibration_tokens(dataset, tok)
@@ -43,7 +46,6 @@ def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int
         windows = calibration_windows(tokens, nsamples, seqlen, seed, source=what)
         log(f"calibration: {nsamples} random windows of {seqlen} tokens from {what} (seed {seed})")
         return windows
-    from .loader import load_model
     log(f"calibration: no --dataset given, so using data-free calibration: sampling {nsamples} sequences of "
         f"{seqlen} tokens from the model itself (seed {seed}); this loads the whole model once")
     model = load_model(model_path, dtype="fp32", device=device)
@@ -52,7 +54,7 @@ def calibration(model_path, ckpt, dataset, nsamples: int, seqlen: int, seed: int
 
 def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict], calib_note: str,
                       fmt: str = "gptq") -> dict:
-    """quantize_config.json, understood by transformers/optimum, GPTQModel and vLLM (gptq-format.md)."""
+    """quantize_config.json, understood by transformers/optimum, GPTQModel and vLLM (docs/gptq-format.md)."""
     # desc_act tells loaders to honour g_idx; written only when some g_idx is not the trivial k // group_size
     # (act-order with static groups, or one group per row, leaves none), since vLLM refuses desc_act: true.
     desc_act = any(not r.get("g_idx_trivial", True) for r in records)
@@ -89,8 +91,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                    method: str = "gptq", dataset=None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
                    resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
-                   log: Callable[[str], None] | None = None, progress: bool = False,
-                   calib_dtype: str = "fp32") -> Path:
+                   log: Callable[[str], None] | None = None, progress: bool = False) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     dataset: calibration data: a .txt / .jsonl file (text or chat "messages" rows), a list of strings, a list of
@@ -98,17 +99,13 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     fmt: "gptq" (v1, the widest compatibility; asymmetric zero points are clamped to >= 1 so they never wrap) or
     "gptq_v2" (raw zero points; GPTQModel only loads asymmetric checkpoints of other tools in this form).
     target: "vllm" refuses settings vLLM would not serve and keeps the layers it fuses all quantized or all kept.
-    act_dtype: dtype of the calibration activations kept between blocks (fp32; bf16 or fp16 halve their memory).
+    act_dtype: dtype of the calibration activations kept between blocks (fp32; bf16 or fp16 halve their memory; the
+    calibration forward passes and the solver compute in fp32 always).
     log: receives the progress messages (default: the "minigptq" logger at INFO, silent unless configured);
     progress: show a progress bar over the blocks on stderr.
-    calib_dtype: dtype of the matmuls in the calibration forward passes: "fp32" (default), "bf16" (about 4x faster
-    matmuls where the hardware runs bf16 natively, but the Hessians are noisier: on SmolLM2 g128 perplexity rose by
-    ~5%, see README), or "auto" = bf16 where the hardware runs it natively, else fp32. The solver is fp32 always.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
-    not minigptq's own checkpoint (see checkpoint.check_out).
+    not minigptq's own checkpoint (see out_folder.check_out).
     """
-    from .driver import check_memory, fast_bf16, quantize_checkpoint, top_source
-    from .loader import Checkpoint, check_checkpoint, parse_dtype
     log = log or logger.info
     if fmt not in ("gptq", "gptq_v2"):
         raise Error(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
@@ -119,11 +116,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
             raise Error(f"--{name} must be an integer >= {lo}, got {v!r}")
     out_dtype, acts = parse_dtype(dtype), parse_dtype(act_dtype)
     device, _ = resolve_device(device)
-    if calib_dtype not in ("auto", "fp32", "bf16"):
-        raise Error(f"calib_dtype must be auto, fp32 or bf16, got {calib_dtype!r}")
-    compute = torch.bfloat16 if calib_dtype == "bf16" or (calib_dtype == "auto" and fast_bf16(device)) \
-        else torch.float32
-    ckpt = Checkpoint(model)
+    ckpt = CheckpointReader(model)
     if ckpt.quant is not None:
         raise Error(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
     check_checkpoint(ckpt)  # every tensor's name, shape and dtype, before anything is computed or written
@@ -145,17 +138,15 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
     nsamples, seqlen = windows.shape  # given windows (a 2-D tensor) set both
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
-                    act_dtype=act_dtype, compute=str(compute), version=__version__, calibration_sha256=tensor_digest([("windows", windows)]),
-                    model_sha256=top_source(ckpt))
+                    act_dtype=act_dtype, version=__version__,
+                    calibration_sha256=tensor_digest([("windows", windows)]), model_sha256=driver.top_source(ckpt))
     with PartialRun(out, resume=resume, overwrite=overwrite, log=log, seen=seen) as partial:
         partial.start(settings)
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-            f"{', act-order' if qcfg.act_order else ''} on {device}, calibration matmuls in "
-            f"{str(compute).removeprefix('torch.')} -> {out}")
-        top = quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
-                                  fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress,
-                                  compute=compute)
+            f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
+        top = driver.quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
+                                         fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress)
         records = partial.records()
         source = dataset if isinstance(dataset, (str, Path)) else type(dataset).__name__ if dataset is not None \
             else "data-free (model samples)"
@@ -176,8 +167,6 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
 
 def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
     """Refuse, before any work, the settings that the target loader would not serve (minigptq/compat.py's rules)."""
-    from .loader import build_empty
-    from .pack import can_pack
     if target != "vllm":
         raise Error(f"--target must be 'vllm', got {target!r}")
     bad = []
@@ -211,14 +200,13 @@ def main(args: argparse.Namespace) -> None:
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
                    overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
-                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty(),
-                   calib_dtype=args.calib_dtype)
+                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty())
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigptq.quantize",
-                                description="Quantize a Hugging Face Llama/OPT/BLOOM checkpoint with GPTQ into the "
-                                            "standard GPTQ checkpoint format.")
+                                description="Quantize a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Phi-3, "
+                                            "OPT or BLOOM) with GPTQ into the standard GPTQ checkpoint format.")
     p.add_argument("--model", required=True, help="full-precision checkpoint folder")
     p.add_argument("--out", default=None, help="output folder (default: <model>-<method>-<bits>bit-g<groupsize>)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")
@@ -247,9 +235,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                    help="dtype of the parts left unquantized (embeddings, norms, lm_head; default fp16)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to compute (default cpu)")
-    p.add_argument("--calib-dtype", choices=["fp32", "bf16", "auto"], default="fp32",
-                   help="dtype of the matmuls of the calibration forward passes (default fp32; bf16 is faster where "
-                        "the hardware has it but costs accuracy, see README; auto = bf16 where native)")
     p.add_argument("--act-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="dtype the calibration activations are kept in between blocks (default fp32; bf16 halves their "
                         "memory, the blocks still compute in fp32)")

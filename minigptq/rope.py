@@ -1,8 +1,9 @@
 """Rotary position embeddings (RoPE, Su et al. 2021) and the context extensions config.json's rope_scaling names.
 
 Each extension only changes the rotation frequencies (and, for two, scales cos and sin); the shared transformer
-computes them once per forward (Transformer.context). The formulas are transformers' modeling_rope_utils.py, computed
-in the same order and dtypes so that logits match it in fp32 (tests/test_archs.py):
+computes them once per forward (Transformer.context). Their settings (config.RopeScaling) are read from config.json
+by minigptq/arch/llama.py (scaling_from_hf). The formulas are transformers' modeling_rope_utils.py, computed in the
+same order and dtypes so that logits match it in fp32 (tests/test_archs.py):
 - linear (position interpolation, Chen et al. 2023): every frequency divided by `factor`.
 - dynamic (NTK-aware scaling): once a forward reaches length L > max_position_embeddings, the base becomes
   theta * (factor * L / max_pos - (factor - 1)) ** (d / (d - 2)). Like transformers, the frequencies follow the
@@ -25,86 +26,13 @@ import torch
 from torch import Tensor
 
 from . import Error
-from .config import MAX_POSITIONS, Fields, ModelConfig, RopeScaling
-
-SUPPORTED = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
-# Ranges (lo excluded) where RoPE stays finite and meaningful. rope_theta: the base, 1e4 .. 1e7 in real models (the
-# largest seen, a 1M-context Llama 3, ~3.6e9); <= 1 turns every rotation the same or faster per dimension, and a tiny
-# one is 0 in fp32, so the frequencies become Inf and cos / sin NaN. The scaling factors divide the frequencies (a
-# tiny one overflows them too); attention_factor multiplies cos and sin (real: ~1 .. 1.5).
-THETA = dict(lo=1.0, hi=1e15)
-FACTOR = dict(lo=1e-3, hi=1e6)
-ATTENTION = dict(lo=0.0, hi=100.0)
 
 
-def _floats(r: Fields, key: str) -> tuple[float, ...]:
-    v = r.d.get(key)
-    if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                                  and math.isfinite(x) and x > 0 for x in v):
-        raise Error(f"the field {key!r} of rope_scaling must be a list of positive numbers, got {str(v)[:80]}")
-    return tuple(float(x) for x in v)
-
-
-def scaling_from_hf(f: Fields, max_pos: int, aliases: dict[str, str] | None = None
-                    ) -> tuple[float, RopeScaling | None, int]:
-    """config.json -> (rope_theta, the context extension or None, the context it gives in tokens).
-
-    RoPE settings are "rope_theta" / "rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
-    aliases: older names of a type (Phi-3's "su" and "yarn" both mean longrope). The context is what vLLM derives:
-    max_position_embeddings, times factor for linear and dynamic, and at least original * factor for yarn.
-    """
-    rope = f.dict(("rope_parameters", "rope_scaling"))
-    r = Fields(rope)
-    theta = r.float("rope_theta", f.float("rope_theta", 10000.0, **THETA), **THETA)
-    partial = r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise Error(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported; only 1.0 is")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    kind = (aliases or {}).get(kind, kind) if isinstance(kind, str) else kind
-    if kind not in SUPPORTED:
-        raise Error(f"RoPE scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
-    if kind == "default":
-        return theta, None, max_pos
-    # transformers lets a top-level original_max_position_embeddings (Phi-3 writes one) win over rope_scaling's
-    original = f.int("original_max_position_embeddings", None, hi=MAX_POSITIONS) or \
-        r.int("original_max_position_embeddings", max_pos, hi=MAX_POSITIONS)
-    if kind in ("linear", "dynamic"):
-        factor = r.float("factor", **FACTOR)
-        return theta, RopeScaling(kind, factor, max_pos), min(MAX_POSITIONS, int(max_pos * factor))
-    if kind == "llama3":
-        s = RopeScaling(kind, r.float("factor", **FACTOR), original, low_freq_factor=r.float("low_freq_factor"),
-                        high_freq_factor=r.float("high_freq_factor"))
-        if s.high_freq_factor <= s.low_freq_factor:
-            raise Error(f"rope_scaling high_freq_factor={s.high_freq_factor} must exceed "
-                        f"low_freq_factor={s.low_freq_factor}")
-        return theta, s, max_pos
-    factor = r.float("factor", max_pos / original, **FACTOR)
-    if kind == "yarn":
-        attention = r.d.get("attention_factor")
-        if attention is None:
-            mscale, mscale_all = r.float("mscale", 0.0, lo=-1.0), r.float("mscale_all_dim", 0.0, lo=-1.0)
-            if mscale and mscale_all and _mscale(factor, mscale_all) <= 0:  # the divisor below
-                raise Error(f"rope_scaling mscale_all_dim={mscale_all} with factor={factor} gives a scale "
-                            f"0.1 * mscale_all_dim * ln(factor) + 1 <= 0; valid: a value that keeps it positive")
-            attention = _mscale(factor, mscale) / _mscale(factor, mscale_all) if mscale and mscale_all \
-                else _mscale(factor)
-        s = RopeScaling(kind, factor, original, beta_fast=r.float("beta_fast", 32.0),
-                        beta_slow=r.float("beta_slow", 1.0), truncate=r.bool("truncate", True),
-                        attention_factor=r.float("attention_factor", float(attention), **ATTENTION))
-        return theta, s, max(max_pos, min(MAX_POSITIONS, int(original * factor)))
-    if factor > 1 and original < 2:  # log(original) divides below
-        raise Error(f"rope_scaling longrope with factor={factor} needs original_max_position_embeddings >= 2, "
-                    f"got {original}")
-    attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))  # longrope
-    return theta, RopeScaling(kind, factor, original, attention_factor=r.float("attention_factor", attention,
-                                                                               **ATTENTION),
-                              short_factor=_floats(r, "short_factor"), long_factor=_floats(r, "long_factor")), max_pos
-
-
-def check_angles(cfg: ModelConfig) -> None:
+def check_angles(cfg) -> None:
     """Refuse RoPE settings whose rotation angles (position * frequency) or cos / sin factor are not finite up to the
     last position: cos and sin would be NaN there (and CPU attention silently turns a NaN query into zeros). The
-    field ranges above keep most values sane; this catches their combinations (e.g. a longrope factor of 1e-300)."""
+    field ranges (arch/llama.py) keep most values sane; this catches their combinations (e.g. a longrope factor of
+    1e-300). cfg: a ModelConfig (this module reads its head_dim, rope_theta, rope_scaling and max_positions)."""
     last = cfg.max_positions - 1
     for seq_len in dict.fromkeys((1, cfg.max_positions)):  # dynamic and longrope change with the length
         inv, attention = inv_freq(cfg, seq_len, "cpu")
@@ -115,11 +43,7 @@ def check_angles(cfg: ModelConfig) -> None:
                         f"float32 (check rope_theta and the rope_scaling factors)")
 
 
-def _mscale(scale: float, mscale: float = 1.0) -> float:
-    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
-
-def inv_freq(cfg: ModelConfig, seq_len: int, device) -> tuple[Tensor, float]:
+def inv_freq(cfg, seq_len: int, device) -> tuple[Tensor, float]:
     """Rotation frequencies (head_dim / 2,) for a forward whose last position is seq_len - 1, and the factor that
     multiplies cos and sin."""
     d, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
@@ -156,7 +80,7 @@ def inv_freq(cfg: ModelConfig, seq_len: int, device) -> tuple[Tensor, float]:
     return 1.0 / (ext * base ** exps), s.attention_factor
 
 
-def cos_sin(cfg: ModelConfig, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def cos_sin(cfg, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """pos (B, T) -> cos, sin (B, 1, T, head_dim) in dtype, for rotate-half RoPE."""
     s = cfg.rope_scaling  # only dynamic and longrope depend on the length, read here (one device sync) when used
     seq_len = int(pos.max()) + 1 if s is not None and s.type in ("dynamic", "longrope") and pos.numel() else 0

@@ -1,12 +1,15 @@
 """Tokenizers of a checkpoint folder: tokenizer.json through `tokenizers`, tokenizer.model through `sentencepiece`.
 
-BOS/EOS/pad come from the checkpoint's configs (config.json, generation_config.json, tokenizer_config.json).
+BOS/EOS/pad come from the checkpoint's configs (config.json, generation_config.json, tokenizer_config.json); a
+conversation is rendered with the checkpoint's chat template by minigptq/chat_template.py (apply_chat_template).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from . import Error
+from .chat_template import find_template, render, special_tokens
+from .checkpoint_reader import resolve_model
 from .config import MAX_TOKENIZER_FILE, eos_tuple, read_file, read_json
 
 
@@ -18,7 +21,6 @@ def _side_file(path: Path) -> dict:
 
 class Tokenizer:
     def __init__(self, path: str | Path):
-        from .loader import resolve_model
         path = resolve_model(path)
         if not path.is_dir():
             raise FileNotFoundError(f"model folder {str(path)!r} does not exist (expected a folder with a tokenizer)")
@@ -66,8 +68,7 @@ class Tokenizer:
         self.add_bos = tc.get("add_bos_token", True if self.kind == "sentencepiece" else None)
         if self.add_bos is not None and not isinstance(self.add_bos, bool):
             raise Error(f"{path / 'tokenizer_config.json'}: add_bos_token must be true or false, "
-                             f"got {self.add_bos!r}")
-        from .chat import find_template, special_tokens
+                        f"got {self.add_bos!r}")
         self.chat_template = find_template(path, tc)  # None: the checkpoint has none
         self.chat_template_source = path / ("tokenizer_config.json" if tc.get("chat_template") is not None
                                             else "chat_template.jinja")  # named in the template's errors
@@ -113,12 +114,11 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True) -> list[int] | str:
         """A conversation [{"role": "system" | "user" | "assistant", "content": str}, ...] rendered with the
-        checkpoint's chat template (minigptq/chat.py) -> token ids (or the text, tokenize=False), ending with the
-        prompt for the assistant's turn if add_generation_prompt."""
-        from .chat import render
+        checkpoint's chat template (minigptq/chat_template.py) -> token ids (or the text, tokenize=False), ending
+        with the prompt for the assistant's turn if add_generation_prompt."""
         if self.chat_template is None:
             raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template); use plain "
-                             "prompts")
+                        "prompts")
         text = render(self.chat_template, messages, add_generation_prompt, source=str(self.chat_template_source),
                       **self.special_tokens)
         return self._encode_raw(text) if tokenize else text
@@ -138,7 +138,7 @@ def _open(loader, file: Path):
         return loader(data)
     except Exception as e:  # tokenizers and sentencepiece raise their own types for corrupt files
         raise Error(f"{file}: cannot be read as a tokenizer ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())[:200]}); the file is corrupt or of another format") from None
+                    f"{' '.join(str(e).split())[:200]}); the file is corrupt or of another format") from None
 
 
 def check_text(text: str) -> None:
@@ -151,8 +151,9 @@ def check_text(text: str) -> None:
     except UnicodeEncodeError as e:
         bad = text[e.start]
         byte = f"the byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
-        raise Error(f"the text is not valid UTF-8: {byte} at character {e.start} ({text[max(0, e.start - 20):e.start]!r}"
-                    f" comes before it); give UTF-8 text (check the encoding of the terminal or file)") from None
+        before = text[max(0, e.start - 20):e.start]
+        raise Error(f"the text is not valid UTF-8: {byte} at character {e.start} ({before!r} comes before it); give "
+                    f"UTF-8 text (check the encoding of the terminal or file)") from None
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -164,4 +165,4 @@ def check_token_ids(ids, vocab_size: int, what: str) -> None:
     top = max(ids, default=-1) if isinstance(ids, list) else (int(ids.max()) if ids.numel() else -1)
     if top >= vocab_size:
         raise Error(f"{what} holds token id {top}, but the model's vocabulary has {vocab_size} entries; the "
-                         f"tokenizer does not belong to this model")
+                    f"tokenizer does not belong to this model")

@@ -1,6 +1,6 @@
-// Test-only host emulation of the CUDA subset cuda_qgemm.cu uses, so the kernels' indexing, unpacking, tensor-core
-// fragments and synchronisation are checked on machines without a GPU (tests/test_cuda_emu.py compiles
-// cuda_qgemm.cu against this header with g++ after rewriting each `kernel<<<grid, block, smem, stream>>>(args)`
+// Test-only host emulation of the CUDA subset that cuda/gpu/qgemm.cu uses, so the kernels' indexing, unpacking,
+// tensor-core fragments and synchronisation are checked on machines without a GPU (tests/test_cuda_emu.py compiles
+// cuda/gpu/qgemm.cu against this header with g++ after rewriting each `kernel<<<grid, block, smem, stream>>>(args)`
 // into `emu_launch(grid, block, [&] { kernel(args); })`). Not part of the build.
 //
 // Every thread of a block is a fiber (ucontext) on one OS thread; a scheduler runs the runnable fibers in a fresh

@@ -22,11 +22,12 @@ from conftest import PEER_PY, STORIES, WIKI_VALID
 from minigptq import Error, load_model
 from minigptq.eval import perplexity
 from minigptq.generate import generate
-from minigptq.loader import Checkpoint
+from minigptq.checkpoint_reader import CheckpointReader as Checkpoint
 from minigptq.qlinear import QuantLinear
 from minigptq.quantize import quantize_model
 from minigptq.quantizer import QuantConfig
-from minigptq.transformer import KVCache, Transformer
+from minigptq.fast_decode import FastTransformer
+from minigptq.transformer import KVCache
 
 TOL = 1e-4  # max abs logit difference in fp32, as the issue asks
 T = 48      # tokens per test sequence: past every original context below (16 or 32)
@@ -256,13 +257,13 @@ def test_decode_step_in_one_call_only_where_exact(quantized, monkeypatch, kind, 
     assert (steps - full).abs().max().item() < 1e-3  # fused kernels vs dequantize + matmul: summation order only
     if one_call:
         with monkeypatch.context() as m:
-            m.setattr(Transformer, "decode_plans", lambda self: None)
+            m.setattr(FastTransformer, "decode_plans", lambda self: None)
             modules = our_steps(model, tokens, prefill=20)
         torch.testing.assert_close(steps, modules, rtol=1e-5, atol=1e-5)
         batch = [tokens[0, :30].tolist(), tokens[0, :12].tolist()]  # past the window of 8, left-padded
         fast, _ = generate(model, batch, max_new_tokens=6)
         with monkeypatch.context() as m:
-            m.setattr(Transformer, "decode_plans", lambda self: None)
+            m.setattr(FastTransformer, "decode_plans", lambda self: None)
             assert generate(model, batch, max_new_tokens=6)[0] == fast
 
 

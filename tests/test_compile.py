@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from minigptq import kernels
-from minigptq.generate import compiled_decode_step, generate
+from minigptq.fast_decode import compiled_decode_step
+from minigptq.generation import generate
 from minigptq.loader import load_model
 from minigptq.qlinear import QuantLinear
 from minigptq.transformer import KVCache
@@ -43,8 +44,8 @@ def test_qgemm_custom_op_matches_the_kernel_and_passes_opcheck():
     torch.testing.assert_close(kernels.qgemm_op(*args), kernels.cpu_qgemm(x, L), rtol=0, atol=0)
     torch.library.opcheck(kernels.qgemm_op, args)  # the fake (shape) function agrees with the real op
     if kernels.cpu_int8_available():  # the int8 kernels through the same op
-        L8 = kernels.make_layout(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 3, "gptq", int8=True)
-        args8 = (x, L8.qweight, L8.scales, L8.zeros, L8.row_group, L8.perm, L8.bits, L8.N, True)
+        L8 = kernels.make_layout(ql.qweight, ql.qzeros, ql.scales, ql.g_idx, 3, "gptq", cpu_kernel="int8")
+        args8 = (x, L8.qweight, L8.scales, L8.zeros, L8.row_group, L8.perm, L8.bits, L8.N, "int8")
         torch.testing.assert_close(kernels.qgemm_op(*args8), kernels.int8_reference(x, L8), rtol=0, atol=0)
         torch.library.opcheck(kernels.qgemm_op, args8)
 

@@ -1,4 +1,4 @@
-"""The static-shape decode step that CUDA graphs replay (generate.StaticDecodeStep, generate.CudaGraphStep).
+"""The static-shape decode step that CUDA graphs replay (fast_decode.StaticDecodeStep and CudaGraphStep).
 
 On the CPU the static step runs eagerly and must give the logits and cache of the ordinary (dynamic) decode step, for
 every kind of position (RoPE, learned, ALiBi), GQA, sliding windows and left-padded batches; the graph itself is
@@ -13,7 +13,8 @@ import torch
 
 from minigptq import Error, kernels
 from minigptq.config import ModelConfig, RopeScaling
-from minigptq.generate import StaticDecodeStep, generate
+from minigptq.fast_decode import StaticDecodeStep, accelerate
+from minigptq.generation import generate
 from minigptq.transformer import KVCache, Transformer
 
 BASE = dict(qkv_bias=False, o_bias=False, mlp_bias=False, vocab_size=97, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
@@ -32,7 +33,7 @@ CONFIGS = {
 
 def tiny(kind: str, **extra) -> Transformer:
     torch.manual_seed(0)
-    return Transformer(ModelConfig(**{**BASE, **CONFIGS[kind], **extra})).eval()
+    return accelerate(Transformer(ModelConfig(**{**BASE, **CONFIGS[kind], **extra}))).eval()
 
 
 def prefill(model, prompts, steps):

@@ -35,8 +35,8 @@ EMB, NORM, V = "model.embed_tokens.weight", "model.norm.weight", "model.layers.1
 
 # -- running a command and checking what it left -------------------------------------------------------------------
 
-def run_cli(module: str, argv: list[str]) -> tuple[int, str]:
-    """Run `python -m minigptq.<module> argv` in this process -> (exit code, stderr)."""
+def run_out(module: str, argv: list[str]) -> tuple[int, str, str]:
+    """Run `python -m minigptq.<module> argv` in this process -> (exit code, stdout, stderr)."""
     mod = importlib.import_module(f"minigptq.{module}")
     err, out = io.StringIO(), io.StringIO()
     code = 0
@@ -45,7 +45,13 @@ def run_cli(module: str, argv: list[str]) -> tuple[int, str]:
             cli_run(mod.main, mod.parser(), argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
-    return code, err.getvalue()
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_cli(module: str, argv: list[str]) -> tuple[int, str]:
+    """Run `python -m minigptq.<module> argv` in this process -> (exit code, stderr)."""
+    code, _, err = run_out(module, argv)
+    return code, err
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -537,7 +543,7 @@ def test_hostile_input(tmp_path, monkeypatch, command, setup, extra, code, needl
     assert_one_error(got, err, code, needles)
     diff = changed(before, snapshot(root))
     if code == 0 and command == "quantize":
-        from minigptq.checkpoint import FILE_MODE
+        from minigptq.durable import FILE_MODE
         modes = {p.name: p.stat().st_mode & 0o777 for p in (root / out).iterdir()}
         assert set(modes.values()) == {FILE_MODE}, modes  # readable like any new file (safetensors writes 0600)
         target = (root / out).resolve().relative_to(root.resolve())

@@ -24,7 +24,7 @@ from conftest import STORIES
 from test_hostile import assert_one_error, calib_file, changed, edit_config, model_copy, quant_argv, run_cli
 
 import minigptq
-from minigptq import driver
+from minigptq import kv_cache
 
 
 class Hang(BaseException):
@@ -222,7 +222,7 @@ def long_context(root, m):
 
 
 def test_generate_refuses_a_kv_cache_larger_than_the_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(driver, "available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 64 * 2**20)
     code, err = run_case(tmp_path, monkeypatch, "generate", long_context, ["--max-new-tokens", "100000"])
     assert_one_error(code, err, 2, ["KV cache for 100005 tokens", "64", "--max-new-tokens"])
 
@@ -231,17 +231,17 @@ def test_generate_sizes_its_cache_to_the_run(tmp_path, monkeypatch):
     """--max-new-tokens 10**9 on a 2^20-token model: the cache is prompt + max_new_tokens capped by the context, and
     with little memory that is refused before anything is allocated (it was 1.3 GB, unchecked)."""
     from minigptq.transformer import KVCache
-    real_memory, real_init = driver.available_memory, KVCache.__init__
+    real_memory, real_init = kv_cache.available_memory, KVCache.__init__
     sizes = []
 
     def init(self, cfg, batch, max_len, *a, **k):
         sizes.append(max_len)
         real_init(self, cfg, batch, max_len, *a, **k)
     monkeypatch.setattr(KVCache, "__init__", init)
-    monkeypatch.setattr(driver, "available_memory", lambda device: 256 * 2**20)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 256 * 2**20)
     code, err = run_case(tmp_path, monkeypatch, "generate", long_context, ["--max-new-tokens", str(10**9)])
     assert_one_error(code, err, 2, ["KV cache for 1048576 tokens", "--max-new-tokens"])
-    monkeypatch.setattr(driver, "available_memory", real_memory)
+    monkeypatch.setattr(kv_cache, "available_memory", real_memory)
     code, err = run_case(tmp_path / "b", monkeypatch, "generate", long_context, ["--max-new-tokens", "5"])
     assert_one_error(code, err, 0)
     assert sizes == [2**20, 5 + 5], sizes  # the prompt (BOS + 4 tokens) and 5 new ones, not the 2^20 of the context
@@ -250,7 +250,7 @@ def test_generate_sizes_its_cache_to_the_run(tmp_path, monkeypatch):
 def test_chat_cache_starts_small_and_grows(tmp_path, monkeypatch):
     """chat on a 2^20-token model allocated the whole context (1.3 GB) up front: now 256 slots, grown per turn; with
     too little memory for the whole context a note says so, and the chat itself runs."""
-    monkeypatch.setattr(driver, "available_memory", lambda device: 8 * 2**20)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 8 * 2**20)
     code, err = run_case(tmp_path, monkeypatch, "chat",
                          lambda root, m: (long_context(root, m), with_template(m, CHATML)),
                          stdin=b"hi\nOnce upon a time\n")
@@ -261,7 +261,7 @@ def test_chat_cache_starts_small_and_grows(tmp_path, monkeypatch):
 def test_chat_refuses_to_grow_past_the_memory(tmp_path, monkeypatch):
     """The cache starts at 256 slots (328 KB here); growing it past the memory available ends the chat with one line
     that says how to ask for less."""
-    monkeypatch.setattr(driver, "available_memory", lambda device: 400_000)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 400_000)
     code, err = run_case(tmp_path, monkeypatch, "chat", lambda root, m: with_template(m, CHATML),
                          ["--max-new-tokens", "400"], stdin=b"hi\n")
     assert_one_error(code, err, 2, ["KV cache for", "--context", "--max-new-tokens"])
@@ -360,7 +360,7 @@ def test_real_templates_render_as_transformers_does():
     """The bounds change nothing for real templates: loops with loop.*, namespaces, macros, tojson, filters, the
     {% generation %} tag and raise_exception render exactly as transformers renders them."""
     from transformers.utils.chat_template_utils import render_jinja_template
-    from minigptq.chat import render
+    from minigptq.chat_template import render
     templates = [
         CHATML,
         # Llama-3-style: a system message split off, a namespace, trim, loop.first / loop.last
@@ -394,8 +394,8 @@ def test_real_templates_render_as_transformers_does():
 
 def test_slow_template_stops_at_the_time_bound(monkeypatch):
     """Besides the count of steps, wall time is bounded: a step that found the deadline passed stops the rendering."""
-    from minigptq import template
-    from minigptq.chat import render
+    from minigptq import template_sandbox as template
+    from minigptq.chat_template import render
     monkeypatch.setattr(template, "MAX_SECONDS", 0.2)
     with pytest.raises(minigptq.Error, match="over 0.2 s"):
         render("{% set s = 'x' * 1000000 %}{% for a in range(100000) %}{{ s.count('y') }}{% endfor %}",

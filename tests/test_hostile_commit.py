@@ -29,9 +29,10 @@ from test_hostile import assert_one_error, calib_file, changed, model_copy, quan
 HOOKED = r"""
 import os, signal, sys, time
 from pathlib import Path
-import minigptq.checkpoint as ck
+import minigptq.checkpoint_writer as ck
+import minigptq.out_folder as out_folder
 step, argv = sys.argv[1], sys.argv[2:]
-real_rename, real_shards = getattr(ck, "rename_new", None), ck.write_shards
+real_rename, real_shards = getattr(out_folder, "rename_new", None), ck.write_shards
 
 def rename_new(src, dst):
     src, dst = Path(src), Path(dst)
@@ -49,7 +50,7 @@ def write_shards(folder, tensors):
     while step == "pause-assembling" and not (folder.parent / "go").exists() and time.time() < deadline:
         time.sleep(0.02)
 
-ck.rename_new, ck.write_shards = rename_new, write_shards
+out_folder.rename_new, ck.write_shards = rename_new, write_shards
 from minigptq import quantize
 from minigptq.cli import run
 run(quantize.main, quantize.parser(), argv)
@@ -374,7 +375,7 @@ def test_old_that_is_a_link_is_never_followed(tmp_path, setup, previous):
 
 def test_out_name_too_long_for_the_work_folder(tmp_path, setup):
     """The hidden .<out>.partial adds 9 bytes to --out's name: refused before the calibration, at the exact edge."""
-    from minigptq.checkpoint import check_out
+    from minigptq.out_folder import check_out
     assert check_out(tmp_path / ("q" * 246), setup, False).name == "q" * 246  # .<246>.partial = 255 bytes: fits
     before = snapshot(tmp_path)
     got, err = run_cli("quantize", quant_argv(tmp_path, setup, tmp_path / ("q" * 247)))

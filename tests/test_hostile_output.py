@@ -6,9 +6,6 @@ message, that stdout holds no result, and that nothing in the case's folder chan
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
 import shutil
 
@@ -16,25 +13,11 @@ import pytest
 import torch
 
 from conftest import STORIES
-from minigptq.cli import run as cli_run
 from test_hostile import gptq_ckpt  # noqa: F401 (a fixture: the 4-bit act-order stories260k checkpoint)
-from test_hostile import NORM, assert_one_error, calib_file, changed, edit_config, edit_tensors, model_copy, snapshot
+from test_hostile import NORM, assert_one_error, run_out, calib_file, changed, edit_config, edit_tensors, model_copy, snapshot
 
 MLP_NORM = "model.layers.2.post_attention_layernorm.weight"
 O = "model.layers.1.self_attn.o_proj"  # quantized in gptq_ckpt (stories260k keeps its MLP in full precision)
-
-
-def run_out(module: str, argv: list[str]) -> tuple[int, str, str]:
-    """`python -m minigptq.<module> argv` in this process -> (exit code, stdout, stderr)."""
-    mod = importlib.import_module(f"minigptq.{module}")
-    err, out = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
-        try:
-            cli_run(mod.main, mod.parser(), argv)
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-    return code, out.getvalue(), err.getvalue()
 
 
 def gen_argv(m, *extra, prompt="Lily", n=4):

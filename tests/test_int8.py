@@ -45,7 +45,7 @@ def test_int8_kernels_equal_their_reference_exactly(bits, act_order):
             continue
         gs = K if gs == -1 else gs
         qw, qz, s, g_idx = random_layer(K, N, bits, gs, act_order, seed=10 * bits + i)
-        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2", int8=True)
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2", cpu_kernel="int8")
         exact = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2")
         assert torch.equal(kernels.cpu_dequantize(L), kernels.cpu_dequantize(exact))  # the M > 16 path
         for M in (1, 2, 3, 5, 16):
@@ -62,7 +62,7 @@ def test_int8_kernels_equal_their_reference_exactly(bits, act_order):
 @needs_vnni
 def test_int8_kernels_bf16_and_threads():
     qw, qz, s, g_idx = random_layer(512, 192, 4, 128, True, seed=1)
-    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", int8=True)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", cpu_kernel="int8")
     x = torch.randn(4, 512, generator=torch.Generator().manual_seed(2)).bfloat16()
     ref = kernels.int8_reference(x, L)
     for threads in (1, 2, 3):
@@ -80,7 +80,7 @@ def test_int8_kernels_exact_when_every_step_is_exact():
     g = torch.Generator().manual_seed(4)
     x = torch.randint(-127, 128, (3, K), generator=g).float() * 2.0**-5
     x[:, ::kernels.CHUNK_ROWS_INT8] = 127 * 2.0**-5  # max |x| of every chunk = 127 * 2^-5: its scale is 2^-5 exactly
-    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", int8=True)
+    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", cpu_kernel="int8")
     W = dequantize(qw, qz, s.double(), g_idx, bits, "gptq")
     assert torch.equal(kernels.cpu_qgemm_int8(x, L).double(), x.double() @ W)
 
@@ -94,7 +94,7 @@ def test_int8_staging_edge_values(bits):
     NaN, as the fp32 kernels give)."""
     K, N = 256, 64
     qw, qz, s, g_idx = random_layer(K, N, bits, 128, False, seed=7)
-    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", int8=True)
+    L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq", cpu_kernel="int8")
     g = torch.Generator().manual_seed(8)
     x = torch.randn(6, K, generator=g)
     x[0, :32] = torch.arange(32) - 15.5  # with max|x| = 127 the codes are round(x): ties at every -15.5 .. 15.5
@@ -123,7 +123,7 @@ def test_int8_layout_and_bad_calls():
     assert kernels.to_tiles(words).shape == (2, 10, 64) and torch.equal(kernels.from_tiles(kernels.to_tiles(words), 100),
                                                                          words)
     qw, qz, s, g_idx = random_layer(128, 64, 4, 32, False, seed=5)
-    L8 = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", int8=True)
+    L8 = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", cpu_kernel="int8")
     L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
     x = torch.randn(1, 128)
     with pytest.raises(ValueError, match="fp32 kernels"):
@@ -143,7 +143,7 @@ def test_quantlinear_int8_path_and_bias():
     g = torch.Generator().manual_seed(6)
     args = (torch.randint(0, 16, (96, 256), generator=g), torch.rand(2, 96, generator=g) * 0.1,
             torch.randint(1, 16, (2, 96), generator=g), torch.arange(256) // 128, torch.randn(96, generator=g), 4, 128)
-    exact, int8 = QuantLinear.from_codes(*args), QuantLinear.from_codes(*args, cpu_int8=True)
+    exact, int8 = QuantLinear.from_codes(*args), QuantLinear.from_codes(*args, cpu_kernel="int8")
     x = torch.randn(2, 3, 256, generator=g)
     assert int8.path_for(x) == "cpu-int8" and exact.path_for(x) == "cpu-fused"
     assert int8.path_for(torch.randn(17, 256)) == "cpu-dequant"  # prefill: dequantize + matmul, same in both
@@ -205,11 +205,12 @@ def test_fused_projections_equal_separate_calls(tiny_gptq, kind, fused_per_block
 
 @pytest.mark.parametrize("cpu_kernel", ["exact", "int8"])
 def test_decode_block_in_one_call_equals_the_modules(tiny_gptq, monkeypatch, cpu_kernel):
-    """The CPU decode step as one C++ call per block (Transformer.decode_plans) gives the modules' logits, for a
+    """The CPU decode step as one C++ call per block (FastTransformer.decode_plans) gives the modules' logits, for a
     single sequence and a left-padded batch."""
     from minigptq import load_model
     from minigptq.generate import generate
-    from minigptq.transformer import KVCache, Transformer
+    from minigptq.fast_decode import FastTransformer
+    from minigptq.transformer import KVCache
     if cpu_kernel == "int8" and not kernels.cpu_int8_available():
         pytest.skip("no VNNI on this CPU")
     model = load_model(tiny_gptq["llama-gqa-tied"], dtype="fp32", cpu_kernel=cpu_kernel)
@@ -219,7 +220,7 @@ def test_decode_block_in_one_call_equals_the_modules(tiny_gptq, monkeypatch, cpu
     def steps(plans_on: bool) -> list[torch.Tensor]:
         with monkeypatch.context() as m:
             if not plans_on:
-                m.setattr(Transformer, "decode_plans", lambda self: None)
+                m.setattr(FastTransformer, "decode_plans", lambda self: None)
             cache = KVCache(model.cfg, 1, 16, torch.float32, "cpu")
             with torch.inference_mode():
                 model(tokens[:, :8], cache, 0)
@@ -229,6 +230,6 @@ def test_decode_block_in_one_call_equals_the_modules(tiny_gptq, monkeypatch, cpu
     batch = [tokens[0, :9].tolist(), tokens[0, :5].tolist()]  # left-padded: the padding mask goes to C++ too
     new_fast, _ = generate(model, batch, max_new_tokens=5)
     with monkeypatch.context() as m:
-        m.setattr(Transformer, "decode_plans", lambda self: None)
+        m.setattr(FastTransformer, "decode_plans", lambda self: None)
         new_ref, _ = generate(model, batch, max_new_tokens=5)
     assert new_fast == new_ref

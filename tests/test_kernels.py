@@ -1,4 +1,4 @@
-"""Compiled kernels (minigptq/kernels.py) against the torch reference (pack.dequantize + matmul in float64).
+"""Compiled kernels (minigptq/kernels/) against the torch reference (pack.dequantize + matmul in float64).
 
 Random layers with fresh seeds: every bit width, odd and Llama-like shapes, groups with a partial last group, groups
 not aligned to the packing unit, group_size -1, and act-order g_idx. CPU tests run every instruction set the CPU
@@ -163,7 +163,7 @@ def test_compiled_module_checks_indices_itself():
     bad_perm = torch.full((64,), 64, dtype=torch.int32)
     for rg, pm, msg in ((bad_group, 0, r"row_group\[0\]=5"), (L.row_group, bad_perm.data_ptr(), r"perm\[0\]=64")):
         with pytest.raises(ValueError, match=msg):
-            kernels._cpu.qgemm(x.data_ptr(), 0, 1, L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(),
+            kernels.cpu._cpu.qgemm(x.data_ptr(), 0, 1, L.qweight.data_ptr(), L.scales.data_ptr(), L.zeros.data_ptr(),
                                rg.data_ptr(), pm, 64, 32, 2, 4, out.data_ptr(), 1, 0)
 
 

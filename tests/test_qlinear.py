@@ -81,7 +81,7 @@ def test_reference_fallback_warns_once(monkeypatch):
     layer = QuantLinear.from_codes(*solver_output(32, 64, 4, 32), None, 4, 32)
     x = torch.randn(2, 64)
     expect = reference(layer, x)
-    monkeypatch.setattr(kernels, "_cpu", None)
+    monkeypatch.setattr(kernels.cpu, "_cpu", None)
     monkeypatch.setattr(qlinear, "_warned", set())
     assert layer.path_for(x) == "reference"
     with pytest.warns(RuntimeWarning, match="no compiled cpu kernel"):

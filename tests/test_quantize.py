@@ -13,7 +13,7 @@ from minigptq import load_model, load_tokenizer
 from minigptq.data import eval_windows
 from minigptq.eval import perplexity
 from minigptq.generate import generate
-from minigptq.loader import SafetensorsFile
+from minigptq.checkpoint_reader import SafetensorsFile
 from minigptq.qlinear import QuantLinear
 from minigptq.quantize import quantize_model
 from minigptq.quantizer import QuantConfig
@@ -128,7 +128,7 @@ def test_quantize_cli_runs_and_refuses_existing_out(tmp_path):
 
 def test_sharded_output(hf_checkpoints, tmp_path, monkeypatch):
     """Past the shard size the writer splits the checkpoint and writes an index; the loader reads it back."""
-    import minigptq.checkpoint as ck
+    import minigptq.checkpoint_writer as ck
     src = hf_checkpoints("bloom")
     monkeypatch.setattr(ck, "SHARD_BYTES", 64 * 1024)
     out = quantize_model(src, tmp_path / "q", qcfg=QuantConfig(bits=4, group_size=32), dataset=calib_file(tmp_path, src),

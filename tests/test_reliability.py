@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import ROOT, STORIES, WIKI_VALID
-from minigptq.loader import Checkpoint, SafetensorsFile, load_model
+from minigptq.checkpoint_reader import CheckpointReader as Checkpoint, SafetensorsFile
+from minigptq.loader import load_model
 
 PY = [sys.executable, "-m"]
 

@@ -11,7 +11,7 @@ CPU, real weights (SmolLM2-135M-Instruct full precision and its GPTQ checkpoints
     llama.cpp on the same prompts (run by tools/bench_llamacpp.py in the venv named by --llamacpp-python).
 GPU, synthetic weights with real shapes (latency does not depend on the values):
     python tools/bench_generate.py --device cuda --synthetic llama2-7b [--eager-too]
-Results: bench/results/generate_<device>_<model>.json
+Results: bench/results/generate_*.json, one file per device and model (generate_<device>_<model>.json)
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from minigptq.config import ModelConfig  # noqa: E402
-from minigptq.generate import generate  # noqa: E402
+from minigptq.fast_decode import accelerate  # noqa: E402
+from minigptq.generation import generate  # noqa: E402
 from minigptq.loader import load_model, weight_bytes  # noqa: E402
 from minigptq.qlinear import QuantLinear  # noqa: E402
 from minigptq.transformer import Transformer  # noqa: E402
@@ -52,7 +53,8 @@ SYNTHETIC = {  # real shapes; OPT-175B is projected from a few of its 96 layers
 
 
 def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | None) -> Transformer:
-    """A model of real shapes with random weights; linears replaced by random packed QuantLinear if bits."""
+    """A model of real shapes with random weights; linears replaced by random packed QuantLinear if bits; with the
+    fast decode paths, as load_model gives them."""
     kw = dict(SYNTHETIC[name])
     if layers:
         kw["num_layers"] = layers
@@ -66,7 +68,7 @@ def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | No
                 ql.qzeros.random_(-2**31, 2**31 - 1)
                 ql.scales.uniform_(1e-3, 2e-3)
                 ql.post_load()
-    return model.eval()
+    return accelerate(model).eval()
 
 
 def quantize_linears(model: Transformer, bits: int, device) -> None:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 from minigptq.loader import load_model
 from minigptq.tokenizer import load_tokenizer
-from minigptq.generate import generate
+from minigptq.generation import generate
 prompts = ["The capital of France is", "In 1905, Albert Einstein published", "The best way to learn a language is",
            "def fibonacci(n):", "Water boils at"]
 tok = load_tokenizer("models/SmolLM2-135M-Instruct")

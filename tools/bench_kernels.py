@@ -1,4 +1,4 @@
-"""Benchmark the GPTQ kernels against torch's dense matmul; writes bench/results/kernels_<device>.json.
+"""Benchmark the GPTQ kernels against torch's dense matmul; writes bench/results/kernels_*.json (one per device).
 
 For each weight shape (Llama-2-7B's linears and OPT-175B's FC2) and batch (1, 4, 16 rows) it times, side by side
 in one loop (so background load hits every candidate alike):
@@ -55,14 +55,14 @@ def _size(text: str) -> int:
     return int(text[:-1]) * 1024 if text.endswith("K") else int(text[:-1]) * 2**20 if text.endswith("M") else int(text)
 
 
-def random_layout(K: int, N: int, bits: int, device: str, int8: bool = False) -> kernels.KernelLayout:
+def random_layout(K: int, N: int, bits: int, device: str, cpu_kernel: str = "exact") -> kernels.KernelLayout:
     """A random quantized layer in kernel layout (random words are valid packed codes of any width)."""
     G = -(-K // GROUP_SIZE)
     qweight = torch.randint(-2**31, 2**31, (K * bits // 32, N), dtype=torch.int32, device=device)
     qzeros = torch.randint(-2**31, 2**31, (G, N * bits // 32), dtype=torch.int32, device=device)
     scales = (torch.rand(G, N, device=device) * 0.01).half()
     g_idx = (torch.arange(K, device=device) // GROUP_SIZE).to(torch.int32)
-    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, "gptq", int8=int8)
+    return kernels.make_layout(qweight, qzeros, scales, g_idx, bits, "gptq", cpu_kernel=cpu_kernel)
 
 
 def layout_bytes(L: kernels.KernelLayout) -> int:
@@ -127,8 +127,9 @@ def bench_shape(name: str, K: int, N: int, batches: list[int], device: str, reps
     quant = {}
     for bits in (4, 3):
         for mode in modes:
-            first = random_layout(K, N, bits, device, int8=mode == "i8")
-            quant[f"{bits}{mode}"] = [first] + [random_layout(K, N, bits, device, int8=mode == "i8")
+            kind = "int8" if mode == "i8" else "exact"
+            first = random_layout(K, N, bits, device, kind)
+            quant[f"{bits}{mode}"] = [first] + [random_layout(K, N, bits, device, kind)
                                                 for _ in range(copies_for(layout_bytes(first), cache_bytes) - 1)]
     gemms = {"": kernels.cpu_qgemm if device == "cpu" else kernels.cuda_qgemm, "i8": kernels.cpu_qgemm_int8}
     # Memory references timed in the same rounds (the bandwidth a shared machine gives drifts by tens of percent

@@ -159,9 +159,9 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     if not parts or any(x not in PARTS for x in parts):
         p.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    from minigptq.checkpoint_reader import CheckpointReader
     from minigptq.data import calibration_windows, tokenize_file
-    from minigptq.driver import peak_bytes
-    from minigptq.loader import Checkpoint
+    from minigptq.memory import peak_bytes
     from minigptq.tokenizer import load_tokenizer
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         cmd = py + ["--model", str(model), "--out", str(dest), "--bits", "4", "--groupsize", "128", "--dataset",
                     str(WIKI), "--overwrite", *extra]
         res = measured(cmd, cgroup)
-        ckpt = Checkpoint(model)
+        ckpt = CheckpointReader(model)
         n, T = int(extra[extra.index("--nsamples") + 1]), int(extra[extra.index("--seqlen") + 1])
         acts = torch.bfloat16 if "bf16" in extra else torch.float32
         budget = peak_bytes(ckpt, n, T, acts)

@@ -1,5 +1,5 @@
 // pybind11 module minigptq._cpu_kernels: raw pointers (tensor.data_ptr()) and sizes in, nothing allocated here.
-// minigptq/kernels.py checks dtypes, shapes and contiguity before calling; C++ exceptions of type
+// minigptq/kernels/cpu.py checks dtypes, shapes and contiguity before calling; C++ exceptions of type
 // std::invalid_argument arrive in Python as ValueError. The GIL is released while a kernel runs.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -18,8 +18,8 @@ using namespace minigptq;
 
 namespace {
 
-// The fixed part of one block's decode step: its packed layers and norms, made once per block by minigptq/kernels.py
-// (decode_block_plan) and kept; each step then passes only x, the position and the cache.
+// The fixed part of one block's decode step: its packed layers and norms, made once per block (DecodeBlockPlan in
+// minigptq/kernels/cpu.py) and kept; each step then passes only x, the position and the cache.
 struct BlockPlan {
   QWeight layers[4];  // qkv, o, gate_up, down
   DecodeBlock blk;
@@ -98,7 +98,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
                                mask_heads, mask_stride, reinterpret_cast<float*>(out), B, H, KVH, hd, Smax, slot},
                     threads);
       },
-      "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32; see cuda/cpu_decode.h.");
+      "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32; see cuda/cpu/decode.h.");
   py::class_<BlockPlan>(m, "BlockPlan", "The fixed pointers and sizes of one block for decode_block.");
   m.def(
       "block_plan",
@@ -132,7 +132,7 @@ PYBIND11_MODULE(_cpu_kernels, m) {
         decode_block(b, reinterpret_cast<float*>(x), a, threads);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "One block's decode step in place on x[B, D] (cuda/cpu_decode.h: decode_block); k/v_cache: this layer's.");
+      "One block's decode step in place on x[B, D] (cuda/cpu/decode.h: decode_block); k/v_cache: this layer's.");
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
   m.def(
       "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },

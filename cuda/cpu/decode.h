@@ -1,4 +1,4 @@
-// The small operations of a CPU decode step (cpu_decode.cpp). fp32 only; raw pointers, no torch headers.
+// The small operations of a CPU decode step (decode.cpp). fp32 only; raw pointers, no torch headers.
 #pragma once
 #include <cstdint>
 

@@ -1,6 +1,6 @@
 // The instruction-set-neutral part of the CPU kernels: argument checks, staging of x (dtype conversion and the
 // act-order permutation), the split of rows into chunks and of columns into per-thread panels, and the portable
-// scalar build of the hot loop. The hot loop itself is cpu_qgemm_simd.inc.
+// scalar build of the hot loop. The hot loop itself is qgemm_simd.inc.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -244,7 +244,7 @@ namespace {
 
 constexpr int unit_rows(int bits) { return bits == 3 ? 32 : 32 / bits; }
 
-// Row (within its packing unit) of byte b of quad q: the order in which cpu_qgemm_i8.inc unpacks codes to bytes.
+// Row (within its packing unit) of byte b of quad q: the order in which qgemm_i8.inc unpacks codes to bytes.
 inline int quad_row(int bits, int q, int b) { return bits == 3 ? 4 * q + b : unit_rows(bits) / 4 * b + q; }
 
 // Sorted row r of an int8 layout (column tiles; 3-bit in byte fields) -> the dequantized row [N] (M > 16 rows of x).
@@ -254,7 +254,7 @@ void int8_layout_row(const QWeight& w, int64_t r, float* row) {
   // word rows (within a tile) and shifts of the code's bits: [low or all, high (3-bit quads 6, 7 only)]
   int64_t wi[2] = {0, 0}, sh[2] = {0, -1};
   uint32_t mask = (1u << w.bits) - 1;
-  if (w.bits == 3) {  // the byte-field layout (kernels.py:_field_positions)
+  if (w.bits == 3) {  // the byte-field layout (minigptq/kernels/layout.py:_field_positions)
     const int64_t u = r / 32, s = r % 32 / 4, b = r % 4;
     if (s < 6) {
       wi[0] = 3 * u + s / 2, sh[0] = 8 * b + 3 * (s % 2);

@@ -17,7 +17,7 @@ enum class Isa : int { Auto = 0, Scalar = 1, Avx2 = 2, Avx512 = 3, AvxVnni = 4, 
 // Throws std::invalid_argument on inconsistent arguments (bad row_group / perm values, bits, sizes).
 void qgemm(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa);
 
-// The same with the activations quantized to int8 per chunk and integer dot products (VNNI): cpu_qgemm_i8.inc.
+// The same with the activations quantized to int8 per chunk and integer dot products (VNNI): qgemm_i8.inc.
 // isa: Auto (= AutoVnni), AvxVnni or Avx512Vnni; w must be in the int8 layout (w.int8 = 1).
 void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa);
 

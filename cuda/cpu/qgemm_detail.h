@@ -1,5 +1,5 @@
-// What the instruction-set-neutral driver (cpu_qgemm.cpp) hands to the per-instruction-set kernels
-// (cpu_qgemm_simd.inc, compiled once per instruction set).
+// What the instruction-set-neutral driver (qgemm.cpp) hands to the per-instruction-set kernels
+// (qgemm_simd.inc, compiled once per instruction set).
 #pragma once
 #include <cstdint>
 
@@ -38,7 +38,7 @@ namespace scalar { Kernels kernels(); }
 namespace avx2 { Kernels kernels(); }
 namespace avx512 { Kernels kernels(); }
 
-// -- the int8-activation kernels (cpu_qgemm_i8.inc) ------------------------------------------------------------
+// -- the int8-activation kernels (qgemm_i8.inc) ----------------------------------------------------------------
 // A chunk as the int8 kernels walk it: whole packing units [u0, u0 + units) cover rows [r0, r1); the staged
 // activations of rows outside [r0, r1) are 0, so a unit shared by two chunks (a group boundary inside it) is read
 // once by each and counted once.
@@ -50,7 +50,7 @@ struct ChunkI8 {
 
 struct ProblemI8 {
   const QWeight* w;
-  const int32_t* xq;   // [M][S] int8 activations, 4 per int32 ("quads"), in the order of cpu_qgemm_i8.inc
+  const int32_t* xq;   // [M][S] int8 activations, 4 per int32 ("quads"), in the order of qgemm_i8.inc
   const float* sx;     // [M][C] scale of each chunk's int8 activations: x ~ sx * xq
   const float* zs;     // [M][C] sum of sx * float(sum of the int8 activations) over the group's chunks up to this one
   const ChunkI8* chunks;
@@ -62,8 +62,8 @@ constexpr int64_t kTileCols = 64;  // columns of one tile of the int8 layout ([t
 // (measured on SmolLM2 4-bit: chunks of 32 rows cost less perplexity than 128, at no measurable speed). A multiple
 // of 32 rows (the 3-bit packing unit).
 constexpr int32_t kChunkRowsI8 = 32;
-// A chunk whose max|x| is below this counts as zero: 127 / max|x| would overflow for subnormal maxima (kernels.py
-// INT8_TINY; such activations contribute < 32 * 2^-100 * |w| per chunk).
+// A chunk whose max|x| is below this counts as zero: 127 / max|x| would overflow for subnormal maxima
+// (minigptq/kernels/layout.py INT8_TINY; such activations contribute < 32 * 2^-100 * |w| per chunk).
 constexpr float kTinyI8 = 0x1p-100f;
 
 // y[M][N] fp32: writes (overwrites) the columns of tiles [t0, t1). Threads get disjoint tile ranges.

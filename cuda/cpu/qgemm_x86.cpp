@@ -1,4 +1,4 @@
-// The x86 builds of the hot loop (cpu_qgemm_simd.inc): AVX2+FMA (8 lanes) and AVX-512 (16 lanes).
+// The x86 builds of the hot loop (qgemm_simd.inc): AVX2+FMA (8 lanes) and AVX-512 (16 lanes).
 // Each is compiled under a target pragma, so the file builds with the baseline -march and the driver picks one at
 // run time with __builtin_cpu_supports: a wheel built here also runs on CPUs without AVX-512.
 // Only code defined between push and pop gets the instruction set; all headers are included before.
@@ -181,10 +181,10 @@ struct VI {
 #pragma GCC target("avx2,fma,avxvnni")
 #endif
 namespace avxvnni {
-// detail::StageI8Fn. The scalar staging in cpu_qgemm.cpp (and kernels.py:int8_reference) is the definition; this is
-// the same arithmetic on 8 lanes: max|x| as the integer maximum of the sign-cleared bit patterns (exact for finite
-// values, and >= 0x7F800000 exactly when a lane is Inf or NaN: left to the scalar code), x * (127 / max|x|) rounded to
-// nearest even.
+// detail::StageI8Fn. The scalar staging in qgemm.cpp (and minigptq/kernels/reference.py:int8_reference) is the
+// definition; this is the same arithmetic on 8 lanes: max|x| as the integer maximum of the sign-cleared bit patterns
+// (exact for finite values, and >= 0x7F800000 exactly when a lane is Inf or NaN: left to the scalar code),
+// x * (127 / max|x|) rounded to nearest even.
 bool stage32(const float* x, const uint8_t* shuf, int8_t* dst, float* sx, int32_t* sum) {
   const __m256i abs_mask = _mm256_set1_epi32(0x7FFFFFFF);
   __m256 v[4];

@@ -1,8 +1,8 @@
 // pybind11 module minigptq._cuda_kernels: raw device pointers (tensor.data_ptr()), sizes and the CUDA stream
-// handle (torch.cuda.current_stream().cuda_stream) in; no CUDA or torch headers here. minigptq/kernels.py checks
+// handle (torch.cuda.current_stream().cuda_stream) in; no CUDA or torch headers here. minigptq/kernels/cuda.py checks
 // every tensor first. std::invalid_argument arrives in Python as ValueError, std::runtime_error as RuntimeError.
 // A layer is passed as the tuple `w` = (qweight, scales, zeros, perm, K, N, Kp, G, group_rows, bits, scale_bf16)
-// (CudaLayout.args in minigptq/kernels.py).
+// (CudaLayout.args in minigptq/kernels/cuda_layout.py).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -4,7 +4,7 @@
 // no allocation, synchronisation or device query, so it can be captured in a CUDA graph.
 //
 // ---------------------------------------------------------------------------------------------- the layout
-// Built once per layer by minigptq/kernels.py:make_cuda_layout (the checkpoint is untouched):
+// Built once per layer by minigptq/kernels/cuda_layout.py:make_cuda_layout (the checkpoint is untouched):
 // * Rows are sorted by group (act-order undone) and each group is padded with empty rows to `group_rows`
 //   (32, 64 or a multiple of 128), K to a multiple of 128. perm[Kp] gives the checkpoint row of each padded row
 //   (-1: padding, its x is 0). A 16-row tile therefore never straddles two groups.

@@ -1,5 +1,5 @@
-// CUDA kernels for GPTQ-packed linears (cuda_qgemm.cu), declared without CUDA or torch headers so that the
-// pybind11 bindings (cuda_bindings.cpp) compile with the host compiler alone.
+// CUDA kernels for GPTQ-packed linears (qgemm.cu), declared without CUDA or torch headers so that the
+// pybind11 bindings (bindings.cpp) compile with the host compiler alone.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -9,7 +9,8 @@
 
 namespace minigptq::cuda {
 
-// One layer in the CUDA layout (minigptq/kernels.py:make_cuda_layout; bit diagram at the top of cuda_qgemm.cu).
+// One layer in the CUDA layout (minigptq/kernels/cuda_layout.py:make_cuda_layout; bit diagram at the top of
+// qgemm.cu).
 struct CudaWeight {
   const uint32_t* qweight;  // [ceil(N/16)][Kp/128][32 lanes * words] interleaved codes
   const uint32_t* scales;   // [G][ceil(N/16)][8] pairs of 16-bit scales (fp16, or bf16 if scale_bf16)

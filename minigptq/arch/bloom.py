@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from .. import Error
-from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
+from .base import Arch
 
 MODEL_TYPES = ("bloom",)
 

@@ -1,17 +1,18 @@
 """Llama (and the Llama-shaped Mistral / Qwen2 configs): RMSNorm, rotate-half RoPE, grouped-query attention, SwiGLU.
 
-Also the reader the other Llama-family files (qwen3.py, phi3.py) build on: RoPE scaling (minigptq/rope.py) and
-sliding-window attention as transformers applies them.
+Also the reader the other Llama-family files (qwen3.py, phi3.py) build on: RoPE settings (rope_theta and the
+rope_scaling / rope_parameters context extensions, computed by minigptq/rope.py) and sliding-window attention as
+transformers applies them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 from .. import Error
-from . import Arch
-from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
-from ..rope import scaling_from_hf
+from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig, RopeScaling
 from ..transformer import ACTIVATIONS
+from .base import Arch
 
 MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -91,3 +92,83 @@ ARCH = Arch(
     },
     sequential=(("attn.q", "attn.k", "attn.v"), ("attn.o",), ("mlp.up", "mlp.gate"), ("mlp.down",)),
 )
+
+
+# -- RoPE settings ---------------------------------------------------------------------------------------------------
+
+SUPPORTED = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+# Ranges (lo excluded) where RoPE stays finite and meaningful. rope_theta: the base, 1e4 .. 1e7 in real models (the
+# largest seen, a 1M-context Llama 3, ~3.6e9); <= 1 turns every rotation the same or faster per dimension, and a tiny
+# one is 0 in fp32, so the frequencies become Inf and cos / sin NaN. The scaling factors divide the frequencies (a
+# tiny one overflows them too); attention_factor multiplies cos and sin (real: ~1 .. 1.5).
+THETA = dict(lo=1.0, hi=1e15)
+FACTOR = dict(lo=1e-3, hi=1e6)
+ATTENTION = dict(lo=0.0, hi=100.0)
+
+
+def _floats(r: Fields, key: str) -> tuple[float, ...]:
+    v = r.d.get(key)
+    if not isinstance(v, list) or not v or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  and math.isfinite(x) and x > 0 for x in v):
+        raise Error(f"the field {key!r} of rope_scaling must be a list of positive numbers, got {str(v)[:80]}")
+    return tuple(float(x) for x in v)
+
+
+def scaling_from_hf(f: Fields, max_pos: int, aliases: dict[str, str] | None = None
+                    ) -> tuple[float, RopeScaling | None, int]:
+    """config.json -> (rope_theta, the context extension or None, the context it gives in tokens).
+
+    RoPE settings are "rope_theta" / "rope_scaling" (transformers 4) or "rope_parameters" (transformers 5).
+    aliases: older names of a type (Phi-3's "su" and "yarn" both mean longrope). The context is what vLLM derives:
+    max_position_embeddings, times factor for linear and dynamic, and at least original * factor for yarn.
+    """
+    rope = f.dict(("rope_parameters", "rope_scaling"))
+    r = Fields(rope)
+    theta = r.float("rope_theta", f.float("rope_theta", 10000.0, **THETA), **THETA)
+    partial = r.float("partial_rotary_factor", f.float("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise Error(f"partial_rotary_factor={partial} (RoPE on part of each head) is not supported; only 1.0 is")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = (aliases or {}).get(kind, kind) if isinstance(kind, str) else kind
+    if kind not in SUPPORTED:
+        raise Error(f"RoPE scaling type {kind!r} is not supported; supported: {', '.join(SUPPORTED)}")
+    if kind == "default":
+        return theta, None, max_pos
+    # transformers lets a top-level original_max_position_embeddings (Phi-3 writes one) win over rope_scaling's
+    original = f.int("original_max_position_embeddings", None, hi=MAX_POSITIONS) or \
+        r.int("original_max_position_embeddings", max_pos, hi=MAX_POSITIONS)
+    if kind in ("linear", "dynamic"):
+        factor = r.float("factor", **FACTOR)
+        return theta, RopeScaling(kind, factor, max_pos), min(MAX_POSITIONS, int(max_pos * factor))
+    if kind == "llama3":
+        s = RopeScaling(kind, r.float("factor", **FACTOR), original, low_freq_factor=r.float("low_freq_factor"),
+                        high_freq_factor=r.float("high_freq_factor"))
+        if s.high_freq_factor <= s.low_freq_factor:
+            raise Error(f"rope_scaling high_freq_factor={s.high_freq_factor} must exceed "
+                        f"low_freq_factor={s.low_freq_factor}")
+        return theta, s, max_pos
+    factor = r.float("factor", max_pos / original, **FACTOR)
+    if kind == "yarn":
+        attention = r.d.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all = r.float("mscale", 0.0, lo=-1.0), r.float("mscale_all_dim", 0.0, lo=-1.0)
+            if mscale and mscale_all and _mscale(factor, mscale_all) <= 0:  # the divisor below
+                raise Error(f"rope_scaling mscale_all_dim={mscale_all} with factor={factor} gives a scale "
+                            f"0.1 * mscale_all_dim * ln(factor) + 1 <= 0; valid: a value that keeps it positive")
+            attention = _mscale(factor, mscale) / _mscale(factor, mscale_all) if mscale and mscale_all \
+                else _mscale(factor)
+        s = RopeScaling(kind, factor, original, beta_fast=r.float("beta_fast", 32.0),
+                        beta_slow=r.float("beta_slow", 1.0), truncate=r.bool("truncate", True),
+                        attention_factor=r.float("attention_factor", float(attention), **ATTENTION))
+        return theta, s, max(max_pos, min(MAX_POSITIONS, int(original * factor)))
+    if factor > 1 and original < 2:  # log(original) divides below
+        raise Error(f"rope_scaling longrope with factor={factor} needs original_max_position_embeddings >= 2, "
+                    f"got {original}")
+    attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))  # longrope
+    return theta, RopeScaling(kind, factor, original, attention_factor=r.float("attention_factor", attention,
+                                                                               **ATTENTION),
+                              short_factor=_floats(r, "short_factor"), long_factor=_floats(r, "long_factor")), max_pos
+
+
+def _mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from .. import Error
-from . import Arch
 from ..config import MAX_COUNT, MAX_POSITIONS, MAX_VOCAB, Fields, ModelConfig
 from ..transformer import ACTIVATIONS
+from .base import Arch
 
 MODEL_TYPES = ("opt",)
 

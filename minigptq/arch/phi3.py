@@ -4,8 +4,8 @@ tensors transformers, GPTQModel and vLLM expect. LongRoPE for the 128k variants 
 in Phi-3 configs, as transformers reads them); a sliding window on every block when sliding_window is set."""
 from __future__ import annotations
 
-from . import Arch
 from ..config import Fields, ModelConfig
+from .base import Arch
 from .llama import config_from_hf as llama_config
 
 MODEL_TYPES = ("phi3",)

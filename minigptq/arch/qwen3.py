@@ -3,8 +3,9 @@ of its own (128 unless config.json says otherwise, not hidden_size / heads) and 
 attention_bias. Quantized in Llama's true-sequential groups; the norms stay in full precision."""
 from __future__ import annotations
 
-from . import Arch, llama
 from ..config import Fields, ModelConfig
+from . import llama
+from .base import Arch
 
 MODEL_TYPES = ("qwen3",)
 

@@ -1,4 +1,4 @@
-"""The Jinja sandbox that chat templates are rendered in (minigptq/chat.py), with bounds on time and memory.
+"""The Jinja sandbox that chat templates are rendered in (minigptq/chat_template.py), with bounds on time and memory.
 
 A chat template comes with the checkpoint (tokenizer_config.json or chat_template.jinja): it is untrusted code.
 Jinja's ImmutableSandboxedEnvironment keeps it from reaching Python's objects, but not from running for ever (loops
