@@ -62,14 +62,14 @@ def build_empty(ckpt: CheckpointReader, cpu_kernel: str = "exact") -> Transforme
     return accelerate(model)  # with the fast decode paths of minigptq/fast_decode.py
 
 
-CPU_KERNELS = ("auto", "int8", "exact")
+CPU_KERNEL_CHOICES = ("auto",) + kernels.CPU_KERNELS  # --cpu-kernel: auto resolves to one of the kernels' choices
 
 
 def resolve_cpu_kernel(cpu_kernel: str) -> bool:
     """The cpu_kernel setting, "auto" / "int8" / "exact" -> whether packed layers run the int8-activation kernels on
     the CPU ("auto": where the CPU has them)."""
-    if cpu_kernel not in CPU_KERNELS:
-        raise Error(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNELS)}")
+    if cpu_kernel not in CPU_KERNEL_CHOICES:
+        raise Error(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNEL_CHOICES)}")
     if cpu_kernel == "int8" and not kernels.cpu_int8_available():
         raise Error(f"--cpu-kernel int8 needs AVX-512 VNNI or AVX-VNNI; this CPU / build offers "
                     f"{kernels.cpu_isas() or 'no compiled kernels'}; use --cpu-kernel exact")
