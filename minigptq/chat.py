@@ -99,7 +99,8 @@ def main(args: argparse.Namespace) -> None:
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     device, dtype = resolve_device(args.device, args.dtype)
     tok = load_tokenizer(args.model)
-    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
+    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel,
+                       adapter=args.adapter)
     session = ChatSession(model, tok, args.system, args.context)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -183,6 +183,7 @@ class CheckpointReader:
         self.quant = read_quant_config(self.path)
         self._opened: dict[str, object] = {}  # file name -> SafetensorsFile / _DictFile
         self._where = self._index()  # tensor name -> file name
+        self.arch = self.arch.for_names(self._where)  # Mixtral under transformers 5's tensor names (arch/mixtral.py)
 
     def _index(self) -> dict[str, str]:
         p = self.path

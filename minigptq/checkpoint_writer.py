@@ -238,8 +238,11 @@ class PartialRun:
         write_json(tmp / "config.json", dict(config, quantization_config=quant_config,
                                              torch_dtype=str(dtype).removeprefix("torch.")))
         write_json(tmp / "quantize_config.json", quant_config)
-        write_text(tmp / "quant_log.tsv", "block\tmodule\tmethod\terror\tpercdamp\tseconds\n" + "".join(
-            f"{r['block']}\t{r['module']}\t{r['method']}\t{r['error']:.6g}\t{r['percdamp']}\t{r['seconds']:.3f}\n"
+        # tokens: how many calibration tokens the linear's Hessian came from (a MoE expert: those routed to it);
+        # note: a rule applied (an expert too few tokens reached: "all tokens: ..."); both empty for kept layers
+        write_text(tmp / "quant_log.tsv", "block\tmodule\tmethod\terror\tpercdamp\tseconds\ttokens\tnote\n" + "".join(
+            f"{r['block']}\t{r['module']}\t{r['method']}\t{r['error']:.6g}\t{r['percdamp']}\t{r['seconds']:.3f}\t"
+            f"{'' if r.get('tokens') is None else r['tokens']}\t{r.get('note', '')}\n"
             for r in self.records()))
         fsync_dir(tmp)
         try:

@@ -36,6 +36,9 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
                    help="packed layers on the CPU: int8 = activations quantized to int8 and VNNI integer dot "
                         "products (fastest; ~0.5%% relative error per layer), exact = fp32 arithmetic, auto = int8 "
                         "where the CPU has AVX-512 VNNI / AVX-VNNI (default)")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to run on top of "
+                        "the model; packed weights stay packed (minigptq/lora.py)")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:

@@ -14,6 +14,13 @@ The rules, gathered from the loaders' sources (transformers 5, GPTQModel 7.7, vL
   true-sequential groups of more than one linear): they must be all quantized or all kept. Their kernels need the
   group size to divide every quantized layer's input width, and trust `desc_act`: with `desc_act: false` g_idx must be
   the trivial k // group_size.
+- Mixtures of experts (Mixtral, Qwen2-MoE, Qwen3-MoE; docs/models.md): GPTQModel loads the experts as separate packed
+  linears (Qwen2-MoE, Qwen3-MoE; its Mixtral wants transformers 5's renamed experts). transformers 5 does not: it
+  fuses each block's experts into one 3-D parameter that its GPTQ loader leaves alone. vLLM's fused-MoE layer stacks
+  the experts of a block into one tensor per projection (w13 = [gate | up], w2 = down) and runs them with its MoE
+  GPTQ kernels (Marlin MoE; MoE-WNA16 where a shape or group size does not suit Marlin), so every routed expert of a
+  block must be quantized alike (none kept) and the router (and Qwen2-MoE's shared_expert_gate) must stay in full
+  precision, as minigptq writes them. From vLLM's sources as we know them; no vLLM runs here to check it.
 """
 from __future__ import annotations
 
@@ -55,17 +62,32 @@ def layer_facts(ckpt: CheckpointReader) -> tuple[dict[str, dict], list[str]]:
             K = shape[0] * 32 // q["bits"] if len(shape) == 2 else 0
             layers[prefix] = dict(K=K, trivial=g_idx is None or trivial_g_idx(g_idx, q["group_size"]))
     fused = []
-    hf_of = {ours: hf for hf, ours in ckpt.arch.layer_names.items()}
+    to_hf = internal_to_hf(ckpt)
     for i in range(ckpt.cfg.num_layers):
-        base = ckpt.arch.layer_prefix.format(i=i)
-        for group in ckpt.arch.sequential:
+        for group in ckpt.arch.groups(ckpt.cfg, i):  # a MoE block: each expert's gate / up too
             if len(group) > 1:
-                names = [base + hf_of[m] for m in group]
+                names = [to_hf[f"layers.{i}.{m}"] for m in group]
                 done = [n in layers for n in names]
                 if any(done) and not all(done):
                     fused.append(f"{', '.join(n for n, d in zip(names, done) if d)} quantized but "
                                  f"{', '.join(n for n, d in zip(names, done) if not d)} kept")
     return layers, fused
+
+
+def moe_problems(ckpt: CheckpointReader, layers: dict[str, dict]) -> list[str]:
+    """Why vLLM's fused-MoE layer would not take the experts: some of a block's experts quantized and others kept,
+    or a quantized router. Empty for a dense model."""
+    to_hf, out = internal_to_hf(ckpt), []
+    for i in ckpt.cfg.moe_layers:
+        experts = [to_hf[f"layers.{i}.mlp.experts.{e}.{p}"] for e in range(ckpt.cfg.num_experts)
+                   for p in ("gate", "up", "down")]
+        kept = [n for n in experts if n not in layers]
+        if kept and len(kept) < len(experts):
+            out.append(f"its fused-MoE layer stacks all experts of a block, which must be quantized alike: "
+                       f"{kept[0]} is kept in full precision")
+        if to_hf[f"layers.{i}.mlp.router"] in layers:
+            out.append(f"the router {to_hf[f'layers.{i}.mlp.router']} must stay in full precision")
+    return out[:2]
 
 
 def quantizer_names(q: dict) -> tuple[list[str], str]:
@@ -123,7 +145,7 @@ def report(path: str | Path) -> list[Verdict]:
     nontrivial = [n for n, f in layers.items() if not f["trivial"]]
     indivisible = [f"{n} (in_features {f['K']})" for n, f in layers.items() if gs != -1 and f["K"] % gs]
 
-    common_vllm = []
+    common_vllm = moe_problems(ckpt, layers)
     if fused:
         common_vllm.append(f"it fuses q/k/v and gate/up, which must be all quantized or all kept: {fused[0]}"
                            f"{f' (and {len(fused) - 1} more)' if len(fused) > 1 else ''}")
@@ -149,7 +171,17 @@ def report(path: str | Path) -> list[Verdict]:
     gptqmodel = []
     if not sym and fmt == "gptq" and "gptqmodel" not in quantizer:
         gptqmodel.append("it refuses asymmetric v1 checkpoints written by other tools; write --format gptq_v2")
-    return [Verdict("transformers", True), Verdict("GPTQModel", not gptqmodel, gptqmodel),
+    transformers = []
+    if ckpt.cfg.moe_layers:  # checked with transformers 5.23 and GPTQModel 7.7 (tests/test_moe.py)
+        transformers.append("transformers 5 holds each block's experts as one fused 3-D parameter, which its GPTQ "
+                            "loader does not replace: the packed experts are dropped and re-initialised at random")
+        if ckpt.cfg.model_type == "mixtral" and ckpt.arch.alias is not None:  # the original names, not RENAMED
+            gptqmodel.append("GPTQModel 7.7 reads Mixtral experts only under transformers 5's names (mlp.experts.{e}."
+                             "gate_proj), not the block_sparse_moe.experts.{e}.w1 names kept here (which vLLM reads)")
+        if len(ckpt.cfg.moe_layers) < ckpt.cfg.num_layers:
+            gptqmodel.append("GPTQModel 7.7 leaves the dense blocks of a MoE model (mlp_only_layers, "
+                             "decoder_sparse_step) unpacked")
+    return [Verdict("transformers", not transformers, transformers), Verdict("GPTQModel", not gptqmodel, gptqmodel),
             Verdict(LOADERS[2], not current, current), Verdict(LOADERS[3], not older, older)]
 
 

@@ -42,7 +42,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model_type: str              # "llama" | "qwen3" | "phi3" | "opt" | "bloom"
+    model_type: str              # "llama" | "qwen3" | "phi3" | "opt" | "bloom" | "gemma2" | "gemma3"
     vocab_size: int              # rows of the token embedding
     hidden_size: int             # width of the residual stream
     num_layers: int              # transformer blocks
@@ -77,6 +77,21 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str = "float32"  # dtype the checkpoint was saved in
+    # Mixture of experts (minigptq/moe.py; Mixtral, Qwen2-MoE, Qwen3-MoE); num_experts 0: a dense model
+    num_experts: int = 0         # routed experts in each MoE block
+    experts_per_token: int = 0   # top-k: how many experts each token is sent to
+    moe_intermediate_size: int = 0  # width of one expert's hidden layer
+    norm_topk_prob: bool = False  # renormalise the top-k routing weights to sum to 1 (Mixtral always does)
+    shared_expert_size: int = 0  # Qwen2-MoE: hidden width of the expert every token also goes through (0: none)
+    moe_layers: tuple[int, ...] = ()  # the blocks whose MLP is the MoE (decoder_sparse_step, mlp_only_layers)
+    # Gemma 2 / 3 (minigptq/arch/gemma.py); the defaults leave every other architecture as it was
+    norm_offset: float = 0.0     # RMSNorm scales by (norm_offset + weight): Gemma stores w around 0 and uses 1 + w
+    embed_scale: bool = False    # token embeddings times sqrt(hidden_size), rounded to the activation dtype first
+    sandwich_norms: bool = False  # a norm on the attention output and on the MLP output too, before each residual add
+    attn_scale: float = 0.0      # multiplies q.k; 0: 1 / sqrt(head_dim). Gemma: query_pre_attn_scalar ** -0.5
+    attn_softcap: float = 0.0    # Gemma 2: attention logits become cap * tanh(logits / cap) before the mask; 0: none
+    final_softcap: float = 0.0   # Gemma 2: the same on the output logits (final_logit_softcapping); 0: none
+    rope_local_theta: float = 0.0  # Gemma 3: plain-RoPE base of the sliding-window blocks; 0: they use rope_theta
 
     def __post_init__(self):
         """Cross-field checks (each field's own type and range were checked by Fields)."""
@@ -103,6 +118,9 @@ class ModelConfig:
         bad = [i for i in self.eos_token_ids if not 0 <= i < self.vocab_size]
         if bad:
             raise Error(f"eos_token_id {bad} lies outside the vocabulary [0, {self.vocab_size})")
+        if self.moe_layers and not 1 <= self.experts_per_token <= self.num_experts:
+            raise Error(f"num_experts_per_tok={self.experts_per_token} must lie in [1, num_experts="
+                        f"{self.num_experts}]")
 
     @property
     def token_dim(self) -> int:

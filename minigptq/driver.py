@@ -17,7 +17,9 @@ calibration windows are in minigptq/passes.py, the solver in minigptq/gptq.py.
 """
 from __future__ import annotations
 
+import copy
 import json
+import math
 import re
 import sys
 import time
@@ -33,7 +35,9 @@ from .checkpoint_writer import PartialRun, tensor_digest
 from .compat import trivial_g_idx
 from .gptq import Hessian, gptq
 from .loader import build_empty, check_finite, internal_to_hf, load_into
+from .lora import merge_into
 from .memory import set_mmap_threshold, trim_heap
+from .moe import expert_of, route_all
 from .pack import can_pack, dequantize, pack_cols, unpack_cols
 from .passes import Replay, hessian_pass, make_replays, next_inputs
 from .qlinear import QuantLinear
@@ -44,7 +48,8 @@ from .quantizer import QuantConfig, QuantResult, rtn
 def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig, run: PartialRun,
                         method: str = "gptq", device="cpu", out_dtype=torch.float16,
                         log: Callable[[str], None] = print, fmt: str = "gptq", fused_all_or_none: bool = False,
-                        act_dtype: torch.dtype = torch.float32, progress: bool = False) -> dict:
+                        act_dtype: torch.dtype = torch.float32, progress: bool = False,
+                        moe_min_share: float = 0.01, adapter: dict | None = None) -> dict:
     """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
 
     fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
@@ -53,6 +58,8 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
     blocks still compute in fp32). log receives one line per block; progress: also show a progress bar (tqdm).
     Returns the tensors outside the blocks (HF names, out_dtype) for run.finish(). Blocks already in `run`
     (--resume) are not solved again: their saved tensors are replayed to rebuild the next block's inputs.
+    moe_min_share: a routed expert that fewer than this share of the calibration tokens reach is calibrated on all
+    of them (docs/algorithm.md).
     """
     if ckpt.quant is not None:
         raise Error(f"{ckpt.path} is already a GPTQ checkpoint; quantize the full-precision model instead")
@@ -63,18 +70,24 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
     for name, _ in model.named_children():  # everything outside the blocks, in fp32 for the computation
         if name != "layers":
             load_into(model, ckpt, name, torch.float32, device)
+    merge_into(model, adapter or {}, exclude="layers.")  # quantize --adapter: a LoRA on lm_head, merged before
     top = top_tensors(model, ckpt, out_dtype)  # before any work: they must be finite in the output dtype
     n, T = calib.shape
     ctx, pos = model.context(1, T, device, torch.float32)
     xs = [model.embed_tokens(calib[j:j + 1].to(device), pos).to(act_dtype) for j in range(n)]  # n x (1, T, hidden)
+    # GPTAQ (minigptq/gptaq.py): the full-precision model's block inputs, carried alongside xs (twice the memory of
+    # the activations, plus a full-precision copy of the current block); None otherwise
+    xs_fp = [x.clone() for x in xs] if method == "gptaq" else None  # n x (1, T, hidden)
     done = run.done_blocks()
     L = ckpt.cfg.num_layers
     t_start = time.perf_counter()
     bar = tqdm(total=L, desc="quantizing", unit="block", disable=not progress, file=sys.stderr, leave=False)
     for i in range(L):
         load_into(model, ckpt, f"layers.{i}.", torch.float32, device, copy=True)  # ours to overwrite, freed below
+        merge_into(model, adapter or {}, f"layers.{i}.")  # quantize --adapter: W += s B A, then calibrate and solve
         block = model.layers[i]
         source = block_source(ckpt, i)
+        fp_block = None if xs_fp is None else copy.deepcopy(block)  # GPTAQ: stays full precision
         if i in done:
             _restore_block(block, run.load_block(i, source), to_hf, i, qcfg, fmt)
             log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
@@ -82,8 +95,12 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
         else:
             replays = make_replays(block, xs, act_dtype, device)
             tensors, records = quantize_block(block, i, xs, ctx, replays, ckpt, qcfg, method, fmt, fused_all_or_none,
-                                              out_dtype, log, bar)
+                                              out_dtype, log, bar, fp=None if fp_block is None else (fp_block, xs_fp),
+                                              min_tokens=math.ceil(moe_min_share * n * T))
         next_inputs(block, xs, ctx, replays, act_dtype, ckpt, i)
+        if fp_block is not None:  # GPTAQ: the full-precision model's inputs of the next block
+            next_inputs(fp_block, xs_fp, ctx, [], act_dtype, ckpt, i)
+            fp_block = None
         for r in replays:
             r.stop()
         if i not in done:
@@ -100,16 +117,28 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
 
 def quantize_block(block: nn.Module, i: int, xs: list[Tensor], ctx, replays: list[Replay], ckpt: CheckpointReader,
                    qcfg: QuantConfig, method: str, fmt: str, fused_all_or_none: bool, out_dtype: torch.dtype,
-                   log: Callable[[str], None], bar: tqdm) -> tuple[dict[str, Tensor], list[dict]]:
+                   log: Callable[[str], None], bar: tqdm, fp: tuple[nn.Module, list[Tensor]] | None = None,
+                   min_tokens: int = 1) -> tuple[dict[str, Tensor], list[dict]]:
     """Solve block i group by group (true-sequential order), leaving its linears computing with their packed weights
     -> (the block's tensors to store, under HF names, one log record per linear)."""
     to_hf = internal_to_hf(ckpt)
     tensors, records, skip = {}, [], set()
-    for group in ckpt.arch.sequential:
+    for group in ckpt.arch.groups(ckpt.cfg, i):  # a MoE block: its experts one after another
         linears = {name: block.get_submodule(name) for name in group}
         unpackable = _unpackable(linears, qcfg.bits, fused_all_or_none, [to_hf[f"layers.{i}.{n}"] for n in group])
         # nothing in the group solved: no Hessian needed
-        H = None if all(unpackable.values()) else hessian_pass(block, list(linears.values()), xs, ctx, replays)
+        # GPTAQ (fp = (full-precision block, its inputs)): also the group's input in the full-precision model
+        fp_group = None if fp is None else (fp[0], fp[0].get_submodule(group[0]), fp[1])
+        H = None if all(unpackable.values()) else hessian_pass(block, list(linears.values()), xs, ctx, replays,
+                                                               fp=fp_group)
+        # MoE: an expert's Hessian is from the tokens routed to it; below min_tokens, from every token (the routing
+        # bypassed for this pass only; docs/algorithm.md), so no expert is left with a Hessian of too few tokens
+        routed, note, expert = None if H is None else H.n, "", expert_of(group[0])
+        if H is not None and expert is not None and H.n < min_tokens:
+            note = f"all tokens: {H.n} routed < {min_tokens}"
+            log(f"  {to_hf[f'layers.{i}.{group[0]}']}: {note}")
+            with route_all(block.mlp, expert):
+                H = hessian_pass(block, list(linears.values()), xs, ctx, replays, fp=fp_group)
         prepared = {}  # what the group's linears share of the solver's work (gptq's `shared`)
         for name, lin in linears.items():
             hf = to_hf[f"layers.{i}.{name}"]
@@ -124,7 +153,7 @@ def quantize_block(block: nn.Module, i: int, xs: list[Tensor], ctx, replays: lis
             tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
             skip.add(name)
             records.append(dict(block=i, module=hf, method=method, error=loss, percdamp=percdamp,
-                                seconds=time.perf_counter() - t0, g_idx_trivial=trivial))
+                                seconds=time.perf_counter() - t0, g_idx_trivial=trivial, tokens=routed, note=note))
             bar.set_postfix_str(f"{name} err {loss:.4g}")
         H = prepared = None  # this group's Hessian is spent (it was the solver's workspace)
         for r in replays:
@@ -150,8 +179,9 @@ def solve(lin: nn.Linear, H: Hessian, qcfg: QuantConfig, method: str, fmt: str, 
     """One linear's weight, quantized with GPTQ (one Cholesky per group: H is its workspace, 3 K^2 at most) or RTN,
     and packed -> (the QuantLinear, its loss, the damping used, whether its g_idx is the trivial k // group_size)."""
     try:
-        if method == "gptq":
-            res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=True, shared=prepared)
+        if method in ("gptq", "gptaq"):  # gptaq: H is an AsymHessian (minigptq/gptaq.py), D its asymmetric term
+            res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=True, shared=prepared,
+                       dXXT=H.D if method == "gptaq" else None)
         else:
             res = rtn(lin.weight, qcfg, H.H)
     except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
@@ -215,7 +245,12 @@ def top_tensors(model: nn.Module, ckpt: CheckpointReader, out_dtype) -> dict[str
             for leaf, t in mod.named_parameters():
                 top[f"{to_hf[name]}.{leaf}"] = t.detach().to(out_dtype)
     if ckpt.cfg.tie_word_embeddings:
-        top.pop("lm_head.weight", None)
+        top.pop(f"{to_hf['lm_head']}.weight", None)  # "lm_head.weight"; Gemma 3 multimodal: language_model.lm_head
+    # parts the model does not run (Gemma 3's vision tower) are copied, so that the output is the whole checkpoint
+    # its other loaders expect
+    for n in (n for n in ckpt.names() if n.startswith(ckpt.arch.ignored)):
+        t = ckpt.get(n)
+        top[n] = t.to(out_dtype) if t.is_floating_point() else t.clone()
     _check_stored(top, str(ckpt.path))
     return top
 

@@ -74,7 +74,8 @@ def main(args: argparse.Namespace) -> None:
     if args.chunk is not None and args.chunk < 1:
         raise Error(f"--chunk must be >= 1, got {args.chunk}")
     device, dtype = resolve_device(args.device, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel)
+    model = load_model(args.model, dtype=dtype, device=device, cpu_kernel=args.cpu_kernel,
+                       adapter=args.adapter)
     seqlen = min(args.seqlen, model.cfg.max_positions)
     if seqlen < 2:  # one token predicts nothing: no window would hold a prediction
         raise Error(f"{args.model}: the model's context (max_position_embeddings {model.cfg.max_positions}) is "

@@ -21,6 +21,7 @@ from . import Error, rope
 from .kernels import DecodeBlockPlan, cpu_attn_decode, cpu_available, cpu_decode_block, cpu_rms_norm
 from .kv_cache import KVCache
 from .masks import alibi_bias, attention_masks, key_positions
+from .moe import MoE
 from .transformer import Attention, Context, RMSNorm, Transformer
 
 
@@ -38,7 +39,7 @@ class CpuRMSNorm(RMSNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() <= 16 * x.shape[-1] and _cpu_fast(x) and self.weight.dtype == torch.float32 and x.is_contiguous():
-            return cpu_rms_norm(x, self.weight, self.eps)
+            return cpu_rms_norm(x, self.weight + self.offset if self.offset else self.weight, self.eps)  # Gemma: 1 + w
         return super().forward(x)
 
 
@@ -48,18 +49,24 @@ class CpuAttention(Attention):
 
     def forward(self, x: Tensor, ctx: Context, layer: int) -> Tensor:
         mask, _ = ctx.attn_mask(self.windowed)
+        cos, sin = ctx.rope(self.windowed)
+        # Gemma 2's soft-capped scores have no place in the C++ attention (its softmax takes q.k * scale + mask as
+        # is): those layers run the module path. A scale other than 1 / sqrt(hd) is folded into q (_decode_step).
         if x.shape[1] == 1 and ctx.cache is not None and isinstance(ctx.start, int) and _cpu_fast(x) and \
-                ctx.cache.k.dtype == torch.float32 and \
-                (ctx.cos is None or ctx.cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
-            return self.o(self._decode_step(x, ctx, layer, mask))
+                ctx.cache.k.dtype == torch.float32 and not self.softcap and \
+                (cos is None or cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
+            return self.o(self._decode_step(x, ctx, layer, mask, cos, sin))
         return super().forward(x, ctx, layer)
 
-    def _decode_step(self, x: Tensor, ctx: Context, layer: int, mask: Tensor | None) -> Tensor:
+    def _decode_step(self, x: Tensor, ctx: Context, layer: int, mask: Tensor | None, cos: Tensor | None,
+                     sin: Tensor | None) -> Tensor:
         """One token per sequence on the CPU: the projections, then RoPE, the cache write and the attention in one
         call (cpu_attn_decode) -> (B, 1, heads * hd), what forward's torch path computes."""
         h, kvh, hd = self.h, self.kvh, self.hd
-        if hasattr(self, "q_norm"):  # normed in torch first: the C++ call takes q and k as RoPE's inputs
+        if hasattr(self, "q_norm") or self.scale is not None:  # q, k as RoPE's inputs, normed / scaled in torch
             q, k, v = self.project(x)
+            if self.scale is not None:  # the C++ softmax scales by 1 / sqrt(hd); RoPE is linear in q
+                q = q * (self.scale * hd ** 0.5)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             q_row, kv_row, stride = h * hd, kvh * hd, hd
         elif self.per_head:  # BLOOM: per head [q; k; v]
@@ -73,7 +80,7 @@ class CpuAttention(Attention):
         else:
             q, k, v = self.q(x).contiguous(), self.k(x).contiguous(), self.v(x).contiguous()
             q_row, kv_row, stride = h * hd, kvh * hd, hd
-        return cpu_attn_decode(q, k, v, q_row, kv_row, stride, ctx.cos, ctx.sin, ctx.cache.k, ctx.cache.v, layer,
+        return cpu_attn_decode(q, k, v, q_row, kv_row, stride, cos, sin, ctx.cache.k, ctx.cache.v, layer,
                                mask, h, ctx.start)
 
 
@@ -91,7 +98,13 @@ class FastTransformer(Transformer):
         cfg = self.cfg
         if cfg.norm != "rms" or not cfg.pre_norm or cfg.residual_from_norm or cfg.fused_qkv or not cfg.gated_mlp \
                 or cfg.activation not in ("silu", "swish") or cfg.positions == "alibi" or cfg.qk_norm \
-                or cfg.fused_gate_up:
+                or cfg.fused_gate_up or cfg.moe_layers:  # MoE blocks: moe.MoE routes, one call per active expert
+            return None
+        # Gemma 2 / 3 (also GeGLU, so excluded above): the C++ block has no (1 + w) norms, no norms after attention
+        # and MLP, one RoPE table and 1 / sqrt(hd) scores; its layers take CpuRMSNorm / CpuAttention instead
+        if cfg.sandwich_norms or cfg.norm_offset or cfg.attn_scale or cfg.attn_softcap or cfg.rope_local_theta:
+            return None
+        if self.__dict__.get("adapter") is not None:  # LoRA (minigptq/lora.py): the C++ block has no LoRA term
             return None
         plans = self.__dict__.get("_decode_plans")
         if plans is not None and all(p.current(b) for p, b in zip(plans, self.layers)):
@@ -114,15 +127,39 @@ class FastTransformer(Transformer):
         return x
 
 
+class CpuMoE(MoE):
+    """MoE; one fp32 token on the CPU (decode at batch 1) with packed, fused experts: the k routed experts' gate/up
+    (one kernel call each), the SwiGLU of all k at once, their down projections (one call each) and the weighted
+    sum as one matmul: about 2k + 6 torch ops instead of the reference's grouping, ~8 per expert. The same math;
+    anything else runs the reference (minigptq/moe.py)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.numel() != x.shape[-1] or not _cpu_fast(x) or self.calibrate_all is not None:
+            return super().forward(x)
+        x2 = x.reshape(1, -1)  # (1, d)
+        w, idx = self.route(x2)  # (1, k) each
+        experts = [self.experts[e] for e in idx[0].tolist()]
+        if any(ex.fused is None for ex in experts):
+            return super().forward(x)
+        gate, up = torch.cat([ex.fused(x2) for ex in experts]).chunk(2, dim=-1)  # (k, width) each
+        h = experts[0].act(gate) * up  # (k, width)
+        y = w @ torch.cat([ex.down(hj) for ex, hj in zip(experts, h.split(1))])  # (1, k) @ (k, d) -> (1, d)
+        if hasattr(self, "shared_expert"):
+            y = y + torch.sigmoid(self.shared_expert_gate(x2)) * self.shared_expert(x2)
+        return y.view(x.shape)
+
+
 def accelerate(model: Transformer) -> Transformer:
-    """Switch `model` in place to the fast CPU decode paths: its RMSNorm, Attention and itself become CpuRMSNorm,
-    CpuAttention and FastTransformer (the same parameters, buffers and state_dict; only forward differs, and only
-    where the fast path applies). Idempotent; returns the model."""
+    """Switch `model` in place to the fast CPU decode paths: its RMSNorm, Attention, MoE and itself become CpuRMSNorm,
+    CpuAttention, CpuMoE and FastTransformer (the same parameters, buffers and state_dict; only forward differs, and
+    only where the fast path applies). Idempotent; returns the model."""
     for m in model.modules():
         if type(m) is RMSNorm:
             m.__class__ = CpuRMSNorm
         elif type(m) is Attention:
             m.__class__ = CpuAttention
+        elif type(m) is MoE:
+            m.__class__ = CpuMoE
     if type(model) is Transformer:
         model.__class__ = FastTransformer
     return model
@@ -156,8 +193,7 @@ class StaticDecodeStep:
     def __init__(self, model: Transformer, cache: KVCache, key_valid: Tensor):
         cfg, (B, S) = model.cfg, key_valid.shape
         if not self.supported(model):
-            raise Error(f"rope_scaling {cfg.rope_scaling.type!r} depends on the sequence length at every step: the "
-                        f"decode step has no static form (run without CUDA graphs)")
+            raise Error(f"{self.unsupported(model)}: the decode step has no static form (run without CUDA graphs)")
         dev, dtype = key_valid.device, model.act_dtype
         if S < cache.max_len:  # a cache longer than this generation: its later slots are never valid
             key_valid = torch.cat([key_valid, key_valid.new_zeros(B, cache.max_len - S)], dim=1)
@@ -167,17 +203,28 @@ class StaticDecodeStep:
         self.slot = torch.zeros(1, dtype=torch.long, device=dev)
         self.slots = torch.arange(S, device=dev)
         self.kpos = key_positions(key_valid)  # (B, S)
-        self.cos = self.sin = None
+        self.cos = self.sin = self.cos_local = self.sin_local = None
         if cfg.positions == "rope":
             self.cos, self.sin = rope.cos_sin(cfg, self.kpos, dtype)  # (B, 1, S, hd)
+            if cfg.rope_local_theta:  # Gemma 3's sliding-window blocks
+                self.cos_local, self.sin_local = rope.cos_sin(cfg, self.kpos, dtype, local=True)  # (B, 1, S, hd)
         # made once: the slopes' host-to-device copy may not happen inside a graph capture
         self.alibi = alibi_bias(cfg, self.kpos, dtype) if cfg.positions == "alibi" else None
         self.window = cfg.sliding_window if cfg.window_layers else 0
 
     @staticmethod
     def supported(model: Transformer) -> bool:
+        return not StaticDecodeStep.unsupported(model)
+
+    @staticmethod
+    def unsupported(model: Transformer) -> str:
+        """Why the decode step of `model` has no static form, or "" if it has one."""
         s = model.cfg.rope_scaling
-        return s is None or s.type not in ("dynamic", "longrope")
+        if s is not None and s.type in ("dynamic", "longrope"):
+            return f"rope_scaling {s.type!r} depends on the sequence length at every step"
+        if model.cfg.moe_layers:  # moe.MoE reads how many tokens each expert got to pick the experts it runs
+            return "a mixture of experts reads its routing back to the host at every step"
+        return ""
 
     def __call__(self) -> Tensor:
         m, slot = self.model, self.slot
@@ -186,8 +233,11 @@ class StaticDecodeStep:
         cos = sin = None
         if self.cos is not None:
             cos, sin = self.cos.index_select(2, slot), self.sin.index_select(2, slot)  # (B, 1, 1, hd)
+        cos_local = sin_local = None
+        if self.cos_local is not None:
+            cos_local, sin_local = self.cos_local.index_select(2, slot), self.sin_local.index_select(2, slot)
         x = m.embed_tokens(self.tokens, self.kpos.index_select(1, slot))
-        ctx = Context(mask, False, cos, sin, self.cache, slot, window_mask)
+        ctx = Context(mask, False, cos, sin, self.cache, slot, window_mask, cos_local, sin_local)
         for block in m.layers:
             x = block(x, ctx)
         return m.head(x)

@@ -33,7 +33,8 @@ def main(args: argparse.Namespace) -> None:
     else:
         prompts = [tok.encode(p) for p in args.prompt]
     stops = StopStrings(tok, args.stop, prompts) if args.stop else None
-    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel)
+    model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel,
+                       adapter=args.adapter)
     for p in prompts:
         check_token_ids(p, model.cfg.vocab_size, "the prompt")
         if len(p) >= model.cfg.max_positions:

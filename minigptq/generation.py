@@ -110,8 +110,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     if cuda_graph and device.type != "cuda":
         raise Error(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and not StaticDecodeStep.supported(model):
-        raise Error(f"rope_scaling {model.cfg.rope_scaling.type!r} changes with the sequence length every step: no "
-                    f"CUDA graph can replay it; use cuda_graph=False")
+        raise Error(f"{StaticDecodeStep.unsupported(model)}: no CUDA graph can replay it; use cuda_graph=False")
     if cuda_graph is None:
         cuda_graph = device.type == "cuda" and StaticDecodeStep.supported(model) and max_new_tokens > 1
     B, S = len(prompts), start + T0 + max_new_tokens

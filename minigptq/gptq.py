@@ -22,7 +22,7 @@ from torch import Tensor
 from . import Error, kernels
 from minigptq.quantizer import QuantConfig, QuantResult, dequantize, find_params, quantize
 
-__all__ = ["Hessian", "QuantResult", "gptq"]
+__all__ = ["Hessian", "QuantResult", "group_aware_order", "gptq"]
 
 PLAIN_LOOP = False  # True: always the torch loop below (the C++ one's oracle in the tests)
 
@@ -91,6 +91,33 @@ class Hessian:
                 self._mirrored = False
 
 
+def group_aware_order(diag: Tensor, gs: int) -> Tensor:
+    """GAR's processing order [K] from the Hessian diagonal diag [K] (GPTQModel's act_group_aware, after Gafni et
+    al. 2025, arXiv:2505.14638): act-order restricted to moves that keep each group of gs columns contiguous.
+
+    Paper's Algorithm 1 with act-order processes columns by decreasing H[i, i]; each group's grid is then found on
+    columns scattered over the matrix, so the checkpoint needs a permuted g_idx (desc_act), which vLLM's fast path
+    refuses. GAR orders *whole groups* by their largest H[i, i] (descending, stable) and, inside each group, the
+    columns by decreasing H[i, i]. Group j of the processing order is then exactly the columns of one original group,
+    so its grid covers the same weights as without reordering and g_idx stays k // gs. A last partial group (K not a
+    multiple of gs) stays last, its columns sorted the same way. gs >= K: one group, i.e. plain act-order.
+    """
+    K = diag.numel()
+    full = K // gs * gs
+    local = torch.sort(diag[:full].view(-1, gs), dim=1, descending=True, stable=True)  # [G, gs] within each group
+    order = torch.sort(local.values[:, 0], descending=True, stable=True).indices  # [G] groups by their max
+    base = torch.arange(0, full, gs, device=diag.device)[:, None]  # [G, 1] first column of each group
+    tail = full + torch.sort(diag[full:], descending=True, stable=True).indices  # [K - full]
+    return torch.cat([(local.indices + base)[order].reshape(-1), tail])  # [K]
+
+
+def _asymmetric_shift(D: Tensor, perm: Tensor, Hinv: Tensor) -> Tensor:
+    """GPTAQ's D H^-1 [K, K] in processing order, from D [K, K] (original order) and Hinv = U [K, K], the upper
+    Cholesky factor of the damped H^-1 in processing order (H^-1 = U^T U). See minigptq/gptaq.py for why."""
+    D = D.to(device=Hinv.device, dtype=Hinv.dtype)[perm][:, perm]  # [K, K] processing order
+    return (D @ Hinv.T) @ Hinv  # [K, K] D H^-1
+
+
 def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], None]) -> tuple[Tensor, float]:
     """Dampen H and return (upper Cholesky factor of H^-1, percdamp used). Retries with 10x damping (at least 1e-6) up to 1.0.
 
@@ -127,7 +154,7 @@ def _upper_cholesky_of_inverse(H: Tensor, percdamp: float, log: Callable[[str], 
 @torch.no_grad()
 @_no_tf32()
 def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = print,
-         consume_h: bool = False, shared: dict | None = None) -> QuantResult:
+         consume_h: bool = False, shared: dict | None = None, dXXT: Tensor | None = None) -> QuantResult:
     """Quantize W [N, K] given its Hessian H [K, K]. Returns codes, grids and the dequantized W.
 
     Pure: W and H are copied, never modified -- except that with consume_h=True H is the solver's workspace (the
@@ -138,6 +165,8 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     shared: a dict for the linears of one true-sequential group, which share H (q/k/v, gate/up): the first call
     stores what depends on H and cfg alone (dead inputs, column order, Hinv, damping) and the others reuse it
     (the same numbers, one Cholesky per group; H may then be consumed by the first call).
+    dXXT: GPTAQ's D = 2/n sum (x_fp - x)^T x [K, K] (minigptq/gptaq.py): the target becomes the full-precision
+    model's output, by starting Algorithm 1 from W* = W + alpha W D H^-1 instead of W. None: plain GPTQ.
 
     Algorithm 1 of the paper (line numbers ours; the comments below point at them):
       1  Q <- 0 [N, K];  E <- 0 [N, B]
@@ -178,15 +207,17 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
             scales[g], zeros[g] = find_params(W[:, g * gs : (g + 1) * gs], cfg.bits, cfg.sym, cfg.mse)
 
     if reuse:  # this group's H was prepared by its first linear
-        perm, Hinv, percdamp = shared["perm"], shared["Hinv"], shared["percdamp"]
+        perm, Hinv, percdamp, shift = shared["perm"], shared["Hinv"], shared["percdamp"], shared["shift"]
     else:
         # Act-order: quantize columns with large H[i, i] (large inputs) first, while many columns remain to absorb
         # their error. Stable sort -> deterministic order among ties. Identity permutation otherwise.
+        # GAR (an addition to the paper): the same idea within contiguous groups, see group_aware_order.
         in_place = consume_h and H.device == W.device and H.dtype == dtype  # H is our workspace as it is
-        if cfg.act_order:
+        if cfg.act_order or cfg.act_group_aware:
             diag = torch.diag(H).clone()  # [K]
             diag[dead] = 1  # dead inputs count with H[i, i] = 1, as in the reference
-            perm = torch.sort(diag, descending=True, stable=True).indices  # [K]
+            perm = (torch.sort(diag, descending=True, stable=True).indices if cfg.act_order
+                    else group_aware_order(diag, gs))  # [K]
             if in_place:
                 H.copy_(H[perm]).copy_(H[:, perm])  # in processing order, in place (one K x K temporary at a time)
             else:
@@ -198,14 +229,17 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
         H.diagonal()[dead[perm]] = 1
         Hinv, percdamp = _upper_cholesky_of_inverse(H, cfg.percdamp, log)  # [K, K] upper triangular (line 2)
         del H  # damped in place: not needed any more
+        shift = None if dXXT is None else _asymmetric_shift(dXXT, perm, Hinv)  # [K, K] D H^-1, processing order
         if shared is not None:
-            shared.update(dead=dead, perm=perm, Hinv=Hinv, percdamp=percdamp)
+            shared.update(dead=dead, perm=perm, Hinv=Hinv, percdamp=percdamp, shift=shift)
     invperm = torch.argsort(perm)  # [K]
-    if cfg.act_order:
+    if cfg.act_order or cfg.act_group_aware:
         W = W[:, perm]  # [N, K] in processing order
+    if shift is not None:  # GPTAQ: aim at the full-precision model's output (minigptq/gptaq.py)
+        W += cfg.gptaq_alpha * (W @ shift)  # [N, K] W* = W + alpha W D H^-1
     # group_of[j]: group of the j-th processed column. Dynamic groups are consecutive in processing order;
-    # static groups belong to the original column.
-    group_of = (perm // gs).tolist() if upfront else [j // gs for j in range(K)]
+    # static groups, and GAR's groups (whole groups moved, so still consecutive), keep the original column's group.
+    group_of = (perm // gs).tolist() if upfront or cfg.act_group_aware else [j // gs for j in range(K)]
 
     codes = torch.zeros_like(W)  # [N, K] integer codes (as floats), processing order
     fast = PLAIN_LOOP is False and dtype == torch.float32 and W.is_cpu and kernels.cpu_available()
@@ -218,8 +252,8 @@ def gptq(W: Tensor, H: Tensor, cfg: QuantConfig, log: Callable[[str], None] = pr
     starts = set(range(0, K, cfg.blocksize)) | (set() if upfront else set(range(0, K, gs)))
     bounds = sorted(starts) + [K]
     for i1, i2 in zip(bounds[:-1], bounds[1:]):
-        if not upfront and i1 % gs == 0:
-            scales[i1 // gs], zeros[i1 // gs] = find_params(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.mse)
+        if not upfront and i1 % gs == 0:  # a group starts (with GAR: group_of[i1], not necessarily i1 // gs)
+            scales[group_of[i1]], zeros[group_of[i1]] = find_params(W[:, i1 : i1 + gs], cfg.bits, cfg.sym, cfg.mse)
         W1 = W[:, i1:i2].clone()  # [N, b] the block, updated column by column
         Err1 = torch.zeros_like(W1)  # [N, b] E: scaled quantization errors of the block (line 1)
         Hinv1 = Hinv[i1:i2, i1:i2]  # [b, b]

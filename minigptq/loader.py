@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from . import Error, kernels
 from .checkpoint_reader import CheckpointReader
 from .fast_decode import accelerate
+from .lora import apply_adapter
 from .qlinear import FusedQuantLinear, QuantLinear
 from .quantizer import QuantConfig, rtn
-from .transformer import Transformer
+from .transformer import MLP, Transformer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
           "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -44,7 +45,7 @@ def resolve_device(device: str, dtype: str | None = None) -> tuple[torch.device,
 
 def internal_to_hf(ckpt: CheckpointReader) -> dict[str, str]:
     """Internal module path -> HF module path for this checkpoint's architecture and depth."""
-    return {ours: hf for hf, ours in ckpt.arch.module_map(ckpt.cfg.num_layers).items()}
+    return {ours: hf for hf, ours in ckpt.arch.module_map(ckpt.cfg.num_layers, ckpt.cfg.num_experts).items()}
 
 
 def build_empty(ckpt: CheckpointReader, cpu_kernel: str = "exact") -> Transformer:
@@ -116,9 +117,10 @@ def _plan(model: Transformer, ckpt: CheckpointReader, prefix: str) -> list[tuple
     hf_prefixes = tuple(h + "." for o, h in to_hf.items() if (o + ".").startswith(prefix) or not prefix)
     unexpected = [n for n in ckpt.names() if n.startswith(hf_prefixes) and n not in wanted_hf
                   and not n.endswith(("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias"))
-                  and not (n == "lm_head.weight" and ckpt.cfg.tie_word_embeddings)]
+                  and not (n == f"{to_hf['lm_head']}.weight" and ckpt.cfg.tie_word_embeddings)]
     if not prefix:
-        unexpected += [n for n in ckpt.names() if not n.startswith(tuple(h + "." for h in to_hf.values()))]
+        unexpected += [n for n in ckpt.names() if not n.startswith(tuple(h + "." for h in to_hf.values()))
+                       and not n.startswith(ckpt.arch.ignored)]  # e.g. Gemma 3's vision tower
     if unexpected:
         raise Error(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) in the checkpoint: "
                     f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
@@ -197,7 +199,8 @@ def check_finite(t: Tensor, what: str, fix: str = "") -> None:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device="cpu",
-               head_dtype: str | torch.dtype | None = None, cpu_kernel: str = "auto", fuse: bool = True) -> Transformer:
+               head_dtype: str | torch.dtype | None = None, cpu_kernel: str = "auto", fuse: bool = True,
+               adapter: str | Path | None = None) -> Transformer:
     """Load a checkpoint folder (full precision or GPTQ) -> Transformer in eval mode, on `device`.
 
     dtype: fp32/fp16/bf16 for the floating tensors, or None for the checkpoint's own dtype.
@@ -208,6 +211,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
     integer dot products (AVX-512 VNNI / AVX-VNNI; about 0.5% relative error per layer, see docs/kernels.md),
     "exact" = fp32 arithmetic, "auto" = int8 where the CPU has VNNI, else exact.
     fuse: run packed q/k/v and gate/up as one kernel call each (same outputs; fewer calls per token).
+    adapter: a PEFT LoRA adapter folder applied on top (minigptq/lora.py: the base stays packed).
     """
     kernel = "int8" if resolve_cpu_kernel(cpu_kernel) else "exact"
     try:
@@ -231,16 +235,20 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
             mod.weight = nn.Parameter(mod.weight.to(head_dtype), requires_grad=False)
         if ckpt.cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed.weight
+    if adapter is not None:
+        apply_adapter(model, adapter, internal_to_hf(ckpt))
     model.checkpoint = ckpt  # keeps the memory maps alive as long as the model
     return model.eval()
 
 
 def fuse_projections(model: Transformer) -> int:
-    """Give every block's attention (q, k, v) and gated MLP (gate, up) one FusedQuantLinear where their packed
-    layers can share a layout; returns how many were fused."""
+    """Give every block's attention (q, k, v) and gated MLP (gate, up; each expert's and the shared expert's in a
+    mixture of experts) one FusedQuantLinear where their packed layers can share a layout; returns how many were
+    fused."""
     n = 0
     for block in model.layers:
-        for mod, names in ((block.attn, ("q", "k", "v")), (block.mlp, ("gate", "up"))):
+        mlps = [m for m in block.mlp.modules() if isinstance(m, MLP)]  # the MLP itself, or a MoE's experts
+        for mod, names in [(block.attn, ("q", "k", "v"))] + [(m, ("gate", "up")) for m in mlps]:
             parts = [getattr(mod, name, None) for name in names]
             if all(p is not None for p in parts) and FusedQuantLinear.compatible(parts):
                 mod.fused = FusedQuantLinear(parts)

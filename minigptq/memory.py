@@ -62,15 +62,20 @@ def _cgroup_free() -> int | None:
 # -- the quantization driver's working set -------------------------------------------------------------------------
 
 def peak_bytes(ckpt, nsamples: int, seqlen: int, act_dtype: torch.dtype) -> dict[str, int]:
-    """What the driver holds at its peak, by part: the calibration activations (one set, between blocks, and the
-    attention outputs driver._Replay keeps), one block's fp32 weights, and the solver: its K x K matrices (the Hessian
-    and at most two more) for the widest input plus two copies of the largest weight (W being updated and the codes).
+    """What the driver holds at its peak, by part: the embedding tables, the calibration activations (one set, between
+    blocks, and the attention outputs driver._Replay keeps), one block's fp32 weights, and the solver: its K x K
+    matrices (the Hessian and at most two more) for the widest input plus two copies of the largest weight (W being
+    updated and the codes).
     The MLP's _Replay is taken only where it fits besides this; the interpreter and torch come on top (~0.3 GiB).
     ckpt: a CheckpointReader (only its cfg, a ModelConfig, is read)."""
     cfg = ckpt.cfg
     K = max(cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim)
     per = torch.empty(0, dtype=act_dtype).element_size()
-    return dict(activations=nsamples * seqlen * (cfg.hidden_size + cfg.num_heads * cfg.head_dim) * per,
+    # the token embedding (and an untied lm_head) in fp32 for the computation plus the copy to be written (<= 2 bytes
+    # a value in fp16 / bf16): with a large vocabulary (Gemma's 262k) more than one block and the solver together
+    tables = cfg.vocab_size * cfg.token_dim * (1 if cfg.tie_word_embeddings else 2)
+    return dict(embeddings=tables * (4 + 2),
+                activations=nsamples * seqlen * (cfg.hidden_size + cfg.num_heads * cfg.head_dim) * per,
                 block=4 * (2 * cfg.hidden_size * (cfg.num_heads + cfg.num_kv_heads) * cfg.head_dim
                            + 3 * cfg.hidden_size * cfg.intermediate_size),
                 solver=4 * (3 * K * K + 2 * cfg.hidden_size * max(cfg.hidden_size, cfg.intermediate_size)))
@@ -84,7 +89,8 @@ def check_memory(ckpt, nsamples: int, seqlen: int, device: torch.device,
     if free is not None and sum(need.values()) > free:
         raise Error(f"quantizing needs about {sum(need.values()) / 2**30:.1f} GiB (calibration activations "
                     f"{need['activations'] / 2**30:.1f} GiB for nsamples {nsamples} x seqlen {seqlen} x hidden "
-                    f"{ckpt.cfg.hidden_size}, one block {need['block'] / 2**30:.1f} GiB, solver "
+                    f"{ckpt.cfg.hidden_size}, embeddings {need['embeddings'] / 2**30:.1f} GiB for a vocabulary of "
+                    f"{ckpt.cfg.vocab_size}, one block {need['block'] / 2**30:.1f} GiB, solver "
                     f"{need['solver'] / 2**30:.1f} GiB) but only {free / 2**30:.1f} GiB of {device.type} memory "
                     f"is available; lower --nsamples or --seqlen, or keep the activations in --act-dtype bf16")
 

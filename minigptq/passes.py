@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from . import Error
 from .checkpoint_reader import CheckpointReader
+from .gptaq import AsymHessian
 from .gptq import Hessian
 from .memory import available_memory
 
@@ -58,23 +59,41 @@ class Replay:
 
 
 def hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], ctx,
-                  replays: list[Replay] = ()) -> Hessian:
+                  replays: list[Replay] = (), fp: tuple[nn.Module, nn.Module, list[Tensor]] | None = None) -> Hessian:
     """Run the block on every window until the group's input is seen; accumulate its Hessian (and keep that input in
-    the replay whose linear is in the group)."""
-    H = Hessian(linears[0].in_features, xs[0].device)
+    the replay whose linear is in the group). fp = (full-precision block, its copy of the group's first linear, the
+    full-precision model's block inputs): GPTAQ, which also needs that linear's input in the full-precision model,
+    computed window by window just before (an AsymHessian is returned)."""
+    H = Hessian(linears[0].in_features, xs[0].device) if fp is None else AsymHessian(linears[0].in_features,
+                                                                                     xs[0].device)
     capture = next((r for r in replays if r.linear in linears), None)
+    x_fp = [None]  # the current window's input of the group in the full-precision model
+
+    def fp_hook(_mod, args):
+        x_fp[0] = args[0]
+        raise _StopForward
 
     def hook(_mod, args):
-        H.add(args[0])
+        if fp is None:
+            H.add(args[0])
+        else:
+            H.add_pair(args[0], x_fp[0])
         if capture is not None:
             capture.core[capture.j] = args[0].detach().to(capture.dtype)
         raise _StopForward
 
     handles = [lin.register_forward_pre_hook(hook) for lin in linears]  # members share their input: first one wins
+    if fp is not None:
+        handles.append(fp[1].register_forward_pre_hook(fp_hook))
     try:
         for j, x in enumerate(xs):
             for r in replays:
                 r.j = j
+            if fp is not None:  # GPTAQ: the full-precision block on the full-precision inputs, up to the group
+                try:
+                    forward(fp[0], fp[2][j], ctx)
+                except _StopForward:
+                    pass
             try:
                 forward(block, x, ctx)
             except _StopForward:

@@ -24,7 +24,8 @@ from .checkpoint_writer import PartialRun, tensor_digest
 from .cli import add_debug_flag, run
 from .compat import format_report, report
 from .data import calibration_tokens, calibration_windows, sample_from_model
-from .loader import build_empty, check_checkpoint, load_model, parse_dtype, resolve_device
+from .loader import build_empty, check_checkpoint, internal_to_hf, load_model, parse_dtype, resolve_device
+from .lora import read_adapter
 from .memory import check_memory
 from .out_folder import check_out, out_state
 from .pack import can_pack
@@ -62,21 +63,22 @@ def quant_config_json(qcfg: QuantConfig, method: str, ckpt, records: list[dict],
              static_groups=qcfg.static_groups, sym=qcfg.sym, true_sequential=True, quant_method="gptq",
              checkpoint_format=fmt, format=fmt, pack_dtype="int32", lm_head=False,
              meta=dict(quantizer=[f"minigptq:{__version__}"], method=method, mse=qcfg.mse, blocksize=qcfg.blocksize,
-                       calibration=calib_note))
+                       calibration=calib_note, act_group_aware=qcfg.act_group_aware,
+                       **(dict(gptaq_alpha=qcfg.gptaq_alpha) if method == "gptaq" else {})))
     kept = sorted({r["module"] for r in records if r["method"].startswith("kept")})
     if kept:
         # Layers the format cannot pack stay nn.Linear. optimum/transformers read modules_in_block_to_quantize
         # (suffixes of the quantized names); GPTQModel reads "dynamic" rules where "-:regex" means "do not quantize".
         prefix = re.compile(re.escape(ckpt.arch.layer_prefix).replace(r"\{i\}", r"\d+"))
         kept_suffix = {prefix.sub("", k, count=1) for k in kept}
-        groups = [[h for h in (_hf(ckpt, n) for n in g) if h not in kept_suffix] for g in ckpt.arch.sequential]
+        # every block's groups (a MoE's blocks have experts, its dense ones not), as suffixes, each group once
+        to_hf, L = internal_to_hf(ckpt), ckpt.cfg.num_layers
+        suffixes = dict.fromkeys(tuple(prefix.sub("", to_hf[f"layers.{i}.{n}"], count=1) for n in g)
+                                 for i in range(L) for g in ckpt.arch.groups(ckpt.cfg, i))
+        groups = [[h for h in g if h not in kept_suffix] for g in suffixes]
         q["modules_in_block_to_quantize"] = [g for g in groups if g]
         q["dynamic"] = {f"-:^{re.escape(k)}$": {} for k in kept}
     return q
-
-
-def _hf(ckpt, internal: str) -> str:
-    return next(hf for hf, ours in ckpt.arch.layer_names.items() if ours == internal)
 
 
 def default_out(model: str | Path, method: str, bits: int, group_size: int) -> Path:
@@ -91,7 +93,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                    method: str = "gptq", dataset=None, nsamples: int = 128, seqlen: int = 2048,
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
                    resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
-                   log: Callable[[str], None] | None = None, progress: bool = False) -> Path:
+                   log: Callable[[str], None] | None = None, progress: bool = False,
+                   moe_min_share: float = 0.01, adapter: str | Path | None = None) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     dataset: calibration data: a .txt / .jsonl file (text or chat "messages" rows), a list of strings, a list of
@@ -103,23 +106,35 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     calibration forward passes and the solver compute in fp32 always).
     log: receives the progress messages (default: the "minigptq" logger at INFO, silent unless configured);
     progress: show a progress bar over the blocks on stderr.
+    moe_min_share: a mixture of experts' expert that fewer than this share of the calibration tokens are routed to
+    is calibrated on all of them (docs/algorithm.md).
+    adapter: a PEFT LoRA adapter folder merged into the full-precision weights (W += scaling * B A) block by block
+    before calibration and quantization (minigptq/lora.py), so the checkpoint is the adapted model.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see out_folder.check_out).
     """
     log = log or logger.info
     if fmt not in ("gptq", "gptq_v2"):
         raise Error(f"format must be 'gptq' or 'gptq_v2', got {fmt!r}")
-    if method not in ("gptq", "rtn"):
-        raise Error(f"method must be 'gptq' or 'rtn', got {method!r}")
+    if method not in ("gptq", "gptaq", "rtn"):
+        raise Error(f"method must be 'gptq', 'gptaq' or 'rtn', got {method!r}")
     for name, v, lo in (("nsamples", nsamples, 1), ("seqlen", seqlen, 2), ("seed", seed, 0)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise Error(f"--{name} must be an integer >= {lo}, got {v!r}")
+    if isinstance(moe_min_share, bool) or not isinstance(moe_min_share, (int, float)) or not 0 <= moe_min_share <= 1:
+        raise Error(f"--moe-min-share must be a number in [0, 1], got {moe_min_share!r}")
     out_dtype, acts = parse_dtype(dtype), parse_dtype(act_dtype)
     device, _ = resolve_device(device)
     ckpt = CheckpointReader(model)
     if ckpt.quant is not None:
         raise Error(f"{model} is already a GPTQ checkpoint; quantize the full-precision model instead")
+    if method == "gptaq" and ckpt.cfg.moe_layers:  # its full-precision inputs would be routed to other experts
+        raise Error(f"--method gptaq does not support mixtures of experts ({ckpt.cfg.model_type}); use gptq or rtn")
     check_checkpoint(ckpt)  # every tensor's name, shape and dtype, before anything is computed or written
+    lora = None if adapter is None else read_adapter(adapter, build_empty(ckpt), internal_to_hf(ckpt))
+    if lora and "lm_head" in lora and ckpt.cfg.tie_word_embeddings:
+        raise Error(f"adapter {adapter} adapts lm_head, which this model ties to the token embeddings: merging it "
+                    f"would change both; valid: an adapter without lm_head in its target_modules")
     if target is not None:
         check_target(target, ckpt, qcfg, fmt)
     if isinstance(dataset, torch.Tensor) and dataset.dim() == 2:  # the windows themselves
@@ -140,13 +155,20 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
                     act_dtype=act_dtype, version=__version__,
                     calibration_sha256=tensor_digest([("windows", windows)]), model_sha256=driver.top_source(ckpt))
+    if ckpt.cfg.moe_layers:  # the rule for rarely routed experts changes what is solved
+        settings["moe_min_share"] = moe_min_share
+    if lora is not None:  # a resumed run must merge the same adapter
+        settings["adapter_sha256"] = tensor_digest([(f"{k}.{n}", t) for k, w in sorted(lora.items()) for n, t in
+                                                    (("A", w.A), ("B", w.B), ("scaling", torch.tensor(w.scaling)))])
     with PartialRun(out, resume=resume, overwrite=overwrite, log=log, seen=seen) as partial:
         partial.start(settings)
         log(f"quantizing {model} ({ckpt.cfg.model_type}, {ckpt.cfg.num_layers} blocks) with {method.upper()} "
             f"{qcfg.bits}-bit, group {qcfg.group_size}, {'sym' if qcfg.sym else 'asym'}"
-            f"{', act-order' if qcfg.act_order else ''} on {device} -> {out}")
+            f"{', act-order' if qcfg.act_order else ''}{', group-aware act-order' if qcfg.act_group_aware else ''}"
+            f" on {device} -> {out}")
         top = driver.quantize_checkpoint(ckpt, windows, qcfg, partial, method, device, out_dtype, log, fmt,
-                                         fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress)
+                                         fused_all_or_none=target == "vllm", act_dtype=acts, progress=progress,
+                                         moe_min_share=moe_min_share, adapter=lora)
         records = partial.records()
         source = dataset if isinstance(dataset, (str, Path)) else type(dataset).__name__ if dataset is not None \
             else "data-free (model samples)"
@@ -181,7 +203,7 @@ def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
                    "--static-groups)")
     if qcfg.group_size != -1:  # the input widths of the layers that will be packed (whole fused groups)
         block = build_empty(ckpt).layers[0]
-        groups = [[block.get_submodule(n) for n in g] for g in ckpt.arch.sequential]
+        groups = [[block.get_submodule(n) for n in g] for g in ckpt.arch.groups(ckpt.cfg, 0)]
         widths = sorted({lin.in_features for g in groups
                          if all(can_pack(x.in_features, x.out_features, qcfg.bits) is None for x in g) for lin in g})
         odd = [k for k in widths if k % qcfg.group_size]
@@ -196,11 +218,12 @@ def check_target(target: str, ckpt, qcfg: QuantConfig, fmt: str) -> None:
 def main(args: argparse.Namespace) -> None:
     qcfg = QuantConfig(bits=args.bits, group_size=args.groupsize, sym=args.sym, act_order=args.act_order,
                        static_groups=args.static_groups, percdamp=args.percdamp, blocksize=args.blocksize,
-                       mse=args.mse)
+                       mse=args.mse, act_group_aware=args.act_group_aware, gptaq_alpha=args.gptaq_alpha)
     quantize_model(args.model, args.out, qcfg=qcfg, method=args.method, dataset=args.dataset,
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
                    overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
-                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty())
+                   act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty(),
+                   moe_min_share=args.moe_min_share, adapter=args.adapter)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -218,13 +241,23 @@ def parser() -> argparse.ArgumentParser:
                    help="quantize columns in order of decreasing Hessian diagonal (desc_act)")
     p.add_argument("--static-groups", action="store_true",
                    help="compute group grids up front on the unpermuted weight (with --act-order)")
+    p.add_argument("--act-group-aware", action="store_true",
+                   help="GAR: act-order that moves whole groups (by their largest Hessian diagonal) and orders columns "
+                        "within each; g_idx stays trivial, so vLLM serves it (GPTQModel's act_group_aware)")
+    p.add_argument("--gptaq-alpha", type=float, default=0.25,
+                   help="with --method gptaq: fraction in [0, 1] of the shift towards the full-precision model's "
+                        "output (default 0.25, as GPTQModel)")
     p.add_argument("--percdamp", type=float, default=0.01,
                    help="Hessian damping as a fraction of its mean diagonal (default 0.01; raised automatically "
                         "if Cholesky fails)")
+    p.add_argument("--moe-min-share", type=float, default=0.01,
+                   help="mixture of experts: an expert routed fewer than this share of the calibration tokens is "
+                        "calibrated on all of them (default 0.01; docs/algorithm.md)")
     p.add_argument("--blocksize", type=int, default=128, help="columns per lazy batch update (default 128)")
     p.add_argument("--mse", action="store_true", help="search the grid range that minimises the error (slower)")
-    p.add_argument("--method", choices=["gptq", "rtn"], default="gptq",
-                   help="gptq (default) or rtn: round-to-nearest baseline with the same grid")
+    p.add_argument("--method", choices=["gptq", "gptaq", "rtn"], default="gptq",
+                   help="gptq (default), gptaq (GPTQ fitted to the full-precision model's outputs; keeps a second "
+                        "set of calibration activations) or rtn: round-to-nearest baseline with the same grid")
     p.add_argument("--dataset", default=None,
                    help="calibration data: a .txt file, or a .jsonl file with a \"text\" field or a \"messages\" list "
                         "per line (chat data, rendered with the model's chat template); default: data-free, sampled "
@@ -245,6 +278,9 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse settings the target would not serve and keep the layers it fuses (q/k/v, gate/up) all "
                         "quantized or all kept; vllm: symmetric 4/8-bit v1, no desc_act (--act-order needs "
                         "--static-groups), a group size dividing every layer's input width")
+    p.add_argument("--adapter", default=None, metavar="DIR",
+                   help="a PEFT LoRA adapter folder to merge into the full-precision weights before quantizing "
+                        "(calibration runs through the merged model)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and any interrupted run)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     p.add_argument("--quiet", action="store_true", help="print only errors (no progress, no per-block lines)")

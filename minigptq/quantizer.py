@@ -49,6 +49,9 @@ class QuantConfig:
     percdamp: float = 0.01  # H[i, i] += percdamp * mean(diag H), in (0, 1]; raised x10 if Cholesky fails
     blocksize: int = 128  # B, columns per lazy batch update (paper, Step 2); does not change the result
     mse: bool = False  # shrink each grid by an MSE search (grid 100, maxshrink 0.8, norm 2.4)
+    # GAR (GPTQModel's act_group_aware): act-order that keeps groups contiguous, so g_idx stays k // gs
+    act_group_aware: bool = False
+    gptaq_alpha: float = 0.25  # GPTAQ only: fraction of the asymmetric target shift applied (GPTQModel's default)
 
     def __post_init__(self) -> None:
         def is_int(v: object) -> bool:
@@ -62,7 +65,7 @@ class QuantConfig:
                 f"group_size={self.group_size!r} is invalid; use -1 (one group per output row over all "
                 f"inputs) or a positive number of input columns per group below 2**31, e.g. 128"
             )
-        for name in ("sym", "act_order", "static_groups", "mse"):
+        for name in ("sym", "act_order", "static_groups", "mse", "act_group_aware"):
             if not isinstance(getattr(self, name), bool):
                 raise Error(f"{name}={getattr(self, name)!r} must be a bool (True or False)")
         p = self.percdamp
@@ -70,6 +73,12 @@ class QuantConfig:
             raise Error(f"percdamp={self.percdamp!r} must be a number in (0, 1], e.g. 0.01")
         if not is_int(self.blocksize) or self.blocksize < 1:
             raise Error(f"blocksize={self.blocksize!r} must be an integer >= 1, e.g. 128")
+        if self.act_order and self.act_group_aware:
+            raise Error("act_order=True and act_group_aware=True exclude each other: choose act-order (g_idx "
+                        "permuted) or group-aware act-order (GAR, g_idx trivial)")
+        a = self.gptaq_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:  # also rejects NaN
+            raise Error(f"gptaq_alpha={a!r} must be a number in [0, 1], e.g. 0.25")
 
     def num_groups(self, in_features: int) -> int:
         """G = ceil(K / group_size), or 1 when group_size == -1."""

@@ -34,8 +34,8 @@ def check_angles(cfg) -> None:
     field ranges (arch/llama.py) keep most values sane; this catches their combinations (e.g. a longrope factor of
     1e-300). cfg: a ModelConfig (this module reads its head_dim, rope_theta, rope_scaling and max_positions)."""
     last = cfg.max_positions - 1
-    for seq_len in dict.fromkeys((1, cfg.max_positions)):  # dynamic and longrope change with the length
-        inv, attention = inv_freq(cfg, seq_len, "cpu")
+    for seq_len, local in dict.fromkeys([(1, False), (cfg.max_positions, False), (1, bool(cfg.rope_local_theta))]):
+        inv, attention = inv_freq(cfg, seq_len, "cpu", local)  # dynamic and longrope change with the length
         if not (bool(torch.isfinite(inv * last).all()) and math.isfinite(attention) and attention > 0):
             kind = cfg.rope_scaling.type if cfg.rope_scaling is not None else "none"
             raise Error(f"the RoPE settings (rope_theta={cfg.rope_theta}, rope_scaling {kind}) give non-finite "
@@ -43,10 +43,13 @@ def check_angles(cfg) -> None:
                         f"float32 (check rope_theta and the rope_scaling factors)")
 
 
-def inv_freq(cfg, seq_len: int, device) -> tuple[Tensor, float]:
+def inv_freq(cfg, seq_len: int, device, local: bool = False) -> tuple[Tensor, float]:
     """Rotation frequencies (head_dim / 2,) for a forward whose last position is seq_len - 1, and the factor that
-    multiplies cos and sin."""
+    multiplies cos and sin. local: those of the sliding-window blocks where they have their own base (Gemma 3's
+    rope_local_theta, plain RoPE)."""
     d, base, s = cfg.head_dim, cfg.rope_theta, cfg.rope_scaling
+    if local and cfg.rope_local_theta:
+        base, s = cfg.rope_local_theta, None
     exps = torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d  # (d/2,): 2i / d
     if s is None or (s.type == "dynamic" and seq_len <= s.original_max):
         return 1.0 / (base ** exps), 1.0
@@ -80,11 +83,12 @@ def inv_freq(cfg, seq_len: int, device) -> tuple[Tensor, float]:
     return 1.0 / (ext * base ** exps), s.attention_factor
 
 
-def cos_sin(cfg, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """pos (B, T) -> cos, sin (B, 1, T, head_dim) in dtype, for rotate-half RoPE."""
-    s = cfg.rope_scaling  # only dynamic and longrope depend on the length, read here (one device sync) when used
+def cos_sin(cfg, pos: Tensor, dtype: torch.dtype, local: bool = False) -> tuple[Tensor, Tensor]:
+    """pos (B, T) -> cos, sin (B, 1, T, head_dim) in dtype, for rotate-half RoPE (local: see inv_freq)."""
+    # only dynamic and longrope depend on the length, read here (one device sync) when used
+    s = None if local else cfg.rope_scaling
     seq_len = int(pos.max()) + 1 if s is not None and s.type in ("dynamic", "longrope") and pos.numel() else 0
-    inv, attention = inv_freq(cfg, seq_len, pos.device)
+    inv, attention = inv_freq(cfg, seq_len, pos.device, local)
     freqs = pos[..., None].float() * inv  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, hd)
     if attention == 1.0:

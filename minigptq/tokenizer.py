@@ -73,6 +73,12 @@ class Tokenizer:
         self.chat_template_source = path / ("tokenizer_config.json" if tc.get("chat_template") is not None
                                             else "chat_template.jinja")  # named in the template's errors
         self.special_tokens = special_tokens(tc)
+        # Gemma's chat turns end with <end_of_turn>, not its EOS; generation_config.json lists it (eos_token_id
+        # [1, 106]) but not every re-upload has that file: a template that writes the token makes it a stop token
+        writes_it = self.chat_template is not None and "<end_of_turn>" in self.chat_template
+        end_of_turn = self._id("<end_of_turn>") if writes_it else None
+        if end_of_turn is not None and end_of_turn < V and end_of_turn not in self.eos_ids:
+            self.eos_ids += (end_of_turn,)
 
     @property
     def vocab_size(self) -> int:

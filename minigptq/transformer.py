@@ -4,7 +4,9 @@
 Architectures differ only through ModelConfig (minigptq/config.py): the norm (RMSNorm / LayerNorm), the positions
 (rotate-half RoPE with its context extensions in minigptq/rope.py / learned with OPT's offset of 2 / ALiBi), the MLP
 (SwiGLU / one activation), biases, fused qkv or gate_up as stored, RMSNorm on q and k heads, a sliding attention
-window, pre- or post-norm. Module names are the internal ones listed in minigptq/arch/__init__.py.
+window, pre- or post-norm; Gemma's (1 + w) RMSNorm, norms after attention and MLP, scaled embeddings, attention
+scale, soft-capping (minigptq/softcap.py) and a RoPE base of its own for the sliding-window blocks. Module names are
+the internal ones listed in minigptq/arch/__init__.py.
 
 This is the reference model, in plain torch: it calls no kernel of its own (a QuantLinear in place of an nn.Linear
 brings its kernels along). The fast decode paths (one C++ call per CPU decode step, the static step that CUDA graphs
@@ -22,22 +24,26 @@ from . import Error, rope
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .masks import alibi_bias, attention_masks, key_positions
+from .softcap import softcap, softcapped_attention
+from .moe import MoE
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
-        self.eps = eps
+        self.eps, self.offset = eps, offset  # offset 1: Gemma's (1 + w)
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         # Normalise in fp32 as Llama does, whatever the activation dtype (one fused op: x * rsqrt(mean(x^2) + eps)).
         x32 = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        if self.offset:  # Gemma scales in fp32 and rounds once, after: (x * (1 + w)).to(dtype)
+            return (x32 * (self.offset + self.weight.float())).to(x.dtype)
         return self.weight * x32.to(x.dtype)
 
 
 def make_norm(cfg: ModelConfig, dim: int) -> nn.Module:
-    return RMSNorm(dim, cfg.norm_eps) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
+    return RMSNorm(dim, cfg.norm_eps, cfg.norm_offset) if cfg.norm == "rms" else nn.LayerNorm(dim, eps=cfg.norm_eps)
 
 
 ACTIVATIONS = {
@@ -58,10 +64,16 @@ class Context:
     cache: KVCache | None
     start: int | Tensor       # cache slot of the first of the T new tokens ((1,) tensor: fast_decode.StaticDecodeStep)
     window_mask: Tensor | None = None  # (B, 1, T, S) for sliding-window layers; None while the window hides nothing
+    cos_local: Tensor | None = None  # RoPE of the sliding-window layers where they have their own base (Gemma 3)
+    sin_local: Tensor | None = None
 
     def attn_mask(self, windowed: bool) -> tuple[Tensor | None, bool]:
         """(mask, causal) for a layer with (windowed) or without a sliding window."""
         return (self.window_mask, False) if windowed and self.window_mask is not None else (self.mask, self.causal)
+
+    def rope(self, windowed: bool) -> tuple[Tensor | None, Tensor | None]:
+        """(cos, sin) for a layer with (windowed) or without a sliding window."""
+        return (self.cos_local, self.sin_local) if windowed and self.cos_local is not None else (self.cos, self.sin)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -83,8 +95,9 @@ class Attention(nn.Module):
             self.k = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
             self.v = nn.Linear(d, self.kvh * self.hd, bias=cfg.qkv_bias)
         self.o = nn.Linear(self.h * self.hd, d, bias=cfg.o_bias)
-        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's hd values
-            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.norm_eps), RMSNorm(self.hd, cfg.norm_eps)
+        if cfg.qk_norm:  # Qwen3, Gemma 3: RMSNorm over each head's hd values
+            self.q_norm, self.k_norm = make_norm(cfg, self.hd), make_norm(cfg, self.hd)
+        self.scale, self.softcap = cfg.attn_scale or None, cfg.attn_softcap  # None: SDPA's 1 / sqrt(hd)
         self.fused = None  # q, k, v as one packed kernel call (qlinear.FusedQuantLinear), set by the loader
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -108,19 +121,24 @@ class Attention(nn.Module):
         mask, causal = ctx.attn_mask(self.windowed)
         q, k, v = self.project(x)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if ctx.cos is not None:
-            q = q * ctx.cos + rotate_half(q) * ctx.sin
-            k = k * ctx.cos + rotate_half(k) * ctx.sin
+        cos, sin = ctx.rope(self.windowed)
+        if cos is not None:
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
         if ctx.cache is not None:
             k, v = ctx.cache.update(layer, k, v, ctx.start)  # (B, kv_heads, S, hd)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.kvh != self.h)  # (B, heads, T, hd)
+        if self.softcap:  # Gemma 2: SDPA cannot soft-cap the scores
+            y = softcapped_attention(q, k, v, mask, causal, self.scale or self.hd ** -0.5, self.softcap)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                                               enable_gqa=self.kvh != self.h)  # (B, heads, T, hd)
         return self.o(y.transpose(1, 2).reshape(B, T, self.h * self.hd))
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, width: int = 0):
         super().__init__()
-        d, f, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        # width: the hidden layer's, if not intermediate_size (an expert of minigptq/moe.py)
+        d, f, bias = cfg.hidden_size, width or cfg.intermediate_size, cfg.mlp_bias
         if cfg.fused_gate_up:  # Phi-3: one linear, [gate | up]
             self.gate_up = nn.Linear(d, 2 * f, bias=bias)
         else:
@@ -146,16 +164,22 @@ class Block(nn.Module):
         self.attn_norm = make_norm(cfg, cfg.hidden_size)
         self.attn = Attention(cfg, layer)
         self.mlp_norm = make_norm(cfg, cfg.hidden_size)
-        self.mlp = MLP(cfg)
+        # a mixture of experts on the blocks the config names (minigptq/moe.py), else the dense MLP
+        self.mlp = MoE(cfg, lambda width: MLP(cfg, width)) if layer in cfg.moe_layers else MLP(cfg)
+        self.sandwich = cfg.sandwich_norms  # Gemma 2 / 3: x + norm(f(norm(x)))
+        if self.sandwich:
+            self.attn_post_norm, self.mlp_post_norm = make_norm(cfg, cfg.hidden_size), make_norm(cfg, cfg.hidden_size)
 
     def forward(self, x: Tensor, ctx: Context) -> Tensor:
         # Pre-norm (Llama, BLOOM, most OPT): x + f(norm(x)). Post-norm (OPT-350M): norm(x + f(x)).
         h = self.attn_norm(x) if self.pre_norm else x
-        x = (h if self.residual_from_norm else x) + self.attn(h, ctx, self.layer)
+        a = self.attn(h, ctx, self.layer)
+        x = (h if self.residual_from_norm else x) + (self.attn_post_norm(a) if self.sandwich else a)
         if not self.pre_norm:
             x = self.attn_norm(x)
         h = self.mlp_norm(x) if self.pre_norm else x
-        x = (h if self.residual_from_norm else x) + self.mlp(h)
+        m = self.mlp(h)
+        x = (h if self.residual_from_norm else x) + (self.mlp_post_norm(m) if self.sandwich else m)
         if not self.pre_norm:
             x = self.mlp_norm(x)
         return x
@@ -190,6 +214,8 @@ class Transformer(nn.Module):
     def embed_tokens(self, tokens: Tensor, pos: Tensor) -> Tensor:
         """tokens, pos (B, T) -> block-0 input (B, T, hidden)."""
         x = self.embed(tokens).to(self.act_dtype)  # the table may be stored narrower (head_dtype in the loader)
+        if self.cfg.embed_scale:  # Gemma: the factor rounded to the activation dtype first, as transformers does
+            x = x * torch.tensor(self.cfg.hidden_size ** 0.5, dtype=x.dtype)
         if hasattr(self, "embed_norm"):
             x = self.embed_norm(x)
         if hasattr(self, "proj_in"):
@@ -205,7 +231,8 @@ class Transformer(nn.Module):
         if hasattr(self, "proj_out"):
             x = self.proj_out(x)
         w = getattr(self.lm_head, "weight", None)  # a QuantLinear head (8-bit option) takes the activations as is
-        return self.lm_head(x if w is None else x.to(w.dtype)).to(self.act_dtype)  # (B, T, vocab)
+        logits = self.lm_head(x if w is None else x.to(w.dtype)).to(self.act_dtype)  # (B, T, vocab)
+        return softcap(logits, self.cfg.final_softcap) if self.cfg.final_softcap else logits
 
     def context(self, B: int, T: int, device, dtype, key_valid: Tensor | None = None,
                 cache: KVCache | None = None, start: int = 0) -> tuple[Context, Tensor]:
@@ -220,8 +247,11 @@ class Transformer(nn.Module):
             kpos = key_positions(key_valid)
         pos = kpos[:, start:]  # (B, T)
         cos = sin = mask = window_mask = None
+        cos_local = sin_local = None
         if self.cfg.positions == "rope":
             cos, sin = rope.cos_sin(self.cfg, pos, dtype)  # (B, 1, T, hd) each
+            if self.cfg.rope_local_theta:
+                cos_local, sin_local = rope.cos_sin(self.cfg, pos, dtype, local=True)  # (B, 1, T, hd) each
         needs_mask = key_valid is not None or self.cfg.positions == "alibi" or (T > 1 and start > 0)
         w = self.cfg.sliding_window if self.cfg.window_layers else 0
         windowed = 0 < w < S  # the window hides a key from some query: the last query sees slots S-w .. S-1 only
@@ -231,7 +261,7 @@ class Transformer(nn.Module):
                                                 key_valid, B, w if windowed else 0, dtype, alibi)
             mask = mask if needs_mask else None
         causal = mask is None and T > 1
-        return Context(mask, causal, cos, sin, cache, start, window_mask), pos
+        return Context(mask, causal, cos, sin, cache, start, window_mask, cos_local, sin_local), pos
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, start: int = 0,
                 key_valid: Tensor | None = None, last_only: bool = False) -> Tensor:

@@ -6,7 +6,8 @@ JOBS.json is a list of jobs, done in order in one process (importing the peer st
       load a GPTQ checkpoint with the torch backend and save the fp32 logits of tokens (B, T)
   {"op": "quantize", "model": DIR, "out": DIR, "calib": FILE.pt, "bits": 4, "group_size": 32, "sym": true,
    "desc_act": false}
-      quantize a full-precision checkpoint with GPTQModel (paper settings: damp 0.01, act_group_aware off)
+      quantize a full-precision checkpoint with GPTQModel (paper settings: damp 0.01, act_group_aware off;
+      with "defaults": true, GPTQModel's own defaults for everything but bits and group_size)
 """
 import json
 import os
@@ -40,8 +41,13 @@ def quantize(job):
     from gptqmodel import GPTQModel, QuantizeConfig
     calib = torch.load(job["calib"])
     data = [{"input_ids": row.tolist(), "attention_mask": [1] * row.numel()} for row in calib]
-    qc = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=job["desc_act"],
-                        damp_percent=0.01, act_group_aware=False)
+    if job.get("defaults"):  # GPTQModel's own defaults (tools/bench_quality.py): only bits and group size given
+        qc = QuantizeConfig(bits=job["bits"], group_size=job["group_size"])
+        print(f"peer defaults: desc_act={qc.desc_act} act_group_aware={qc.act_group_aware} "
+              f"damp_percent={qc.damp_percent} sym={qc.sym}", flush=True)
+    else:
+        qc = QuantizeConfig(bits=job["bits"], group_size=job["group_size"], sym=job["sym"], desc_act=job["desc_act"],
+                            damp_percent=0.01, act_group_aware=False)
     model = GPTQModel.load(job["model"], qc, device="cpu")
     model.quantize(data, batch_size=1)
     model.save(job["out"])

@@ -70,7 +70,7 @@ def test_checkpoint_format(hf_checkpoints, tmp_path):
     assert f.get("model.embed_tokens.weight").dtype == torch.float16
     assert (out / "tokenizer.model").is_file() and (out / "quant_log.tsv").is_file()
     log = (out / "quant_log.tsv").read_text().splitlines()
-    assert log[0].split("\t") == ["block", "module", "method", "error", "percdamp", "seconds"]
+    assert log[0].split("\t") == ["block", "module", "method", "error", "percdamp", "seconds", "tokens", "note"]
     assert len(log) == 1 + 2 * 7
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no work folders left behind
 

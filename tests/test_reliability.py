@@ -72,7 +72,7 @@ def test_unknown_model_type(tmp_path):
     m = copy_model(tmp_path)
     cfg = json.loads((m / "config.json").read_text())
     (m / "config.json").write_text(json.dumps(dict(cfg, model_type="gpt_neox")))
-    assert_clean_error(quant(m, tmp_path / "q"), "gpt_neox", "supported: bloom, llama, mistral, opt, phi3, qwen2, qwen3")
+    assert_clean_error(quant(m, tmp_path / "q"), "gpt_neox", "supported: bloom, gemma2, gemma3, gemma3_text, llama, mistral")
     nothing_written(tmp_path, tmp_path / "q")
 
 
