@@ -129,6 +129,9 @@ def quantize_block(block: nn.Module, i: int, xs: list[Tensor], ctx, replays: lis
         # nothing in the group solved: no Hessian needed
         # GPTAQ (fp = (full-precision block, its inputs)): also the group's input in the full-precision model
         fp_group = None if fp is None else (fp[0], fp[0].get_submodule(group[0]), fp[1])
+        if fp is not None and expert_of(group[0]) is not None:  # the two models would route different tokens
+            raise Error(f"--method gptaq does not support MoE experts ({to_hf[f'layers.{i}.{group[0]}']}); "
+                        f"use --method gptq")
         H = None if all(unpackable.values()) else hessian_pass(block, list(linears.values()), xs, ctx, replays,
                                                                fp=fp_group)
         # MoE: an expert's Hessian is from the tokens routed to it; below min_tokens, from every token (the routing

@@ -76,6 +76,9 @@ def hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], c
     def hook(_mod, args):
         if fp is None:
             H.add(args[0])
+        elif x_fp[0] is None or x_fp[0].shape != args[0].shape:  # MoE experts: the two models route differently
+            raise Error("--method gptaq needs the same tokens at a layer in both models; it does not support MoE "
+                        "experts (whose routed tokens differ); use --method gptq")
         else:
             H.add_pair(args[0], x_fp[0])
         if capture is not None:
@@ -90,6 +93,7 @@ def hessian_pass(block: nn.Module, linears: list[nn.Module], xs: list[Tensor], c
             for r in replays:
                 r.j = j
             if fp is not None:  # GPTAQ: the full-precision block on the full-precision inputs, up to the group
+                x_fp[0] = None  # never pair a window with another window's input
                 try:
                     forward(fp[0], fp[2][j], ctx)
                 except _StopForward:

@@ -115,6 +115,8 @@ def quality(args, tmp: Path, res: dict) -> None:
     res["peft_interop"] = peft_interop(args.q4, adapter, windows[:2, :64], tmp)
     res["decode"] = decode(args.q4, adapter, tok)
     res["ppl_fp32_adapter"] = ppl(args.fp, windows, adapter)  # the adapter on the full-precision weights, unquantized
+    if args.merge_nsamples == 0:
+        return
     merged = quantize_model(args.fp, tmp / "merged-q4", qcfg=QuantConfig(bits=4, group_size=128), adapter=adapter,
                             dataset=str(SHARED / "data" / "wikitext2" / "wiki.valid.tokens"),
                             nsamples=args.merge_nsamples, seqlen=512, log=lambda m: print(m, file=sys.stderr))
@@ -172,7 +174,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per model in the memory part")
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--merge-nsamples", type=int, default=32,
-                   help="calibration windows (x 512 tokens) of the merge-then-quantize run (the 4-bit model: 32)")
+                   help="calibration windows (x 512 tokens) of the merge-then-quantize run (the 4-bit model: 32; "
+                        "0 = skip it)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora_smollm2.json"))
     args = p.parse_args()
