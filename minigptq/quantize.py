@@ -229,7 +229,8 @@ def main(args: argparse.Namespace) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigptq.quantize",
                                 description="Quantize a Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3, Phi-3, "
-                                            "OPT or BLOOM) with GPTQ into the standard GPTQ checkpoint format.")
+                                            "Gemma 2/3, Mixtral, Qwen-MoE, OPT or BLOOM) with GPTQ into the "
+                                            "standard GPTQ checkpoint format.")
     p.add_argument("--model", required=True, help="full-precision checkpoint folder")
     p.add_argument("--out", default=None, help="output folder (default: <model>-<method>-<bits>bit-g<groupsize>)")
     p.add_argument("--bits", type=int, default=4, help="bits per weight: 2, 3, 4 or 8 (default 4)")

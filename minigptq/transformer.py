@@ -1,5 +1,5 @@
-"""The one decoder-only transformer that Llama, Qwen3, Phi-3, OPT and BLOOM share: block, attention with KV cache
-(minigptq/kv_cache.py), positions.
+"""The one decoder-only transformer that Llama, Qwen3, Phi-3, Gemma 2/3, the MoE models, OPT and BLOOM share: block,
+attention with KV cache (minigptq/kv_cache.py), positions.
 
 Architectures differ only through ModelConfig (minigptq/config.py): the norm (RMSNorm / LayerNorm), the positions
 (rotate-half RoPE with its context extensions in minigptq/rope.py / learned with OPT's offset of 2 / ALiBi), the MLP

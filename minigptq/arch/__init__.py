@@ -1,4 +1,5 @@
-"""Architecture registry: what differs between Llama (Mistral, Qwen2), Qwen3, Phi-3, OPT and BLOOM, and nothing else.
+"""Architecture registry: what differs between Llama (Mistral, Qwen2), Qwen3, Phi-3, Gemma 2/3, the mixtures of experts
+(Mixtral, Qwen2-MoE, Qwen3-MoE), OPT and BLOOM, and nothing else.
 
 Each architecture (one file here, its Arch in base.py) gives
 - `config_from_hf(f)`: config.json (read through config.Fields, which checks each field's type) -> ModelConfig,
