@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from minigptq.kv_cache import KVCache
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("MINIGPTQ_SHARED", ROOT.parent / "shared"))
 STORIES = SHARED / "models" / "stories260k"
@@ -49,21 +51,44 @@ def make_hf_checkpoint(kind: str, out: Path, seed: int = 0) -> Path:
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif name.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
+    return save_with_tokenizer(model, out)
+
+
+def save_with_tokenizer(model, out: Path) -> Path:
+    """model.save_pretrained(out) (safetensors) plus stories260k's real tokenizer (vocab 512) for the CLIs."""
     model.save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.model", "tokenizer_config.json"):  # a real tokenizer (vocab 512) for the CLIs
+    for name in ("tokenizer.model", "tokenizer_config.json"):
         shutil.copyfile(STORIES / name, out / name)
     return out
+
+
+def lazy_checkpoints(tmp_path_factory, folder: str, make):
+    """kind -> make(kind, path), written on first use under a fresh temporary `folder` (needs transformers)."""
+    pytest.importorskip("transformers")
+    base, made = tmp_path_factory.mktemp(folder), {}
+
+    def get(kind: str) -> Path:
+        if kind not in made:
+            made[kind] = make(kind, base / kind)
+        return made[kind]
+    return get
 
 
 @pytest.fixture(scope="session")
 def hf_checkpoints(tmp_path_factory):
     """kind -> path of a tiny random checkpoint written by transformers (built on first use)."""
-    pytest.importorskip("transformers")
-    base = tmp_path_factory.mktemp("hf")
-    cache = {}
+    return lazy_checkpoints(tmp_path_factory, "hf", make_hf_checkpoint)
 
-    def get(kind: str) -> Path:
-        if kind not in cache:
-            cache[kind] = make_hf_checkpoint(kind, base / kind)
-        return cache[kind]
-    return get
+
+def random_tokens(seed: int, B: int, T: int) -> torch.Tensor:
+    """B x T token ids in [3, 512) (stories260k's vocabulary past its special tokens), reproducible from seed."""
+    return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def cached_steps(model, tokens: torch.Tensor, prefill: int = 8) -> torch.Tensor:
+    """minigptq's logits for tokens: the first `prefill` in one call, then one token at a time through a KV cache."""
+    cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1], torch.float32, "cpu")
+    with torch.inference_mode():
+        steps = [model(tokens[:, :prefill], cache, 0)]
+        steps += [model(tokens[:, i:i + 1], cache, i) for i in range(prefill, tokens.shape[1])]
+    return torch.cat(steps, dim=1)

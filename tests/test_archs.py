@@ -18,7 +18,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import PEER_PY, STORIES, WIKI_VALID
+from conftest import PEER_PY, WIKI_VALID, cached_steps, lazy_checkpoints, random_tokens, save_with_tokenizer
 from minigptq import Error, load_model
 from minigptq.eval import perplexity
 from minigptq.generate import generate
@@ -27,7 +27,6 @@ from minigptq.qlinear import QuantLinear
 from minigptq.quantize import quantize_model
 from minigptq.quantizer import QuantConfig
 from minigptq.fast_decode import FastTransformer
-from minigptq.transformer import KVCache
 
 TOL = 1e-4  # max abs logit difference in fp32, as the issue asks
 T = 48      # tokens per test sequence: past every original context below (16 or 32)
@@ -70,27 +69,17 @@ def make_checkpoint(kind: str, out, seed: int = 0):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif "proj" in name:
                 p.mul_(4)
-    model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(STORIES / name, out / name)
-    return out
+    return save_with_tokenizer(model, out)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     """kind -> path of CASES[kind]'s checkpoint (written on first use)."""
-    pytest.importorskip("transformers")
-    base, made = tmp_path_factory.mktemp("archs"), {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = make_checkpoint(kind, base / kind)
-        return made[kind]
-    return get
+    return lazy_checkpoints(tmp_path_factory, "archs", make_checkpoint)
 
 
 def tokens_for(seed: int, B: int = 1) -> torch.Tensor:
-    return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(seed, B, T)
 
 
 def hf_model(path):
@@ -113,13 +102,6 @@ def hf_logits(path, tokens, steps: bool = False, prefill: int = 8):
     return torch.cat(logits, dim=1)
 
 
-def our_steps(model, tokens, prefill: int = 8):
-    cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1], torch.float32, "cpu")
-    with torch.inference_mode():
-        steps = [model(tokens[:, :prefill], cache, 0)]
-        steps += [model(tokens[:, i:i + 1], cache, i) for i in range(prefill, tokens.shape[1])]
-    return torch.cat(steps, dim=1)
-
 
 @pytest.mark.parametrize("kind", list(CASES))
 def test_full_forward_and_decoding_match_transformers(ckpts, kind):
@@ -129,7 +111,7 @@ def test_full_forward_and_decoding_match_transformers(ckpts, kind):
     with torch.inference_mode():
         full = ours(tokens)
     assert (full - hf_logits(path, tokens)).abs().max().item() < TOL
-    assert (our_steps(ours, tokens) - hf_logits(path, tokens, steps=True)).abs().max().item() < TOL
+    assert (cached_steps(ours, tokens) - hf_logits(path, tokens, steps=True)).abs().max().item() < TOL
 
 
 @pytest.mark.parametrize("kind,without", [
@@ -253,12 +235,12 @@ def test_decode_step_in_one_call_only_where_exact(quantized, monkeypatch, kind, 
     tokens = tokens_for(4)
     with torch.inference_mode():
         full = model(tokens)
-    steps = our_steps(model, tokens, prefill=20)
+    steps = cached_steps(model, tokens, prefill=20)
     assert (steps - full).abs().max().item() < 1e-3  # fused kernels vs dequantize + matmul: summation order only
     if one_call:
         with monkeypatch.context() as m:
             m.setattr(FastTransformer, "decode_plans", lambda self: None)
-            modules = our_steps(model, tokens, prefill=20)
+            modules = cached_steps(model, tokens, prefill=20)
         torch.testing.assert_close(steps, modules, rtol=1e-5, atol=1e-5)
         batch = [tokens[0, :30].tolist(), tokens[0, :12].tolist()]  # past the window of 8, left-padded
         fast, _ = generate(model, batch, max_new_tokens=6)

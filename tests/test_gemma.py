@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import PEER_PY, ROOT, STORIES, WIKI_VALID
+from conftest import PEER_PY, ROOT, WIKI_VALID, cached_steps, lazy_checkpoints, random_tokens, save_with_tokenizer
 from minigptq import Error, load_model, load_tokenizer
 from minigptq.arch.gemma import config_from_hf
 from minigptq.checkpoint_reader import CheckpointReader, SafetensorsFile
@@ -77,22 +77,13 @@ def make_checkpoint(kind: str, out, seed: int = 0):
     torch.manual_seed(seed)
     model = cls(cfg).eval()
     _randomize(model)
-    model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(STORIES / name, out / name)
-    return out
+    return save_with_tokenizer(model, out)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    pytest.importorskip("transformers")
-    base, made = tmp_path_factory.mktemp("gemma"), {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = make_checkpoint(kind, base / kind)
-        return made[kind]
-    return get
+    """kind -> path of CASES[kind]'s checkpoint (written on first use)."""
+    return lazy_checkpoints(tmp_path_factory, "gemma", make_checkpoint)
 
 
 def hf_model(path):
@@ -103,15 +94,8 @@ def hf_model(path):
 
 
 def tokens_for(seed: int, B: int = 1) -> torch.Tensor:
-    return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(seed, B, T)
 
-
-def our_steps(model, tokens, prefill: int = 8):
-    cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1], torch.float32, "cpu")
-    with torch.inference_mode():
-        steps = [model(tokens[:, :prefill], cache, 0)]
-        steps += [model(tokens[:, i:i + 1], cache, i) for i in range(prefill, tokens.shape[1])]
-    return torch.cat(steps, dim=1)
 
 
 @pytest.mark.parametrize("kind", ["gemma2", "gemma3", "gemma3-mm"])
@@ -124,7 +108,7 @@ def test_forward_decoding_and_greedy_tokens_match_transformers(ckpts, kind):
     with torch.inference_mode():
         full = ours(tokens)
     assert (full - want).abs().max().item() < TOL
-    assert (our_steps(ours, tokens) - want).abs().max().item() < TOL
+    assert (cached_steps(ours, tokens) - want).abs().max().item() < TOL
     assert generate(ours, [tokens[0, :12].tolist()], max_new_tokens=10)[0][0] == hf_new
 
 
@@ -133,7 +117,7 @@ def test_static_decode_step_matches(ckpts, kind):
     """The fixed-shape step that CUDA graphs replay (here run eagerly on the CPU): per-layer RoPE tables, the
     window mask over the whole cache and the soft-capped attention give the dynamic steps' logits."""
     model, tokens = load_model(ckpts(kind), dtype="fp32"), tokens_for(2)
-    want = our_steps(model, tokens, prefill=8)[:, 8:]
+    want = cached_steps(model, tokens, prefill=8)[:, 8:]
     cache = KVCache(model.cfg, 1, T, torch.float32, "cpu")
     with torch.inference_mode():
         model(tokens[:, :8], cache, 0)
@@ -259,7 +243,7 @@ def test_quantize_generate_eval(ckpts, quantized, kind):
     orig = CpuAttention._decode_step
     with pytest.MonkeyPatch.context() as m:
         m.setattr(CpuAttention, "_decode_step", lambda self, *a: calls.append(1) or orig(self, *a))
-        steps = our_steps(q, tokens, prefill=20)
+        steps = cached_steps(q, tokens, prefill=20)
     assert q.decode_plans() is None and bool(calls) == (kind == "gemma3")
     with torch.inference_mode():
         assert (steps - q(tokens)).abs().max().item() < 1e-3

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import PEER_PY, ROOT, WIKI_VALID
-from minigptq import Error, load_model, load_tokenizer
+from minigptq import Error, kernels, load_model, load_tokenizer, qlinear_grad
 from minigptq import generate as generate_cli
 from minigptq.cli import run as cli_run
 from minigptq.finetune import TrainConfig, chat_example, examples, finetune
@@ -182,10 +182,16 @@ def test_bad_adapter_is_one_line_error(tiny, good_adapter, tmp_path, case):
 
 # -- gradients through a packed linear -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("path", ["compiled", "tiles"])
 @pytest.mark.parametrize("bits", [4, 3])
-def test_packed_linear_gradients_equal_float64_oracle(bits):
+def test_packed_linear_gradients_equal_float64_oracle(bits, path, monkeypatch):
     """d/dx, d/dA, d/dB through LoRALinear(QuantLinear) equal those through a float64 nn.Linear holding the
-    dequantized weight; backward keeps no tensor as large as the weight (grad_x is computed tile by tile)."""
+    dequantized weight; the graph saves no tensor as large as the weight. grad_x by the compiled dequantize kernel
+    (where built) and by torch's tile-by-tile fallback."""
+    if path == "tiles":
+        monkeypatch.setattr(qlinear_grad, "compiled_dequantized", lambda layer, device: None)
+    elif not kernels.cpu_available():
+        pytest.skip(f"the compiled CPU kernels are not built: {kernels.CPU_IMPORT_ERROR}")
     g = torch.Generator().manual_seed(bits)
     K, N, gs, r = 544, 96, 32, 4  # K spans three 256-row tiles; act-order g_idx (a permutation of the groups)
     G = K // gs

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import PEER_PY, STORIES
+from conftest import PEER_PY, cached_steps, lazy_checkpoints, random_tokens, save_with_tokenizer
 from minigptq import Error, load_model
 from minigptq.checkpoint_reader import CheckpointReader
 import minigptq.qlinear as qlinear
@@ -56,39 +56,23 @@ def make_checkpoint(kind: str, out, seed: int = 0):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif "embed" not in name:
                 p.mul_(4)
-    model.save_pretrained(out)
-    for name in ("tokenizer.model", "tokenizer_config.json"):
-        shutil.copyfile(STORIES / name, out / name)
-    return out
+    return save_with_tokenizer(model, out)
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    pytest.importorskip("transformers")
-    base, made = tmp_path_factory.mktemp("moe"), {}
-
-    def get(kind):
-        if kind not in made:
-            made[kind] = make_checkpoint(kind, base / kind)
-        return made[kind]
-    return get
+    """kind -> path of CASES[kind]'s checkpoint (written on first use)."""
+    return lazy_checkpoints(tmp_path_factory, "moe", make_checkpoint)
 
 
 def tokens_for(seed: int, B: int = 1) -> torch.Tensor:
-    return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed))
+    return random_tokens(seed, B, T)
 
 
 def hf_model(path):
     import transformers as tf
     return tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-
-def our_steps(model, tokens, prefill: int = 8):
-    cache = KVCache(model.cfg, tokens.shape[0], tokens.shape[1], torch.float32, "cpu")
-    with torch.inference_mode():
-        steps = [model(tokens[:, :prefill], cache, 0)]
-        steps += [model(tokens[:, i:i + 1], cache, i) for i in range(prefill, tokens.shape[1])]
-    return torch.cat(steps, dim=1)
 
 
 @pytest.mark.parametrize("kind", list(CASES))
@@ -110,7 +94,7 @@ def test_forward_decoding_and_greedy_match_transformers(ckpts, kind):
             out = hf(tokens[:, i:i + 1], cache=out.past_key_values, use_cache=True)
             steps.append(out.logits)
     assert (full - want).abs().max().item() < TOL
-    assert (our_steps(ours, tokens, prefill) - torch.cat(steps, dim=1)).abs().max().item() < TOL
+    assert (cached_steps(ours, tokens, prefill) - torch.cat(steps, dim=1)).abs().max().item() < TOL
     prompt = tokens[:1, :6]
     with torch.no_grad():
         greedy = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
@@ -169,7 +153,7 @@ def test_quantize_generate_eval(ckpts, quantized, kind):
     with torch.inference_mode():
         a, b = q(tokens), fp(tokens)
     assert 0 < ((a - b).norm() / b.norm()).item() < 0.5
-    assert (our_steps(q, tokens, prefill=T - 6) - a).abs().max().item() < 1e-3  # packed decode (fast_decode.CpuMoE)
+    assert (cached_steps(q, tokens, prefill=T - 6) - a).abs().max().item() < 1e-3  # packed decode (fast_decode.CpuMoE)
     new, stats = generate(q, [[5, 6, 7]], max_new_tokens=8)
     assert len(new[0]) == 8 and stats.median_ms > 0
     ppl_q, ppl_fp = perplexity(q, tokens.view(2, 24), False), perplexity(fp, tokens.view(2, 24), False)
@@ -201,7 +185,7 @@ def test_packed_decode_reads_only_routed_experts(quantized, monkeypatch):
     assert len(experts) == 2 * 2 * 2 and len(set(experts)) == 2 * 2  # 2 blocks x top-2 experts x (gate+up, down)
     assert len(calls) - len(experts) == 2 * 2  # attention: fused q/k/v and o per block
     assert (last[0, -1] - full[0, -1]).abs().max().item() < 1e-3
-    assert (our_steps(model, tokens, prefill=20) - full).abs().max().item() < 1e-3
+    assert (cached_steps(model, tokens, prefill=20) - full).abs().max().item() < 1e-3
     batch = [tokens[0, :30].tolist(), tokens[0, :12].tolist()]
     together = generate(model, batch, max_new_tokens=6)[0]
     assert together == [generate(model, [b], max_new_tokens=6)[0][0] for b in batch]

@@ -50,9 +50,9 @@ def poll(pid: int, peak: dict, stop: threading.Event) -> None:
         stop.wait(0.02)
 
 
-def one_run(model: str, data: Path, out: Path, steps: int, seqlen: int) -> dict:
+def one_run(model: str, data: Path, out: Path, steps: int, seqlen: int, grad_ckpt: bool) -> dict:
     """Train in a child process (this file with --child) -> its timings and polled memory."""
-    cmd = [sys.executable, __file__, "--child", model, str(data), str(out), str(steps), str(seqlen)]
+    cmd = [sys.executable, __file__, "--child", model, str(data), str(out), str(steps), str(seqlen), str(int(grad_ckpt))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, stop = {}, threading.Event()
     t = threading.Thread(target=poll, args=(proc.pid, peak, stop), daemon=True)
@@ -67,10 +67,10 @@ def one_run(model: str, data: Path, out: Path, steps: int, seqlen: int) -> dict:
             "peak_rss_file_mib": round(peak.get("RssFile", 0), 1), "vm_hwm_mib": round(peak.get("VmHWM", 0), 1)}
 
 
-def child(model: str, data: str, out: str, steps: int, seqlen: int) -> None:
+def child(model: str, data: str, out: str, steps: int, seqlen: int, grad_ckpt: bool) -> None:
     from minigptq.finetune import TrainConfig, finetune
     marks = []
-    cfg = TrainConfig(rank=16, alpha=32, targets=TARGETS, steps=steps, seqlen=seqlen, lr=5e-4)
+    cfg = TrainConfig(rank=16, alpha=32, targets=TARGETS, steps=steps, seqlen=seqlen, lr=5e-4, grad_checkpoint=grad_ckpt)
     stats = finetune(model, data, out, cfg, save_every=10**6, log=lambda m: marks.append(time.perf_counter()))
     step_s = [b - a for a, b in zip(marks[1:], marks[2:])]  # marks[0]: the start line; the first step warms up
     print(json.dumps({"median_step_s": statistics.median(step_s), "tokens_per_s": seqlen / statistics.median(step_s),
@@ -101,7 +101,8 @@ def quality(args, tmp: Path, res: dict) -> None:
     tok = load_tokenizer(args.q4)
     test = torch.tensor(tok.encode(ptb_text("ptb.test.txt"), bos=False), dtype=torch.long)
     windows = eval_windows(test, args.seqlen, args.eval_windows)
-    res.update(eval=f"{len(windows)} windows x {args.seqlen} tokens of ptb.test.txt",
+    res.update(model_4bit=f"{Path(args.q4).name} (python -m minigptq.quantize, 4-bit g128)",
+               eval=f"{len(windows)} windows x {args.seqlen} tokens of ptb.test.txt",
                train=f"ptb.valid.txt, {args.steps} steps x 1 x {args.seqlen} tokens, rank 16, alpha 32, lr 5e-4, "
                      f"all seven linears")
     res["ppl_fp32"] = ppl(args.fp, windows)
@@ -163,12 +164,18 @@ def decode(q4: str, adapter: Path, tok) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(*sys.argv[2:5], int(sys.argv[5]), int(sys.argv[6]))
+        child(*sys.argv[2:5], int(sys.argv[5]), int(sys.argv[6]), sys.argv[7] == "1")
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--q4", required=True, help="4-bit GPTQ SmolLM2 checkpoint")
     p.add_argument("--fp", default=str(ROOT / "models" / "SmolLM2-135M-Instruct"))
-    p.add_argument("--parts", default="memory,quality")
+    p.add_argument("--parts", default="memory,quality",
+                   help="comma-separated: memory (SmolLM2), memory-1b (a random TinyLlama-shape 1.1B model, built and "
+                        "quantized here, where the weights are most of the memory), quality")
+    p.add_argument("--grad-checkpoint", action="store_true", help="memory parts: recompute each block in backward "
+                                                                  "(both models alike)")
+    p.add_argument("--work", default=str(ROOT / "models" / "bench_lora"),
+                   help="folder for the synthetic 1.1B model and its 4-bit checkpoint (kept between runs; ~5 GB)")
     p.add_argument("--steps", type=int, default=60, help="fine-tuning steps of the quality part")
     p.add_argument("--mem-steps", type=int, default=6, help="steps per run of the memory part")
     p.add_argument("--repeats", type=int, default=2, help="alternated runs per model in the memory part")
@@ -195,23 +202,49 @@ def main() -> None:
         print(json.dumps(doc, indent=2))
 
 
+def memory(args, q4: str, fp: str, data: Path, tmp: Path) -> dict:
+    """The same LoRA trained on q4 and on fp, alternated --repeats times -> runs, and the ratios of the fastest."""
+    runs = {"4bit": [], "fp32": []}
+    for r in range(args.repeats):
+        for name, model in (("4bit", q4), ("fp32", fp)):
+            runs[name].append(one_run(model, data, tmp / f"{name}-{r}", args.mem_steps, args.seqlen,
+                                      args.grad_checkpoint))
+            print(name, runs[name][-1], file=sys.stderr)
+    best = {k: min(v, key=lambda x: x["median_step_s"]) for k, v in runs.items()}
+    return dict(runs=runs, setup=f"rank 16 on {', '.join(TARGETS)}; {args.mem_steps} steps x 1 x {args.seqlen} "
+                                 f"tokens; fp32 activations; gradient checkpointing "
+                                 f"{'on' if args.grad_checkpoint else 'off'} (both alike)",
+                # the fp32 weights are pages of the mapped checkpoint (RssFile), so peak RSS (VmHWM) is the figure to
+                # compare, not RssAnon alone
+                peak_rss_ratio_4bit_over_fp32=best["4bit"]["vm_hwm_mib"] / best["fp32"]["vm_hwm_mib"],
+                speed_ratio_fp32_over_4bit=best["fp32"]["tokens_per_s"] / best["4bit"]["tokens_per_s"])
+
+
+def synthetic_1b(work: Path) -> tuple[Path, Path]:
+    """A random-init TinyLlama-shape checkpoint and its 4-bit RTN quantization, made once in `work`."""
+    from bench_quantize import random_llama
+    fp = random_llama(work / "llama-1.1b-random", hidden=2048, inter=5632, layers=22)
+    q4 = work / "llama-1.1b-random-4bit-rtn"
+    if not (q4 / "model.safetensors").exists():
+        subprocess.run([sys.executable, "-m", "minigptq.quantize", "--model", str(fp), "--out", str(q4), "--bits", "4",
+                        "--groupsize", "128", "--method", "rtn", "--dataset",
+                        str(SHARED / "data" / "wikitext2" / "wiki.valid.tokens"), "--nsamples", "2", "--seqlen", "128",
+                        "--overwrite", "--quiet"], check=True, cwd=ROOT)
+    return fp, q4
+
+
 def run_parts(args, parts: list[str], doc: dict) -> None:
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
+        data = tmp / "ptb_train.txt"
+        data.write_text(ptb_text("ptb.valid.txt"))
         if "memory" in parts:
-            data = tmp / "ptb_train.txt"
-            data.write_text(ptb_text("ptb.valid.txt"))
-            runs = {"4bit": [], "fp32": []}
-            for r in range(args.repeats):
-                for name, model in (("4bit", args.q4), ("fp32", args.fp)):
-                    runs[name].append(one_run(model, data, tmp / f"{name}-{r}", args.mem_steps, args.seqlen))
-            best = {k: min(v, key=lambda x: x["median_step_s"]) for k, v in runs.items()}
-            doc["memory"] = dict(runs=runs, setup=f"rank 16 on {', '.join(TARGETS)}; {args.mem_steps} steps x 1 x "
-                                                  f"{args.seqlen} tokens; fp32 activations",
-                                 # the fp32 weights are pages of the mapped checkpoint (RssFile), so peak RSS
-                                 # (VmHWM) is the figure to compare, not RssAnon alone
-                                 peak_rss_ratio_4bit_over_fp32=best["4bit"]["vm_hwm_mib"] / best["fp32"]["vm_hwm_mib"],
-                                 speed_ratio_fp32_over_4bit=best["fp32"]["tokens_per_s"] / best["4bit"]["tokens_per_s"])
+            doc["memory"] = memory(args, args.q4, args.fp, data, tmp)
+        if "memory-1b" in parts:
+            fp, q4 = synthetic_1b(Path(args.work))
+            doc["memory_1b"] = {"model": "random-init Llama, TinyLlama-1.1B shape (hidden 2048, MLP 5632, 22 layers, "
+                                         "16 heads of 128, no GQA) with stories260k's 512-token vocabulary; 4-bit RTN g128",
+                                **memory(args, str(q4), str(fp), data, tmp)}
         if "quality" in parts:
             doc["quality"] = {}
             quality(args, tmp, doc["quality"])
