@@ -3,7 +3,8 @@ model, with the quantization time of each (issue 30's table).
 
 Every quantizer gets the *same* calibration windows (WikiText-2 validation, tokenized by minigptq, saved to a file and
 handed to GPTQModel as token ids). Every checkpoint is evaluated by minigptq's eval on the first --eval-windows
-windows of 2048 tokens of each test set, read as the paper's code reads them (minigptq.data.PRESETS). Quantization
+windows of 2048 tokens of each test set, read as the paper's code reads them (minigptq.data.PRESETS), through the
+exact fp32 kernels (the int8 ones, the default where they run, add ~0.4%: bench/results/prefill_cpu.json). Quantization
 wall time and peak memory (the quantizing process's own VmHWM) are measured per run.
 
 A cell is METHOD:BITS:GROUP[:DAMP], run in the order given; the JSON is rewritten after every cell, so an
@@ -158,7 +159,7 @@ def main(argv=None) -> None:
         tmp.replace(out)  # atomic: a reader never sees half a file
 
     def ppl(path) -> dict:
-        model = load_model(path, dtype="fp32")
+        model = load_model(path, dtype="fp32", cpu_kernel="exact")  # the checkpoint's quality, not a kernel's
         return {name: round(perplexity(model, w, progress=False), 3) for name, w in evals.items()}
 
     if not args.no_fp:
