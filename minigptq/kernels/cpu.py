@@ -78,14 +78,18 @@ def _check_x(x: Tensor, layout: KernelLayout) -> None:
 
 
 def cpu_qgemm_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
-                   isa_code: int = 0, cpu_kernel: str = "exact") -> Tensor:
+                   isa_code: int = 0, cpu_kernel: str = "exact", int8_layout: bool | None = None) -> Tensor:
     """The module call, unchecked (the hot path of QuantLinear, which checked x [M, K] and the layout once):
     ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm); cpu_kernel: "int8" for the int8-activation
-    kernels (the layout must be an int8 one), "exact" for the fp32 ones."""
+    kernels, "exact" for the fp32 ones. int8_layout: the layout is an int8 one (default: cpu_kernel == "int8"); the
+    int8 kernels read the exact layout too when M > FUSED_MAX_ROWS (the batched kernel, cuda/cpu/qgemm_i8b.inc)."""
     M, K = x.shape
     out = torch.empty(M, N, dtype=x.dtype)
-    kernel = _cpu.qgemm_i8 if cpu_kernel == "int8" else _cpu.qgemm
-    kernel(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    args = (x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    if cpu_kernel == "int8":
+        _cpu.qgemm_i8(*args, int(cpu_kernel == "int8" if int8_layout is None else int8_layout))
+    else:
+        _cpu.qgemm(*args)
     return out
 
 
