@@ -5,10 +5,11 @@ goes to disk. post_load() builds, once, the layout the compiled kernels read (mi
 rows sorted by group for act-order, fp32 scales, unpacked int16 zeros); it is a plain attribute, not a buffer,
 so loaders that enumerate buffers and state_dict() never see it. forward() picks the fastest path for the input:
 
-    CPU,  M <= 16 rows   fused C++ kernel: int8 activations and VNNI dot products if `cpu_kernel` is "int8" and the
-                         CPU has AVX-512 VNNI / AVX-VNNI, else fp32 (AVX-512 / AVX2); OpenMP threads =
-                         torch.get_num_threads()
-    CPU,  M > 16         C++ dequantize to fp32/bf16, then torch.matmul
+    CPU,  int8 layout    `cpu_kernel` "int8" and a CPU with AVX-512 VNNI / AVX-VNNI / AVX2: int8 activations and
+                         integer dot products; M <= 16 rows the fused kernel, M > 16 the batched one (each column
+                         tile unpacked once, kernels/cpu.py:cpu_qgemm_int8); OpenMP threads = torch.get_num_threads()
+    CPU,  M <= 16        (exact) fused C++ kernel in fp32 (AVX-512 / AVX2)
+    CPU,  M > 16         (exact) C++ dequantize to fp32/bf16, then torch.matmul
     CUDA, M <= 16        fused CUDA kernel on the current stream
     CUDA, M > 16         CUDA dequantize to x.dtype, then torch.matmul
     otherwise            torch reference: pack.dequantize, then matmul (warns once that it is the slow path)
@@ -200,7 +201,7 @@ def kernel_path(x: Tensor, L: kernels.KernelLayout | None) -> str:
     rows = x.numel() // max(x.shape[-1], 1)
     size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
     if x.device.type == "cpu" and kernels.cpu_available():
-        return "cpu-int8" if size == "fused" and L is not None and L.cpu_kernel == "int8" else f"cpu-{size}"
+        return "cpu-int8" if L is not None and L.cpu_kernel == "int8" else f"cpu-{size}"  # int8: any M
     if x.device.type == "cuda" and kernels.cuda_available():
         return f"cuda-{size}"
     return "reference"

@@ -1,7 +1,9 @@
 """The int8-activation CPU kernels (AVX-512 VNNI / AVX-VNNI) and the fused q/k/v, gate/up projections.
 
 - The kernels equal their torch reference (kernels.int8_reference: the same int8 scheme with integer accumulation)
-  bit for bit, for every bit width, groups (with a partial last group), act-order, odd shapes and 1..16 rows.
+  bit for bit, for every bit width, groups (with a partial last group), act-order, odd shapes and 1..16 rows; the
+  batched kernel (M > 16) too, from either layout, including the codes and activations where AVX2's int16 pair sums
+  would saturate if the scheme allowed it.
 - They stay within a stated tolerance of the exact fp32 result (the cost of int8 activations).
 - Fused projections give the same logits as separate calls, bit for bit, in both kernel modes.
 """
@@ -15,7 +17,8 @@ from minigptq.pack import dequantize, pack_cols, pack_rows
 from minigptq.qlinear import QuantLinear
 
 needs_vnni = pytest.mark.skipif(not kernels.cpu_int8_available(),
-                                reason="this CPU has neither AVX-512 VNNI nor AVX-VNNI (the int8 kernels' hardware)")
+                                reason="this CPU (or build) has none of AVX2, AVX-512 VNNI, AVX-VNNI (the int8 "
+                                       "kernels' hardware)")
 ISAS = [isa for isa in kernels.INT8_ISAS if isa in kernels.cpu_isas()]
 INT8_REL_TOL = 0.02  # |y_int8 - y_fp32| / |y_fp32| (Frobenius) for Gaussian activations; measured ~0.006
 
@@ -131,7 +134,7 @@ def test_int8_layout_and_bad_calls():
     with pytest.raises(ValueError, match="int8 kernels' layout"):
         kernels.cpu_qgemm(x, L8)
     with pytest.raises(ValueError, match="isa"):
-        kernels.cpu_qgemm_int8(x, L8, isa="avx2")
+        kernels.cpu_qgemm_int8(x, L8, isa="avx512")  # an fp32 instruction set
     with pytest.raises(ValueError, match="K=128"):
         kernels.cpu_qgemm_int8(torch.randn(1, 64), L8)
     y = kernels.cpu_qgemm_int8(torch.full((1, 128), float("nan")), L8)
@@ -146,7 +149,8 @@ def test_quantlinear_int8_path_and_bias():
     exact, int8 = QuantLinear.from_codes(*args), QuantLinear.from_codes(*args, cpu_kernel="int8")
     x = torch.randn(2, 3, 256, generator=g)
     assert int8.path_for(x) == "cpu-int8" and exact.path_for(x) == "cpu-fused"
-    assert int8.path_for(torch.randn(17, 256)) == "cpu-dequant"  # prefill: dequantize + matmul, same in both
+    assert int8.path_for(torch.randn(17, 256)) == "cpu-int8"  # prefill: the batched int8 kernel
+    assert exact.path_for(torch.randn(17, 256)) == "cpu-dequant"  # --cpu-kernel exact: dequantize + fp32 matmul
     y = int8(x)
     ref = kernels.int8_reference(x.reshape(6, 256), int8._layout) + int8.bias.float()
     assert torch.equal(y.reshape(6, 96), ref)
@@ -233,3 +237,75 @@ def test_decode_block_in_one_call_equals_the_modules(tiny_gptq, monkeypatch, cpu
         m.setattr(FastTransformer, "decode_plans", lambda self: None)
         new_ref, _ = generate(model, batch, max_new_tokens=5)
     assert new_fast == new_ref
+
+
+BATCH_ROWS = (17, 31, 70)  # > FUSED_MAX_ROWS: the batched kernel; 70 = several micro-kernel blocks and a remainder
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("layout_kind", ["int8", "exact"])
+def test_batched_int8_equals_reference_exactly(bits, layout_kind):
+    """M > 16 rows: each column tile unpacked to bytes once (cuda/cpu/qgemm_i8b.inc), from the int8 layout or the
+    exact kernels' one; bit for bit int8_reference, every bit width, act-order, partial groups and tiles."""
+    unit = 32 if bits == 3 else 32 // bits
+    for i, (K, N, gs) in enumerate([(256, 96, 64), (160, 224, 48), (608, 160, 128)]):
+        if K % unit:
+            continue
+        qw, qz, s, g_idx = random_layer(K, N, bits, gs, i % 2 == 0, seed=100 + 10 * bits + i)
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2", cpu_kernel=layout_kind)
+        for M in BATCH_ROWS:
+            x = torch.randn(M, K, generator=torch.Generator().manual_seed(M + i))
+            ref = kernels.int8_reference(x, L)
+            for isa in ISAS:
+                y = kernels.cpu_qgemm_int8(x, L, isa=isa)
+                assert torch.equal(y, ref), (bits, layout_kind, K, N, gs, M, isa, (y - ref).abs().max())
+
+
+@needs_vnni
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_batched_int8_extreme_codes_do_not_saturate(bits):
+    """All codes at 2^bits - 1 and activations at +-127 after scaling: the largest int16 pair sums AVX2's
+    vpmaddubsw can meet (8-bit codes go through nibble planes); still exactly the reference, and exactly x @ W in
+    float64 (power-of-two scales, activations on the int8 grid)."""
+    K, N = 128, 96
+    top = 2**bits - 1
+    qw, qz = pack_rows(torch.full((K, N), top), bits), pack_cols(torch.zeros(1, N, dtype=torch.int64), bits)
+    s, g_idx = torch.full((1, N), 2.0**-8).half(), torch.zeros(K, dtype=torch.int32)
+    x = torch.full((20, K), 127.0) * torch.tensor([1.0, -1.0]).repeat(10)[:, None]
+    for layout_kind in ("int8", "exact"):
+        L = kernels.make_layout(qw, qz, s, g_idx, bits, "gptq_v2", cpu_kernel=layout_kind)
+        W = dequantize(qw, qz, s.double(), g_idx, bits, "gptq_v2")
+        for isa in ISAS:
+            y = kernels.cpu_qgemm_int8(x, L, isa=isa)
+            assert torch.equal(y, kernels.int8_reference(x, L)), (layout_kind, isa)
+            assert torch.equal(y.double(), x.double() @ W), (layout_kind, isa)
+
+
+@needs_vnni
+def test_batched_int8_bf16_threads_and_bad_calls():
+    qw, qz, s, g_idx = random_layer(512, 200, 4, 128, True, seed=11)
+    L = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq", cpu_kernel="int8")
+    x = torch.randn(40, 512, generator=torch.Generator().manual_seed(12)).bfloat16()
+    ref = kernels.int8_reference(x, L).bfloat16()
+    for threads in (1, 2, 3, 7):  # work items split across tiles and blocks of rows
+        y = kernels.cpu_qgemm_int8(x, L, threads=threads)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref), threads
+    exact = kernels.make_layout(qw, qz, s, g_idx, 4, "gptq")
+    with pytest.raises(ValueError, match="M > 16 rows"):  # decode rows need the int8 layout
+        kernels.cpu_qgemm_int8(torch.randn(16, 512), exact)
+    with pytest.raises(ValueError, match="int8 kernels run on"):
+        kernels.cpu_qgemm_int8(torch.randn(20, 512), L, isa="avx512")
+
+
+@pytest.mark.parametrize("isa", kernels.INT8_ISAS)
+def test_each_int8_instruction_set_or_skip(isa):
+    """Every int8 build (AVX-512 VNNI, AVX-VNNI, AVX2) against the reference, decode and batched rows; one that this
+    CPU cannot run is skipped with the reason (the VNNI builds compile everywhere, run only on such CPUs)."""
+    if isa not in kernels.cpu_isas():
+        pytest.skip(f"this CPU lacks {isa} (it has {kernels.cpu_isas()}); the {isa} int8 kernels cannot run here")
+    qw, qz, s, g_idx = random_layer(288, 160, 3, 96, True, seed=13)
+    L = kernels.make_layout(qw, qz, s, g_idx, 3, "gptq", cpu_kernel="int8")
+    for M in (1, 5, 16, 17, 53):
+        x = torch.randn(M, 288, generator=torch.Generator().manual_seed(M))
+        assert torch.equal(kernels.cpu_qgemm_int8(x, L, isa=isa), kernels.int8_reference(x, L)), M

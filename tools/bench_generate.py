@@ -11,6 +11,11 @@ CPU, real weights (SmolLM2-135M-Instruct full precision and its GPTQ checkpoints
     llama.cpp on the same prompts (run by tools/bench_llamacpp.py in the venv named by --llamacpp-python).
 GPU, synthetic weights with real shapes (latency does not depend on the values):
     python tools/bench_generate.py --device cuda --synthetic llama2-7b [--eager-too]
+CPU, a 1B-class model built here (TinyLlama-1.1B's shapes, random weights quantized by RTN, 4-bit g128), prefill of
+512 tokens and decode, the exact kernels against the int8 ones:
+    .venv/bin/python tools/bench_generate.py --synthetic tinyllama-1.1b --contexts 128 --prefill 512 --no-fp
+Every run also times a plain memory copy (--copy-mib, read + write) in the same invocation, and reports each
+variant's decode as achieved GB/s (the block and head bytes read per token) and as a fraction of that copy.
 Results: bench/results/generate_*.json, one file per device and model (generate_<device>_<model>.json)
 """
 from __future__ import annotations
@@ -36,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 from minigptq.config import ModelConfig  # noqa: E402
 from minigptq.fast_decode import accelerate  # noqa: E402
 from minigptq.generation import generate  # noqa: E402
-from minigptq.loader import load_model, weight_bytes  # noqa: E402
+from minigptq.loader import fuse_projections, load_model, parse_dtype, quantize_head, weight_bytes  # noqa: E402
 from minigptq.qlinear import QuantLinear  # noqa: E402
+from minigptq.quantizer import QuantConfig, rtn  # noqa: E402
 from minigptq.transformer import Transformer  # noqa: E402
 
 SYNTHETIC = {  # real shapes; OPT-175B is projected from a few of its 96 layers
@@ -49,18 +55,42 @@ SYNTHETIC = {  # real shapes; OPT-175B is projected from a few of its 96 layers
                      num_kv_heads=96, head_dim=128, intermediate_size=49152, max_positions=2048, norm="layer",
                      norm_eps=1e-5, positions="learned", activation="relu", gated_mlp=False, qkv_bias=True,
                      o_bias=True, mlp_bias=True, tie_word_embeddings=True),
+    "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
+                           num_kv_heads=4, head_dim=64, intermediate_size=5632, max_positions=2048, norm="rms",
+                           norm_eps=1e-5, positions="rope", activation="silu", gated_mlp=True, qkv_bias=False,
+                           o_bias=False, mlp_bias=False, tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, intermediate_size=1536, max_positions=8192, norm="rms",
+                         norm_eps=1e-5, positions="rope", activation="silu", gated_mlp=True, qkv_bias=False,
+                         o_bias=False, mlp_bias=False, tie_word_embeddings=True),
 }
+RTN_SYNTHETIC = ("tinyllama-1.1b", "smollm2-135m")  # built from random weights by RTN (CPU); the others: random codes
 
 
-def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | None) -> Transformer:
-    """A model of real shapes with random weights; linears replaced by random packed QuantLinear if bits; with the
-    fast decode paths, as load_model gives them."""
+def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | None, cpu_kernel: str = "exact",
+                    fuse: bool = False, head_dtype: str | None = None) -> Transformer:
+    """A model of real shapes with random weights; linears replaced by packed QuantLinear if bits (RTN of the random
+    weights for RTN_SYNTHETIC, random codes otherwise); with the fast decode paths, as load_model gives them."""
     kw = dict(SYNTHETIC[name])
     if layers:
         kw["num_layers"] = layers
     torch.manual_seed(0)
     model = Transformer(ModelConfig(**kw)).to(device=device, dtype=dtype)
-    if bits:
+    for m in model.modules():  # a trained model's scale: activations neither vanish nor blow up over the layers
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.normal_(m.weight, std=0.02)
+    if bits and name in RTN_SYNTHETIC:
+        rtn_linears(model, bits, cpu_kernel)
+        if fuse:
+            fuse_projections(model)
+        if head_dtype == "int8":  # as load_model(head_dtype=...) does
+            quantize_head(model, cpu_kernel=cpu_kernel)
+        elif head_dtype:
+            for mod in (model.embed, model.lm_head):
+                mod.weight = torch.nn.Parameter(mod.weight.to(parse_dtype(head_dtype)), requires_grad=False)
+            if model.cfg.tie_word_embeddings:
+                model.lm_head.weight = model.embed.weight
+    elif bits:
         quantize_linears(model, bits, device)
         for ql in model.layers.modules():
             if isinstance(ql, QuantLinear):
@@ -69,6 +99,32 @@ def synthetic_model(name: str, bits: int | None, dtype, device, layers: int | No
                 ql.scales.uniform_(1e-3, 2e-3)
                 ql.post_load()
     return accelerate(model).eval()
+
+
+def rtn_linears(model: Transformer, bits: int, cpu_kernel: str) -> None:
+    """Replace every block linear by its RTN quantization (symmetric, group size 128) as a packed QuantLinear."""
+    for block in model.layers:
+        for mname, lin in list(block.named_modules()):
+            if isinstance(lin, torch.nn.Linear):
+                r = rtn(lin.weight.detach().float(), QuantConfig(bits=bits, group_size=128))
+                ql = QuantLinear.from_codes(r.qweight, r.scales.half(), r.zeros, r.g_idx, lin.bias, bits, 128,
+                                            cpu_kernel=cpu_kernel)
+                parent, _, leaf = mname.rpartition(".")
+                setattr(block.get_submodule(parent), leaf, ql)
+
+
+def copy_bandwidth(mib: int, threads: int, reps: int = 5) -> float:
+    """GB/s of a plain copy of `mib` MiB (bytes read + bytes written), best of `reps`: the machine's practical
+    memory bandwidth, measured in the same run as the variants."""
+    torch.set_num_threads(threads)
+    src = torch.ones(mib * 2**20, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return round(2 * src.numel() / best / 1e9, 2)
 
 
 def quantize_linears(model: Transformer, bits: int, device) -> None:
@@ -105,7 +161,9 @@ def measure(args) -> dict:
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.act]
     if args.synthetic:
-        model = synthetic_model(args.synthetic, args.bits, dtype, device, args.layers)
+        model = synthetic_model(args.synthetic, args.bits, dtype, device, args.layers,
+                                getattr(args, "cpu_kernel", "exact"), getattr(args, "fuse", False),
+                                getattr(args, "head_dtype", None))
     else:
         model = load_model(args.path, dtype=args.act, device=device, head_dtype=args.head_dtype,
                            cpu_kernel=getattr(args, "cpu_kernel", "exact"), fuse=getattr(args, "fuse", False))
@@ -119,6 +177,13 @@ def measure(args) -> dict:
            "threads": torch.get_num_threads(), "contexts": {}}
     out["head_share"] = round(out["head_bytes"] / out["weight_bytes"], 3)
     prompts = json.loads(Path(args.prompts).read_text())
+    if args.prefill:  # prompt processing alone: a fresh cache, the prompt in one forward pass, the first token
+        prompt = prompts["prefill"]
+        generate(model, [prompt[:32]], max_new_tokens=1)  # warm-up
+        times = [generate(model, [prompt], max_new_tokens=1)[1].prefill_s for _ in range(args.prefill_reps)]
+        out["prefill"] = {"tokens": len(prompt), "median_s": round(statistics.median(times), 4),
+                          "tokens_per_s": round(len(prompt) / statistics.median(times), 1),
+                          "runs_s": [round(t, 4) for t in times]}
     for ctx in args.contexts:
         prompt = prompts[str(ctx)]
         # warm-up (allocator, kernels, threads; with compile: the compilation, whose cache later rounds reuse)
@@ -147,7 +212,15 @@ def main(argv=None) -> None:
                    help="random weights with this model's real shapes instead of checkpoints (GPU)")
     p.add_argument("--layers", type=int, default=None, help="with --synthetic: build only this many blocks and "
                                                             "project the per-token time to the full depth")
-    p.add_argument("--contexts", default="128,512,1024", help="prompt lengths before decoding (default 128,512,1024)")
+    p.add_argument("--contexts", default="128,512,1024",
+                   help="prompt lengths before decoding (default 128,512,1024; empty: no decode)")
+    p.add_argument("--prefill", type=int, default=0,
+                   help="also time the prefill of a prompt of this many tokens alone (e.g. 512): tokens/s")
+    p.add_argument("--prefill-reps", type=int, default=3, help="prefill runs per round, median (default 3)")
+    p.add_argument("--bits", default="4,3", help="with --synthetic: the packed widths to build (default 4,3)")
+    p.add_argument("--no-fp", action="store_true", help="skip the full-precision fp32 / bf16 variants")
+    p.add_argument("--copy-mib", type=int, default=1024, help="MiB of the memory copy timed in the same run "
+                                                              "(default 1024; 0 = none)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed per context (default 32)")
     p.add_argument("--rounds", type=int, default=3,
                    help="repeat every variant this many times in alternating order; report the median (default 3)")
@@ -178,7 +251,7 @@ def main(argv=None) -> None:
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the prompts file of --one
     args = p.parse_args(argv)
-    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.contexts = [int(c) for c in args.contexts.split(",") if c]
     if args.memory_plan:
         if not args.synthetic:
             raise SystemExit("--memory-plan needs --synthetic (one of " + ", ".join(sorted(SYNTHETIC)) + ")")
@@ -202,13 +275,18 @@ def main(argv=None) -> None:
     variants = {base: dict(act=base, path=args.model, bits=None, head_dtype=None, compile=False)}
     if args.device == "cpu":
         variants["bf16"] = dict(act="bf16", path=args.model, bits=None, head_dtype=None, compile=False)
+    if args.no_fp:
+        variants = {}
     for bits, path in ((4, args.q4), (3, args.q3)):
-        if path or args.synthetic:
+        if path or (args.synthetic and str(bits) in args.bits.split(",")):
             head = args.head_dtype if args.device == "cpu" else None
             # the fp32 kernels, one call per linear; on the CPU also the int8 kernels with fused q/k/v and gate/up
             variants[f"gptq {bits}-bit"] = dict(act=base, path=path, bits=bits, compile=False, head_dtype=head,
                                                 cpu_kernel="exact", fuse=False)
-            if args.device == "cpu" and not args.synthetic and "int8" in args.cpu_kernels:
+            if "exact" not in args.cpu_kernels.split(","):
+                del variants[f"gptq {bits}-bit"]
+            if args.device == "cpu" and (not args.synthetic or args.synthetic in RTN_SYNTHETIC) and \
+                    "int8" in args.cpu_kernels:
                 variants[f"gptq {bits}-bit int8"] = dict(act=base, path=path, bits=bits, compile=False,
                                                          head_dtype=head, cpu_kernel="int8", fuse=True)
     if args.compile:
@@ -230,7 +308,11 @@ def main(argv=None) -> None:
         json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     rng = random.Random(0)  # the same random prompts for every variant, llama.cpp included
     prompts_file = Path(tempfile.mkdtemp()) / "prompts.json"
-    prompts_file.write_text(json.dumps({c: [rng.randrange(3, vocab) for _ in range(c)] for c in args.contexts}))
+    prompt_ids = {c: [rng.randrange(3, vocab) for _ in range(c)] for c in args.contexts}
+    if args.prefill:
+        prompt_ids["prefill"] = [rng.randrange(3, vocab) for _ in range(args.prefill)]
+    prompts_file.write_text(json.dumps(prompt_ids))
+    copy_gbps = [copy_bandwidth(args.copy_mib, args.threads)] if args.copy_mib else []
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     names = list(variants)
     for r in range(args.rounds):  # alternate the order so a slow spell on a shared machine hits every variant
@@ -245,7 +327,8 @@ def main(argv=None) -> None:
             else:
                 cmd = [sys.executable, __file__, "--one", json.dumps(spec), "--device", args.device, "--steps",
                        str(args.steps), "--contexts", ",".join(map(str, args.contexts)), "--threads",
-                       str(args.threads), "--prompts", str(prompts_file)]
+                       str(args.threads), "--prompts", str(prompts_file), "--prefill", str(args.prefill),
+                       "--prefill-reps", str(args.prefill_reps)]
             if args.synthetic:
                 cmd += ["--synthetic", args.synthetic] + (["--layers", str(args.layers)] if args.layers else [])
             t = time.perf_counter()
@@ -257,20 +340,37 @@ def main(argv=None) -> None:
             runs[name].append(res)
             print(f"round {r + 1} {name:>12}: " + ", ".join(
                 f"ctx {c}: {v['median_ms_per_token']:.2f} ms/token" for c, v in res["contexts"].items())
+                + (f" prefill {res['prefill']['tokens_per_s']:.1f} tokens/s" if "prefill" in res else "")
                 + f" | weights {res['weight_bytes'] / 2**20:.1f} MiB ({time.perf_counter() - t:.0f}s)", flush=True)
+        if args.copy_mib:
+            copy_gbps.append(copy_bandwidth(args.copy_mib, args.threads))
     results = {}
     for name, rs in runs.items():  # per context: the median over rounds of each round's median step time
         results[name] = dict(rs[0], peak_rss_bytes=max(x["peak_rss_bytes"] for x in rs))
+        if "prefill" in rs[0]:
+            per_round = [x["prefill"]["tokens_per_s"] for x in rs]
+            results[name]["prefill"] = dict(rs[0]["prefill"], tokens_per_s=statistics.median(per_round),
+                                            rounds_tokens_per_s=per_round)
         for c in results[name]["contexts"]:
             per_round = [x["contexts"][c]["median_ms_per_token"] for x in rs]
             results[name]["contexts"][c] = dict(rs[0]["contexts"][c], median_ms_per_token=statistics.median(per_round),
                                                 rounds_ms_per_token=per_round)
+    base = base if base in results else next(iter(results))  # --no-fp: ratios against the first variant
+    copy = statistics.median(copy_gbps) if copy_gbps else None
     for name, r in results.items():
         r["speedup_vs_" + base] = {c: round(results[base]["contexts"][c]["median_ms_per_token"] /
                                             v["median_ms_per_token"], 2) for c, v in r["contexts"].items()}
+        if "prefill" in r:
+            r["prefill"]["speedup_vs_" + base] = round(r["prefill"]["tokens_per_s"] /
+                                                       results[base]["prefill"]["tokens_per_s"], 2)
         if "block_linear_bytes" in r:  # llama.cpp and GPTQModel report their whole model size only
             r["block_linear_bytes_ratio_vs_" + base] = round(results[base]["block_linear_bytes"] /
                                                               r["block_linear_bytes"], 2)
+            for v in r["contexts"].values():  # bytes a decode step must read: the blocks' weights and the head
+                gbps = (r["block_linear_bytes"] + r["head_bytes"]) / (v["median_ms_per_token"] / 1000) / 1e9
+                v["achieved_GBps"] = round(gbps, 2)
+                if copy:
+                    v["fraction_of_copy"] = round(gbps / copy, 3)
     if args.synthetic and args.layers:
         full = SYNTHETIC[args.synthetic]["num_layers"]
         note = (f"built {args.layers} of {full} blocks; the full model's per-token time is projected as "
@@ -278,13 +378,20 @@ def main(argv=None) -> None:
         for r in results.values():
             for v in r["contexts"].values():
                 v["projected_full_ms_per_token"] = round(v["median_ms_per_token"] * full / args.layers, 2)
+            if "prefill" in r:
+                r["prefill"]["projected_full_tokens_per_s"] = round(r["prefill"]["tokens_per_s"] * args.layers / full, 1)
     else:
         note = None
     model_name = args.synthetic or Path(args.model).name
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
+    flags = next((x.split(":", 1)[1].split() for x in open("/proc/cpuinfo") if x.startswith("flags")), [])
     doc = {"benchmark": "generate", "model": model_name, "device": args.device, "date": date.today().isoformat(),
            "machine": {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
+                       "simd": [f for f in flags if f.startswith(("avx", "amx")) or f == "fma"],
                        "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+           "copy_GBps": {"median": copy, "runs": copy_gbps, "mib": args.copy_mib,
+                         "what": "torch copy_ of a uint8 tensor, bytes read + written / time, best of 5, measured "
+                                 "before the variants and after each round"},
            "versions": {"python": platform.python_version(), "torch": torch.__version__},
            "protocol": f"batch 1, greedy, prompt of each context length prefilled, then {args.steps} decode steps "
                        f"timed one by one (synchronised on GPU); median per run, then the median over {args.rounds} "

@@ -56,15 +56,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "qgemm_i8",
       [](uintptr_t x, int dtype, int64_t M, uintptr_t qweight, uintptr_t scales, uintptr_t zeros,
          uintptr_t row_group, uintptr_t perm, int64_t K, int64_t N, int64_t G, int bits, uintptr_t out,
-         int threads, int isa) {
+         int threads, int isa, int int8) {
         QWeight w = make_qweight(qweight, scales, zeros, row_group, perm, K, N, G, bits);
-        w.int8 = 1;
+        w.int8 = int8;
         qgemm_i8(w, reinterpret_cast<const void*>(x), DType(dtype), M, reinterpret_cast<void*>(out), threads, Isa(isa));
       },
       py::arg("x"), py::arg("dtype"), py::arg("M"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"),
       py::arg("row_group"), py::arg("perm"), py::arg("K"), py::arg("N"), py::arg("G"), py::arg("bits"),
-      py::arg("out"), py::arg("threads"), py::arg("isa"), py::call_guard<py::gil_scoped_release>(),
-      "qgemm with int8 activations and VNNI dot products; qweight in the int8 layout; isa 0 = auto.");
+      py::arg("out"), py::arg("threads"), py::arg("isa"), py::arg("int8") = 1,
+      py::call_guard<py::gil_scoped_release>(),
+      "qgemm with int8 activations and integer dot products (VNNI, or AVX2 vpmaddubsw); isa 0 = auto (best int8). "
+      "int8 = 1: qweight in the int8 layout; 0: the exact kernels' layout (M > 16 rows only, the batched kernel).");
   m.def(
       "dequantize",
       [](uintptr_t qweight, uintptr_t scales, uintptr_t zeros, uintptr_t row_group, uintptr_t perm, int64_t K,

@@ -51,6 +51,7 @@ namespace detail::avx2 { Kernels kernels() { return scalar::kernels(); } }
 namespace detail::avx512 { Kernels kernels() { return scalar::kernels(); } }
 namespace detail::avx512vnni { KernelsI8 kernels_i8() { return {}; } }
 namespace detail::avxvnni { KernelsI8 kernels_i8() { return {}; } }
+namespace detail::avx2i8 { KernelsI8 kernels_i8() { return {}; } }
 #endif
 
 namespace {
@@ -186,10 +187,12 @@ std::vector<std::string> available_isas() {
 
 Isa resolve_isa(Isa requested) {
   if (requested == Isa::Auto) return cpu_has(Isa::Avx512) ? Isa::Avx512 : cpu_has(Isa::Avx2) ? Isa::Avx2 : Isa::Scalar;
-  if (requested == Isa::AutoVnni) {
+  if (requested == Isa::AutoVnni) {  // the best int8 kernels: VNNI, else AVX2 (vpmaddubsw + vpmaddwd)
     if (cpu_has(Isa::Avx512Vnni)) return Isa::Avx512Vnni;
     if (cpu_has(Isa::AvxVnni)) return Isa::AvxVnni;
-    invalid("the int8 kernels need AVX-512 VNNI or AVX-VNNI, which this CPU lacks; use the exact (fp32) kernels");
+    if (cpu_has(Isa::Avx2)) return Isa::Avx2;
+    invalid("the int8 kernels need AVX2 (or AVX-512 VNNI, AVX-VNNI), which this CPU lacks; use the exact (fp32) "
+            "kernels");
   }
   if (!cpu_has(requested)) invalid("instruction set " + isa_name(requested) + " is not available on this CPU");
   return requested;
@@ -279,14 +282,19 @@ void int8_layout_row(const QWeight& w, int64_t r, float* row) {
 void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out, int threads, Isa isa) {
   check_dtype(dtype);
   if (M <= 0) invalid("M=" + std::to_string(M) + " must be positive");
-  if (!w.int8) invalid("the int8 kernels read the int8 layout (make_layout(..., int8=True))");
+  // M > 16 rows: the batched kernel (qgemm_i8b.inc), which reads either layout; fewer: the int8 layout only
+  const bool batched = M >= detail::kBatchMinRowsI8;
+  if (!w.int8 && !batched)
+    invalid("the int8 kernels read the int8 layout (make_layout(..., cpu_kernel=\"int8\")) for M <= 16 rows, got M=" +
+            std::to_string(M) + " with the exact layout");
   const std::vector<Chunk> chunks = check_and_chunk(w, detail::kChunkRowsI8);
   const Isa resolved = resolve_isa(isa == Isa::Auto ? Isa::AutoVnni : isa);
   const detail::KernelsI8 kern = resolved == Isa::Avx512Vnni ? detail::avx512vnni::kernels_i8()
                                  : resolved == Isa::AvxVnni  ? detail::avxvnni::kernels_i8()
+                                 : resolved == Isa::Avx2     ? detail::avx2i8::kernels_i8()
                                                              : detail::KernelsI8{};
   if (!kern.tiles[w.bits]) invalid("instruction set " + isa_name(resolved) + " has no int8 kernels; valid: " +
-                                   "avx512vnni, avxvnni");
+                                   "avx512vnni, avxvnni, avx2");
   const int U = unit_rows(w.bits), Q = U / 4;
   const int64_t K = w.K, N = w.N, C = int64_t(chunks.size());
 
@@ -366,8 +374,35 @@ void qgemm_i8(const QWeight& w, const void* x, DType dtype, int64_t M, void* out
   }
   const detail::ProblemI8 p{&w, xq.data(), sx.data(), zs.data(), ck.data(), C, M, S};
 
-  // Tiles -> threads: contiguous ranges of whole tiles, one per thread.
   const int64_t tiles = (N + detail::kTileCols - 1) / detail::kTileCols;
+  if (batched) {
+    // Work items: (tile, block of rows), tile-major, contiguous ranges per thread, so that a thread unpacks each of
+    // its tiles once. A block's int8 activations (rows x K bytes) stay in L2 while the tile's column strips pass.
+    const int64_t rows = std::max<int64_t>(48, (196608 / K) / 48 * 48), blocks = (M + rows - 1) / rows;
+    const int64_t items = tiles * blocks;
+    const int nt = clamp_threads(threads, items);
+    const detail::BatchI8Fn run = kern.batch[w.bits];
+    const int64_t words = kern.batch_words(K, w.bits);
+    with_fp32_output(dtype, M * N, out, [&](float* y) {
+#pragma omp parallel num_threads(nt) if (nt > 1)
+      {
+        int i = 0;
+#ifdef _OPENMP
+        i = omp_get_thread_num();
+#endif
+        thread_local std::vector<uint32_t> buf;
+        buf.resize(size_t(words));
+        int64_t have = -1;
+        for (int64_t it = items * i / nt; it < items * (i + 1) / nt; ++it) {
+          const int64_t ti = it / blocks, m0 = it % blocks * rows;
+          run(p, ti, m0, std::min(M, m0 + rows), buf.data(), &have, y);
+        }
+      }
+    });
+    return;
+  }
+
+  // Tiles -> threads: contiguous ranges of whole tiles, one per thread.
   const int nt = clamp_threads(threads, tiles);
   const detail::TilesI8Fn run = kern.tiles[w.bits];
   with_fp32_output(dtype, M * N, out, [&](float* y) {

@@ -72,12 +72,22 @@ using TilesI8Fn = void (*)(const ProblemI8& p, int64_t t0, int64_t t1, float* y)
 // (and writes nothing) when max|x| is not finite, else writes the 32 bytes reordered within 16-byte lanes by `shuf`
 // (a pshufb pattern: the packing unit's quad order), the scale max|x| / 127 and the sum of the int8 values.
 using StageI8Fn = bool (*)(const float* x, const uint8_t* shuf, int8_t* dst, float* sx, int32_t* sum);
+// The batched kernel (qgemm_i8b.inc, M > 16): tile ti (kTileCols columns), rows [m0, m1) of y. buf: a thread's
+// buffer of batch_words(K, bits) uint32 for the unpacked tile, *have: the tile it holds (-1: none; unpacked again
+// only when another tile comes). Reads the int8 layout (w.int8) or the exact kernels' GPTQ layout.
+using BatchI8Fn = void (*)(const ProblemI8& p, int64_t ti, int64_t m0, int64_t m1, uint32_t* buf, int64_t* have,
+                           float* y);
 struct KernelsI8 {
   TilesI8Fn tiles[9];  // indexed by bits (2, 3, 4, 8)
   StageI8Fn stage32;
+  BatchI8Fn batch[9];
+  int64_t (*batch_words)(int64_t K, int bits);
 };
+// Rows of x from which qgemm_i8 takes the batched kernel (minigptq/kernels/__init__.py FUSED_MAX_ROWS + 1).
+constexpr int64_t kBatchMinRowsI8 = 17;
 
 namespace avx512vnni { KernelsI8 kernels_i8(); }
 namespace avxvnni { KernelsI8 kernels_i8(); }
+namespace avx2i8 { KernelsI8 kernels_i8(); }  // AVX2 vpmaddubsw + vpmaddwd: any AVX2 CPU
 
 }  // namespace minigptq::detail

@@ -4,12 +4,13 @@ The compiled module knows nothing of torch: these wrappers check every tensor (d
 and pass raw pointers (tensor.data_ptr()), sizes and a thread count (torch.get_num_threads()). Each kernel has a
 torch reference that is its test oracle and the fallback where the module is not built:
     cpu_qgemm, cpu_dequantize    minigptq/pack.py:dequantize (+ matmul)
-    cpu_qgemm_int8               minigptq/kernels/reference.py:int8_reference (the same int8 arithmetic, exactly)
+    cpu_qgemm_int8               minigptq/kernels/reference.py:int8_reference (the same int8 arithmetic, exactly,
+                                 for decode rows and the batched M > 16 kernel alike)
     cpu_gptq_block               the torch loop of minigptq/gptq.py (bit for bit)
     cpu_rms_norm, cpu_attn_decode, cpu_decode_block
                                  RMSNorm, Attention and Block in minigptq/transformer.py (minigptq/fast_decode.py
                                  calls these for fp32 decode steps)
-Sources: cuda/cpu/qgemm.cpp (+ qgemm_x86.cpp, qgemm_simd.inc, qgemm_i8.inc), cuda/cpu/decode.cpp, cuda/cpu/gptq.cpp,
+Sources: cuda/cpu/qgemm.cpp (+ qgemm_x86.cpp, qgemm_simd.inc, qgemm_i8.inc, qgemm_i8b.inc), cuda/cpu/decode.cpp, cuda/cpu/gptq.cpp,
 cuda/cpu/bindings.cpp.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .. import Error
-from .common import CPU_DTYPES, DTYPE_CODES, describe
+from .common import CPU_DTYPES, DTYPE_CODES, FUSED_MAX_ROWS, describe
 from .layout import KernelLayout
 
 try:
@@ -28,7 +29,7 @@ except ImportError as e:  # not built (pure-Python checkout) or built for anothe
     _cpu, CPU_IMPORT_ERROR = None, str(e)
 
 ISAS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3, "avxvnni": 4, "avx512vnni": 5}
-INT8_ISAS = ("avx512vnni", "avxvnni")
+INT8_ISAS = ("avx512vnni", "avxvnni", "avx2")  # int8 kernels: VNNI, else AVX2 vpmaddubsw + vpmaddwd
 
 
 def cpu_available() -> bool:
@@ -78,14 +79,18 @@ def _check_x(x: Tensor, layout: KernelLayout) -> None:
 
 
 def cpu_qgemm_ptrs(x: Tensor, ptrs: tuple[int, ...], N: int, G: int, bits: int, threads: int,
-                   isa_code: int = 0, cpu_kernel: str = "exact") -> Tensor:
+                   isa_code: int = 0, cpu_kernel: str = "exact", int8_layout: bool | None = None) -> Tensor:
     """The module call, unchecked (the hot path of QuantLinear, which checked x [M, K] and the layout once):
     ptrs = KernelLayout.ptrs (qweight, scales, zeros, row_group, perm); cpu_kernel: "int8" for the int8-activation
-    kernels (the layout must be an int8 one), "exact" for the fp32 ones."""
+    kernels, "exact" for the fp32 ones. int8_layout: the layout is an int8 one (default: cpu_kernel == "int8"); the
+    int8 kernels read the exact layout too when M > FUSED_MAX_ROWS (the batched kernel, cuda/cpu/qgemm_i8b.inc)."""
     M, K = x.shape
     out = torch.empty(M, N, dtype=x.dtype)
-    kernel = _cpu.qgemm_i8 if cpu_kernel == "int8" else _cpu.qgemm
-    kernel(x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    args = (x.data_ptr(), DTYPE_CODES[x.dtype], M, *ptrs, K, N, G, bits, out.data_ptr(), threads, isa_code)
+    if cpu_kernel == "int8":
+        _cpu.qgemm_i8(*args, int(cpu_kernel == "int8" if int8_layout is None else int8_layout))
+    else:
+        _cpu.qgemm(*args)
     return out
 
 
@@ -102,25 +107,30 @@ def cpu_dequantize(layout: KernelLayout, dtype: torch.dtype = torch.float32, thr
 
 
 def cpu_int8_available() -> bool:
-    """The int8-activation kernels can run here: the module is built and the CPU has AVX-512 VNNI or AVX-VNNI."""
+    """The int8-activation kernels can run here: the module is built and the CPU has AVX-512 VNNI, AVX-VNNI or
+    AVX2 (integer dot products by vpmaddubsw + vpmaddwd)."""
     return any(isa in INT8_ISAS for isa in cpu_isas())
 
 
 def cpu_qgemm_int8(x: Tensor, layout: KernelLayout, threads: int | None = None, isa: str = "auto") -> Tensor:
     """y = x @ W with x quantized to int8 per chunk (<= CHUNK_ROWS_INT8 = 32 rows of one group, one fp32 scale
-    each) and integer dot products (VNNI): x float32/bfloat16 contiguous [M, K] -> [M, N] in x.dtype. Equals
-    int8_reference exactly.
+    each) and integer dot products: x float32/bfloat16 contiguous [M, K] -> [M, N] in x.dtype. Equals
+    int8_reference exactly. M > FUSED_MAX_ROWS runs the batched kernel (cuda/cpu/qgemm_i8b.inc: each column tile
+    unpacked to bytes once, a register-blocked micro-kernel over rows x columns).
 
-    layout: made with cpu_kernel="int8". isa: "auto" (AVX-512 VNNI, else AVX-VNNI), "avx512vnni" or "avxvnni".
+    layout: made with cpu_kernel="int8"; for M > FUSED_MAX_ROWS the exact kernels' layout works too.
+    isa: "auto" (AVX-512 VNNI, else AVX-VNNI, else AVX2), "avx512vnni", "avxvnni" or "avx2".
     """
     threads, isa_code = _cpu_args(layout, threads, isa)
-    if layout.cpu_kernel != "int8":
-        raise Error("the layout was made for the fp32 kernels; make_layout(..., cpu_kernel=\"int8\") makes one for "
-                    "these")
-    if isa_code not in (0, ISAS["avxvnni"], ISAS["avx512vnni"]):
-        raise Error(f"isa={isa!r}: the int8 kernels run on avx512vnni or avxvnni")
+    M = x.shape[0] if x.dim() == 2 else 0
+    if layout.cpu_kernel != "int8" and M <= FUSED_MAX_ROWS:
+        raise Error(f"the layout was made for the fp32 kernels, which the int8 kernels read only for M > "
+                    f"{FUSED_MAX_ROWS} rows (got M={M}); make_layout(..., cpu_kernel=\"int8\") makes one for these")
+    if isa_code not in (0,) + tuple(ISAS[i] for i in INT8_ISAS):
+        raise Error(f"isa={isa!r}: the int8 kernels run on {', '.join(INT8_ISAS)} (or auto)")
     _check_x(x, layout)
-    return cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code, cpu_kernel="int8")
+    return cpu_qgemm_ptrs(x, layout.ptrs, layout.N, layout.G, layout.bits, threads, isa_code, cpu_kernel="int8",
+                          int8_layout=layout.cpu_kernel == "int8")
 
 
 # ------------------------------------------------------------------------------------------- the GPTQ solver

@@ -1,7 +1,9 @@
 """Plain torch references of the kernels, used as the tests' oracles (in the spirit of ggml's *_generic twins):
 the same arithmetic written step by step, slow and obviously right.
 
-- int8_reference: the int8-activation CPU kernels (cuda/cpu/qgemm_i8.inc), exactly: same chunks, same roundings.
+- int8_reference: the int8-activation CPU kernels, exactly: same chunks, same roundings, for the decode kernels
+  (cuda/cpu/qgemm_i8.inc, M <= 16 rows) and the batched one (cuda/cpu/qgemm_i8b.inc, M > 16) on every instruction
+  set (AVX-512 VNNI, AVX-VNNI, AVX2), from the int8 layout or the exact kernels' one.
 - cuda_layout_weight: the dequantized weight read back from a CudaLayout in torch, a test of the CUDA layout
   (minigptq/kernels/cuda_layout.py) independent of the kernels.
 The references of the other kernels live with the code they mirror: minigptq/pack.py:dequantize (+ matmul) for the
@@ -30,7 +32,8 @@ def chunks_of(row_group: Tensor, rows: int = CHUNK_ROWS) -> list[tuple[int, int,
 
 
 def int8_reference(x: Tensor, layout: KernelLayout) -> Tensor:
-    """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32.
+    """Torch reference of the int8 kernels, the same arithmetic step by step: x [M, K] -> y [M, N] float32, for
+    any M and either layout (cpu_kernel "int8" or "exact").
 
     Per chunk (CHUNK_ROWS_INT8 rows of one group): xq = round(x * (127 / max|x|)) clamped to [-127, 127] (0 where
     max|x| < INT8_TINY), sx = max|x| / 127 (NaN where the chunk holds Inf or NaN); part += sx * float(xq @ q) with
