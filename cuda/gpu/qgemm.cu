@@ -40,7 +40,7 @@
 //
 // ---------------------------------------------------------------------------------------------- the kernel
 // qgemm_kernel: the work is a list of "units" (column block c, k-block b), k-blocks of one column block in a
-// row, c-major. A column block is NTB = WARPS * NTW n-tiles (128 columns; 64 for 8-bit at M <= 16); each warp
+// row, c-major. A column block is NTB = WARPS * NTW n-tiles (256 columns at M <= 16, 128 above and for 8-bit); each warp
 // owns NTW n-tiles of it for every k-block, so there is no reduction between warps. The grid is about one wave
 // (SMs x resident blocks), and block i takes the contiguous stripe of units [i per, (i + 1) per) (Marlin's
 // "striped" partition): every block streams the same amount of weight, and a stripe may cross column blocks.
@@ -320,10 +320,10 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
 template <int BITS, int MT>
 struct Cfg {
   static constexpr int WARPS = MT <= 2 ? 4 : 8;
-  static constexpr int NTW = MT <= 2 && BITS != 8 ? 2 : 1;
+  static constexpr int NTW = MT <= 2 ? (BITS == 8 ? 2 : 4) : 1;  // more weights per unit: less overhead per weight
   static constexpr int NTB = WARPS * NTW, THREADS = WARPS * 32, ROWS = MT * 8, COLS = NTB * 16;
   static constexpr int EP = COLS + 4;  // pitch (floats) of the epilogue tile: fragment stores conflict-free
-  static constexpr int BPS = MT <= 2 ? 4 : 1;  // MT >= 4: shared memory allows 1-2 blocks; no register cap
+  static constexpr int BPS = MT <= 2 ? 2 : 1;  // what shared memory allows (2 blocks, 1 at MT >= 4)
 };
 
 // Byte offsets inside one pipeline stage (one unit): codes [NTB][32 * words], scales [GPB][NTB][8] words, zero
@@ -352,7 +352,6 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
   using D = Deq<T, BITS>;
   constexpr int NTW = C::NTW, NTB = C::NTB, THREADS = C::THREADS, COLS = C::COLS, EP = C::EP;
   constexpr int W = Bits<BITS>::words, GPB = S::GPB, ZB = S::ZB, WPIECES = NTB * 8 * W;  // 16-byte pieces of codes
-  static_assert(GPB * NTB * 3 <= THREADS, "one scale or zero copy per thread");
   MINIGPTQ_DYN_SMEM(smem4);
   uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
   float* ep = reinterpret_cast<float*>(smem + kStages * S::bytes);  // [ROWS][EP]
@@ -366,48 +365,79 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
     for (int i = a.R * (kXPitch / 2) + tid; i < C::ROWS * (kXPitch / 2); i += THREADS) xs[i] = 0;
   }
 
-  // ---- loader: unit lu = (column block lc, k-block lkb), first group lg (TPG 8: lr = lkb % kb_per_group)
+  // ---- loader: unit lu = (column block lc, k-block lkb), first group lg (TPG 8: lr = lkb % kb_per_group). Each
+  // thread copies the same pieces of every unit: its source pointers advance by a constant per unit (per group for
+  // scales and zero points) and are recomputed only when the stripe moves to the next column block.
+  constexpr int WR = (WPIECES + THREADS - 1) / THREADS;  // code pieces per thread
   const uint64_t pol = evict_first_policy();
-  const uint16_t* x = static_cast<const uint16_t*>(a.x);
   int lu = u0, lc = u0 / kblocks, lkb = u0 % kblocks;
   int lr = TPG == 8 ? lkb % a.kb_per_group : 0, lg = TPG == 8 ? lkb / a.kb_per_group : lkb * GPB;
+  const uint32_t* wsrc[WR];
+  bool wok[WR];
+  // scale pieces (16 bytes: half a tile's 8 words) [GPB][NTB][2], then zero-point pieces (8 * ZB bytes: a tile's)
+  // [GPB][NTB]: piece tid + r * THREADS of this thread, at msrc[r] for group lg
+  constexpr int SP = GPB * NTB * 2, MP = GPB * NTB * 3, MR = (MP + THREADS - 1) / THREADS;
+  const uint8_t* msrc[MR];
+  bool mok[MR];
+  const int xr = tid >> 4, xq = (tid & 15) * 8;  // x: row and column of this thread's piece (rows < R, R <= 64)
+  auto column = [&] {  // source pointers of unit (lc, lkb)
+#pragma unroll
+    for (int r = 0; r < WR; ++r) {
+      const int i = tid + r * THREADS, j = lc * NTB + i / (8 * W);
+      wok[r] = j < a.ntiles && i < WPIECES;
+      wsrc[r] = a.qweight + (int64_t(wok[r] ? j : 0) * kblocks + lkb) * (32 * W) + (i % (8 * W)) * 4;
+    }
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+      const int i = tid + r * THREADS, mi = i < SP ? i : i - SP;
+      const int gi = i < SP ? mi / (NTB * 2) : mi / NTB, j = lc * NTB + (i < SP ? (mi / 2) % NTB : mi % NTB);
+      mok[r] = j < a.ntiles;
+      const int64_t m0 = (int64_t(lg + gi) * a.ntiles + (mok[r] ? j : 0)) * 8;
+      msrc[r] = i < SP ? reinterpret_cast<const uint8_t*>(a.scales + m0 + (mi & 1) * 4) : a.zeros + m0 * ZB;
+    }
+  };
+  column();
+  const uint16_t* xsrc = static_cast<const uint16_t*>(a.x) + xr * a.ldx + xq;  // + lkb * kKB
+  const int64_t xstride = (THREADS / 16) * a.ldx;                                 // rows r and r + THREADS / 16
   auto load = [&](int slot) {
     if (lu < u1) {
       uint8_t* st = smem + slot * S::bytes;
 #pragma unroll
-      for (int r = 0; r < (WPIECES + THREADS - 1) / THREADS; ++r) {  // codes: NTB chunks of 32 * W words each
-        const int i = tid + r * THREADS, jj = i / (8 * W), q = i % (8 * W), j = lc * NTB + jj;
-        if (WPIECES % THREADS != 0 && i >= WPIECES) break;
-        const bool ok = j < a.ntiles;
-        copy16_stream(st + S::w + i * 16, a.qweight + (int64_t(ok ? j : 0) * kblocks + lkb) * (32 * W) + q * 4, ok,
-                      pol);
+      for (int r = 0; r < WR; ++r)  // codes: NTB chunks of 32 * W contiguous words
+        if (WPIECES % THREADS == 0 || tid + r * THREADS < WPIECES)
+          copy16_stream(st + S::w + (tid + r * THREADS) * 16, wsrc[r], wok[r], pol);
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const int i = tid + r * THREADS;
+        if (i < SP) copy16(st + S::s + i * 16, msrc[r], mok[r]);
+        else if (i < MP && ZB == 2) copy16(st + S::z + (i - SP) * 16, msrc[r], mok[r]);
+        else if (i < MP) copy8(st + S::z + (i - SP) * 8, msrc[r], mok[r]);
       }
-      if (tid < GPB * NTB * 2) {  // scales: half a tile's 8 words per thread
-        const int gi = tid / (NTB * 2), jj = (tid / 2) % NTB, j = lc * NTB + jj;
-        const bool ok = j < a.ntiles;
-        copy16(st + S::s + tid * 16, a.scales + (int64_t(lg + gi) * a.ntiles + (ok ? j : 0)) * 8 + (tid & 1) * 4, ok);
-      } else if (tid < GPB * NTB * 3) {  // zero points: one tile's 8 * ZB bytes per thread
-        const int i = tid - GPB * NTB * 2, gi = i / NTB, jj = i % NTB, j = lc * NTB + jj;
-        const bool ok = j < a.ntiles;
-        const uint8_t* src = a.zeros + (int64_t(lg + gi) * a.ntiles + (ok ? j : 0)) * 8 * ZB;
-        if constexpr (ZB == 2) copy16(st + S::z + i * 16, src, ok);
-        else copy8(st + S::z + i * 8, src, ok);
-      }
-      for (int i = tid; i < a.R * 16; i += THREADS) {  // x: 16 pieces per row, zero-filled past kvalid
-        const int r = i >> 4, k = lkb * kKB + (i & 15) * 8;
-        const bool ok = k < a.kvalid;
-        copy16(st + S::x + (r * kXPitch + (i & 15) * 8) * 2, x + r * a.ldx + (ok ? k : 0), ok);
-      }
+      const bool xok = lkb * kKB + xq < a.kvalid;  // zero-filled past kvalid
+#pragma unroll
+      for (int r = 0; r < (C::ROWS * 16 + THREADS - 1) / THREADS; ++r)  // x: 16 pieces per row, column xq
+        if (xr + r * (THREADS / 16) < a.R)
+          copy16(st + S::x + ((xr + r * (THREADS / 16)) * kXPitch + xq) * 2,
+                 xok ? xsrc + r * xstride + lkb * kKB : xsrc, xok);
     }
     commit();  // one group per unit, empty past the stripe: the wait count stays uniform
     ++lu;
+    bool next_group = false;
     if (++lkb == kblocks) {
       lkb = 0, ++lc, lr = 0, lg = 0;
+      column();
+      return;
     } else if constexpr (TPG == 8) {
-      if (++lr == a.kb_per_group) lr = 0, ++lg;
+      if (++lr == a.kb_per_group) lr = 0, ++lg, next_group = true;
     } else {
-      lg += GPB;
+      lg += GPB, next_group = true;
     }
+#pragma unroll
+    for (int r = 0; r < WR; ++r) wsrc[r] += 32 * W;
+    if (next_group)
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        msrc[r] += int64_t(a.ntiles) * 8 * (tid + r * THREADS < SP ? 4 : ZB) * (TPG == 8 ? 1 : GPB);
   };
 
   // ---- math: this warp's NTW n-tiles of the column block
@@ -522,7 +552,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
   };
 
   // ---- the pipeline
-#pragma unroll
+#pragma unroll 1
   for (int s = 0; s < kStages - 1; ++s) load(s);
   int cc = u0 / kblocks, ckb = u0 % kblocks, kbfirst = ckb, cr = TPG == 8 ? ckb % a.kb_per_group : 0;
   int slot = 0;
@@ -660,6 +690,9 @@ struct Variant {
 template <int BITS, typename T, int MT>
 Variant variant_mt(int group_rows) {
   using C = Cfg<BITS, MT>;
+#ifdef MINIGPTQ_STATIC_SUBSET  // tools/cuda_static.py --quick: only the kernels it models (groups of 128 rows)
+  return {qgemm_kernel<BITS, T, MT, 8>, C::THREADS, Stage<BITS, MT, 8>::smem, C::COLS};
+#endif
   if (group_rows == 32) return {qgemm_kernel<BITS, T, MT, 2>, C::THREADS, Stage<BITS, MT, 2>::smem, C::COLS};
   if (group_rows == 64) return {qgemm_kernel<BITS, T, MT, 4>, C::THREADS, Stage<BITS, MT, 4>::smem, C::COLS};
   return {qgemm_kernel<BITS, T, MT, 8>, C::THREADS, Stage<BITS, MT, 8>::smem, C::COLS};
