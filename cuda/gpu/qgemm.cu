@@ -359,10 +359,11 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int kblocks = a.kblocks, u0 = blockIdx.x * a.per, u1 = min(u0 + a.per, a.units);
 
-  // Rows >= R of x are never copied: zero them in every stage once.
-  for (int s = 0; s < kStages; ++s) {
-    uint32_t* xs = reinterpret_cast<uint32_t*>(smem + s * S::bytes + S::x);
-    for (int i = a.R * (kXPitch / 2) + tid; i < C::ROWS * (kXPitch / 2); i += THREADS) xs[i] = 0;
+  // Rows >= R of x are never copied: zero them in every stage once (16-byte stores).
+  constexpr int XV = kXPitch / 8;  // 16-byte pieces per x row
+  for (int i = tid; i < kStages * (C::ROWS - a.R) * XV; i += THREADS) {
+    const int s = i / ((C::ROWS - a.R) * XV), e = i % ((C::ROWS - a.R) * XV) + a.R * XV;
+    reinterpret_cast<uint4*>(smem + s * S::bytes + S::x)[e] = make_uint4(0, 0, 0, 0);
   }
 
   // ---- loader: unit lu = (column block lc, k-block lkb), first group lg (TPG 8: lr = lkb % kb_per_group). Each
@@ -551,15 +552,19 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
     __syncthreads();  // ep is reused by the next segment
   };
 
-  // ---- the pipeline
-#pragma unroll 1
-  for (int s = 0; s < kStages - 1; ++s) load(s);
+  // ---- the pipeline: kStages - 1 loads ahead (the first kStages - 1 iterations only load: one copy of the loader)
   int cc = u0 / kblocks, ckb = u0 % kblocks, kbfirst = ckb, cr = TPG == 8 ? ckb % a.kb_per_group : 0;
-  int slot = 0;
-  for (int cu = u0; cu < u1; ++cu) {
-    wait<kStages - 2>();  // this thread's copies of unit cu have landed
-    __syncthreads();      // everyone's have; and every warp is done with the stage loaded next
-    load(slot == 0 ? kStages - 1 : slot - 1);
+  int slot = 1;  // the stage of unit cu: (cu - u0) mod kStages
+  for (int cu = u0 - (kStages - 1); cu < u1; ++cu) {
+    if (cu >= u0) {
+      wait<kStages - 2>();  // this thread's copies of unit cu have landed
+      __syncthreads();      // everyone's have; and every warp is done with the stage loaded next
+    }
+    load(slot == 0 ? kStages - 1 : slot - 1);  // unit cu + kStages - 1 (prologue: slots 0 .. kStages - 2)
+    if (cu < u0) {
+      slot = slot == kStages - 1 ? 0 : slot + 1;
+      continue;
+    }
     compute(slot, ckb == kbfirst || cr == 0);
     slot = slot == kStages - 1 ? 0 : slot + 1;
     if (ckb == kblocks - 1 || cu == u1 - 1) {
