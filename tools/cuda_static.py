@@ -13,10 +13,11 @@ and reads, for the fused kernels qgemm_kernel<BITS, T, MT, TPG> (MT 8-row tiles 
   the scale, zero-point and x copies of the first threads are left out); group = the shortest such path through
   a block with an FFMA (the fp32 scale flush: a unit that starts a group, every unit at group size 128);
   segment end = the longest path minus group.
-- Prologue: the instructions before the loop head; epilogue: after the loop's back edge. Inner loops (backward
-  branches inside the prologue, or inside the loop but off the common path: zeroing x rows, the store and K-split
-  loops) count their body ceil(rows x columns / threads) times (the largest trip count of those loops,
-  conservative).
+- Prologue: the instructions before the loop head (the loader's first kStages - 1 iterations are loop iterations
+  without math, counted as kStages - 1 extra units' loader part: conservatively as whole common units); epilogue:
+  after the loop's back edge. Inner loops count their body: zeroing the x rows >= M (before the loop) ceil(stages x
+  (rows - M) x 17 / threads) times, the x copies (on the common path) ceil(M x 16 / threads) times, the store and
+  K-split loops (off it) ceil(M x columns / threads) times.
 - Whole-kernel instructions per weight of one block = (prologue + per x common + group units x (group - common)
   + segments x segment end + epilogue) / (per x weights per thread per unit), weights per thread per unit =
   HMMA on the common path / MT x 8 (an A fragment is 16 x 16 weights over 32 lanes).
@@ -154,7 +155,7 @@ def inner_loops(ins: list, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
+def analyse_kernel(ins: list, trip: int, trip_x: int, trip_zero: int) -> dict:
     """Per-region instruction counts of one fused kernel (see the module docstring)."""
     idx = {a: i for i, (a, _, _) in enumerate(ins)}
     loops = []
@@ -229,15 +230,15 @@ def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
     on_common = set()
     for j in paths["common"]:
         on_common.update(range(lo + blocks[j][0], lo + blocks[j][1]))
-    # inner loops: on the common path (the x copies) ceil(R x 16 / threads) times, off it (the store and K-split
-    # loops) `trip` times, in the prologue (zeroing x rows) `trip` times
+    # inner loops: on the common path (the x copies) trip_x times, off it (the store and K-split loops) trip
+    # times; before the loop (zeroing the x rows >= R) trip_zero times
     extra_common = extra_seg = 0
     for s, e in inner_loops(ins, lo + 1, hi + 1):
         if on_common & set(range(s, e)):
             extra_common += (e - s) * (trip_x - 1)
         else:
             extra_seg += (e - s) * (trip - 1)
-    extra_pro = sum((e - s) * (trip - 1) for s, e in inner_loops(ins, 0, lo))
+    extra_pro = sum((e - s) * (trip_zero - 1) for s, e in inner_loops(ins, 0, lo))
     common, group = sum(res["common"].values()) + extra_common, sum(res["group"].values()) + extra_common
     return dict(range=(hex(body[0][0]), hex(body[-1][0])), loop_instructions_all=len(body), hmma=max(loops)[0],
                 prologue=lo + extra_pro, epilogue=len(ins) - hi - 1, common=common, group=group,
@@ -271,7 +272,7 @@ def model(entry: dict, bits: int, mt: int, M: int, gpu: dict, K: int, N: int) ->
     rate = min(gpu["bw"] * A["STREAM_EFFICIENCY"], gpu["sms"] * inflight / A["LATENCY_s"])
     wpt = entry["weights_per_thread_per_unit"]
     segs = -(-per // kblocks) + 1
-    thread_instr = (entry["prologue"] + per * entry["common"] + per * (entry["group"] - entry["common"])
+    thread_instr = (entry["prologue"] + (STAGES - 1) * entry["common"] + per * entry["group"]
                     + segs * entry["segment_end"] + entry["epilogue"])
     warp_instr_per_sm = thread_instr * c["warps"] * grid / gpu["sms"]
     t_issue = warp_instr_per_sm / (4 * gpu["clock"] * A["ISSUE_EFFICIENCY"])
@@ -318,8 +319,9 @@ def analyse(archs: list[str]) -> dict:
                 key = f"qgemm_kernelILi{bits}E{TYPE_MANGLE[t]}Li{mt}ELi8EEEvNS1_4ArgsE"
                 mangled = next(f for f in funcs if f.endswith(key))
                 c = cfg(bits, mt)
-                trip = max(1, -(-(c["rows"] * c["cols"]) // c["threads"]), -(-(c["rows"] * XPITCH // 2) // c["threads"]))
-                k = analyse_kernel(funcs[mangled], trip, -(-(M * 16) // c["threads"]))
+                trip = -(-(M * c["cols"]) // c["threads"])  # store / K-split loops: M x columns values
+                trip_zero = max(1, -(-(STAGES * (c["rows"] - M) * XPITCH // 8) // c["threads"]))
+                k = analyse_kernel(funcs[mangled], trip, -(-(M * 16) // c["threads"]), trip_zero)
                 u = usage[mangled]
                 wpt = k["common_opcodes"]["HMMA"] // mt * 8  # an A fragment: 8 weights per thread, used by MT mma
                 entry = {"kernel": f"qgemm_kernel<{bits}, {t}, MT={mt}, TPG=8>", "loop_range": k["range"],

@@ -1,9 +1,9 @@
 """The CUDA kernels (minigptq._cuda_kernels, built from cuda/gpu/) behind checked wrappers.
 
 The compiled module knows nothing of torch (its bindings include no CUDA header either): these wrappers check every
-tensor and pass raw pointers, the layer's CudaLayout.args (minigptq/kernels/cuda_layout.py), the SM count, a K-split
-workspace per (device, stream) and torch's current stream. Torch references (test oracles and fallback): minigptq/pack.py:dequantize
-(+ matmul) for cuda_qgemm and cuda_dequantize; the layout alone is checked by
+tensor and pass raw pointers, the layer's CudaLayout.args (minigptq/kernels/cuda_layout.py), the SM count, a
+K-split workspace per (device, stream) and torch's current stream. Torch references (test oracles and fallback):
+minigptq/pack.py:dequantize (+ matmul) for cuda_qgemm and cuda_dequantize; the layout alone is checked by
 minigptq/kernels/reference.py:cuda_layout_weight.
 Sources: cuda/gpu/qgemm.cu, cuda/gpu/bindings.cpp; without a GPU, tests/test_cuda_emu.py runs them on the host.
 """
