@@ -361,6 +361,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
 
   // Rows >= R of x are never copied: zero them in every stage once (16-byte stores).
   constexpr int XV = kXPitch / 8;  // 16-byte pieces per x row
+#pragma unroll 1
   for (int i = tid; i < kStages * (C::ROWS - a.R) * XV; i += THREADS) {
     const int s = i / ((C::ROWS - a.R) * XV), e = i % ((C::ROWS - a.R) * XV) + a.R * XV;
     reinterpret_cast<uint4*>(smem + s * S::bytes + S::x)[e] = make_uint4(0, 0, 0, 0);
@@ -500,6 +501,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
 
   // ---- end of a segment (column block c, k-blocks [kb0, kb1]): output, or the K-split reduction
   auto store_out = [&](int col0) {  // ep rows -> out, the parts of a row added in order; coalesced along n
+#pragma unroll 1
     for (int e = tid; e < a.M * COLS; e += THREADS) {
       const int m = e / COLS, n = e % COLS;
       if (col0 + n >= a.N) continue;
@@ -527,6 +529,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
     } else {  // a piece: slot 2 i (the stripe's first segment) or 2 i + 1 (its last)
       const int64_t piece = int64_t(a.R) * COLS;
       float* mine = a.ws + (2 * int64_t(blockIdx.x) + (c * kblocks + kb0 != u0)) * piece;
+#pragma unroll 1
       for (int e = tid; e < a.R * COLS; e += THREADS) mine[e] = ep[(e / COLS) * EP + e % COLS];
       __threadfence();  // this block's piece is visible device-wide before its ticket is taken
       __syncthreads();
@@ -539,8 +542,10 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
       __syncthreads();
       if (s_last) {  // uniform: s_last is shared
         __threadfence();  // the other pieces are read after their tickets
+#pragma unroll 1
         for (int e = tid; e < a.R * COLS; e += THREADS) {
           float v = 0.f;
+#pragma unroll 1
           for (int b = bf; b <= bl; ++b)  // K order: deterministic
             v += __ldcg(a.ws + (2 * int64_t(b) + (int64_t(b) * a.per < int64_t(c) * kblocks)) * piece + e);
           ep[(e / COLS) * EP + e % COLS] = v;
