@@ -199,7 +199,7 @@ def kernel_path(x: Tensor, L: kernels.KernelLayout | None) -> str:
     if x.requires_grad and torch.is_grad_enabled():
         return "reference"
     rows = x.numel() // max(x.shape[-1], 1)
-    size = "fused" if rows <= kernels.FUSED_MAX_ROWS else "dequant"
+    size = "fused" if rows <= (kernels.FUSED_MAX_ROWS, kernels.cuda.CUDA_FUSED_MAX_ROWS)[x.is_cuda] else "dequant"
     if x.device.type == "cpu" and kernels.cpu_available():
         return "cpu-int8" if L is not None and L.cpu_kernel == "int8" else f"cpu-{size}"  # int8: any M
     if x.device.type == "cuda" and kernels.cuda_available():

@@ -11,12 +11,18 @@
 // different lines, or some of them exited) or a deadlock. Blocks run one at a time in a random order, so a K-split
 // reduction must not depend on which block arrives last. __shared__ variables are statics (one block at a time).
 // Memory-ordering bugs (a missing __threadfence) cannot show here: the emulation is sequentially consistent.
+// Dynamic shared memory is one buffer, filled with 0xFF at the start of every block (stale data is garbage).
+// cp.async: a copy poisons its destination (0xFF) and marks it in flight; its data lands only when the issuing
+// thread's cp.async.wait_group lets its group go, and a shared load through lds32/64/128 (qgemm.cu) of bytes still
+// in flight fails the emulation. MINIGPTQ_EMU_WAIT_SLACK=n in the environment makes every wait_group keep n more
+// groups in flight (a kernel that reads early: the tests check that this fails).
 #pragma once
 #include <ucontext.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -30,7 +36,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
 
@@ -45,6 +51,14 @@ enum cudaError_t { cudaSuccess = 0 };
 inline const char* cudaGetErrorString(cudaError_t) { return "emulated error"; }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
 inline cudaError_t cudaGetDeviceCount(int* d) { *d = 1; return cudaSuccess; }
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
+inline cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute, int) { return cudaSuccess; }
+// Resident blocks as on an H100/H200 SM: 228 KB of shared memory (1 KB reserved per block), 2048 threads.
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, F, int threads, size_t smem) {
+  *n = std::max(0, std::min(int(228 * 1024 / (smem + 1024)), 2048 / threads));
+  return cudaSuccess;
+}
 
 // ------------------------------------------------------------------------------------------ fibers
 enum EmuState { kRun, kBlockBar, kWarpBar, kDone };
@@ -76,11 +90,74 @@ inline void emu_wait(EmuState s, int line) {
 #define __syncthreads() emu_wait(kBlockBar, __LINE__)
 #define __syncwarp(...) emu_wait(kWarpBar, __LINE__)
 
-inline void emu_fail(const std::string& what) { throw std::runtime_error("CUDA emulation: " + what); }
+inline std::string g_fiber_error;  // a failure inside a fiber, thrown by the scheduler (exceptions cannot leave a fiber)
+inline void emu_fail(const std::string& what) {
+  if (g_cur < 0) throw std::runtime_error("CUDA emulation: " + what);
+  g_fiber_error = what;
+  ucontext_t dead;
+  swapcontext(&dead, &g_sched);  // never resumed
+}
+
+// ------------------------------------------------------------------------------ dynamic shared memory, cp.async
+struct EmuCopy {
+  unsigned char* dst;
+  std::vector<unsigned char> data;
+  long group;
+};
+struct EmuAsync {
+  std::vector<EmuCopy> pending;
+  long committed = 0;  // groups closed so far
+};
+inline std::vector<unsigned char> g_dyn_smem, g_in_flight;  // buffer, and 1 per byte still in flight
+inline std::vector<EmuAsync> g_async;                        // per thread
+inline int g_wait_slack = 0;
+inline void* emu_dyn_smem() { return g_dyn_smem.data(); }
+inline bool emu_in_dyn(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  return !g_dyn_smem.empty() && c >= g_dyn_smem.data() && c < g_dyn_smem.data() + g_dyn_smem.size();
+}
+inline void emu_cp_async(void* dst, const void* src, int bytes, bool full) {
+  if (!emu_in_dyn(dst)) emu_fail("cp.async destination outside shared memory");
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || (full && reinterpret_cast<uintptr_t>(src) % bytes))
+    emu_fail("cp.async of " + std::to_string(bytes) + " bytes not aligned");
+  auto* d = static_cast<unsigned char*>(dst);
+  EmuCopy c{d, std::vector<unsigned char>(bytes, 0), 0};
+  if (full) std::memcpy(c.data.data(), src, bytes);
+  EmuAsync& a = g_async[threadIdx.x];
+  c.group = a.committed;
+  a.pending.push_back(std::move(c));
+  std::memset(d, 0xFF, bytes);
+  std::memset(g_in_flight.data() + (d - g_dyn_smem.data()), 1, bytes);
+}
+inline void emu_cp_async_commit() { ++g_async[threadIdx.x].committed; }
+inline void emu_cp_async_wait(int n) {
+  EmuAsync& a = g_async[threadIdx.x];
+  const long keep_from = a.committed - n - g_wait_slack;  // groups >= this may stay in flight
+  std::vector<EmuCopy> still;
+  for (EmuCopy& c : a.pending) {
+    if (c.group < keep_from) {
+      std::memcpy(c.dst, c.data.data(), c.data.size());
+      std::memset(g_in_flight.data() + (c.dst - g_dyn_smem.data()), 0, c.data.size());
+    } else {
+      still.push_back(std::move(c));
+    }
+  }
+  a.pending.swap(still);
+}
+inline void emu_check_landed(const void* p, int bytes) {
+  if (!emu_in_dyn(p)) return;
+  const size_t o = static_cast<const unsigned char*>(p) - g_dyn_smem.data();
+  for (int i = 0; i < bytes; ++i)
+    if (g_in_flight[o + i])
+      emu_fail("shared memory read before its cp.async group was waited for (offset " + std::to_string(o + i) + ")");
+}
 
 // Runs one block: all fibers to completion, releasing barriers as described at the top.
 inline void emu_run_block(unsigned nthreads) {
   if (g_fibers.size() < nthreads) g_fibers.resize(nthreads);
+  std::fill(g_dyn_smem.begin(), g_dyn_smem.end(), 0xFF);
+  std::fill(g_in_flight.begin(), g_in_flight.end(), 0);
+  g_async.assign(nthreads, EmuAsync{});
   for (unsigned t = 0; t < nthreads; ++t) {
     EmuFiber& f = g_fibers[t];
     if (f.stack.empty()) f.stack.resize(256 * 1024);
@@ -101,6 +178,12 @@ inline void emu_run_block(unsigned nthreads) {
       g_cur = int(t);
       threadIdx = dim3(t);
       swapcontext(&g_sched, &g_fibers[t].ctx);
+      if (!g_fiber_error.empty()) {
+        const std::string e = "CUDA emulation: thread " + std::to_string(t) + ": " + g_fiber_error;
+        g_fiber_error.clear();
+        g_cur = -1;
+        throw std::runtime_error(e);
+      }
     }
     g_cur = -1;
     unsigned done = 0, at_block = 0;
@@ -141,9 +224,13 @@ inline void emu_run_block(unsigned nthreads) {
 }
 
 template <typename F>
-void emu_launch(dim3 grid, dim3 block, F body) {
+void emu_launch(dim3 grid, dim3 block, size_t smem, F body) {
   ++g_launches;
   if (block.y != 1 || block.z != 1) emu_fail("only 1-D blocks are emulated");
+  g_dyn_smem.assign(smem, 0xFF);
+  g_in_flight.assign(smem, 0);
+  const char* slack = std::getenv("MINIGPTQ_EMU_WAIT_SLACK");
+  g_wait_slack = slack ? std::atoi(slack) : 0;
   gridDim = grid, blockDim = block;
   const std::function<void()> fn = body;
   g_body = &fn;

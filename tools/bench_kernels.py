@@ -7,6 +7,9 @@ in one loop (so background load hits every candidate alike):
     CUDA: torch fp16 x @ W^T, and the 4-bit and 3-bit fused kernels with fp16 activations
 and reports milliseconds (median and best), speedups over the dense matmul of the same activation dtype, and the
 GB/s each achieves (bytes it must read / time) next to the device's measured copy bandwidth.
+On CUDA every candidate is timed as CUDA-graph replays of GRAPH_CALLS consecutive calls (captured once, after a
+warm-up on the capture stream), per call = replay time / GRAPH_CALLS: the 15-25 us of Python and launch work of an
+eager call would otherwise swamp a 2 us kernel, and decoding replays graphs too.
 Weights are rotated over enough copies that the working set exceeds the last-level cache several times, as in
 decoding where every layer's weights come from memory. Quantized layers are random packed words (every bit pattern
 is a valid code), group size 128. This is a tool, not a test: `python tools/bench_kernels.py --help`.
@@ -36,6 +39,7 @@ SHAPES = [
     ("opt-175b fc2", 49152, 12288),
 ]
 GROUP_SIZE = 128
+GRAPH_CALLS = 50  # calls per captured CUDA graph (cuda timing)
 
 
 def cpu_info() -> dict:
@@ -74,9 +78,32 @@ def copies_for(nbytes: int, cache_bytes: int) -> int:
     return max(1, min(16, -(-4 * cache_bytes // nbytes)))
 
 
-def timed_loop(fns: dict, reps: int, device: str) -> dict:
+def graphed(fns: dict, calls: int) -> dict:
+    """name -> a function that replays a CUDA graph of `calls` consecutive calls of fns[name] (rotating weights
+    rotate inside the graph). Warmed up on the capture stream first: the kernels' workspace is per stream and is
+    never grown during a capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns.values():
+            for _ in range(3):
+                f()
+    side.synchronize()
+    out = {}
+    for name, f in fns.items():
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=side):
+            for _ in range(calls):
+                f()
+        out[name] = g.replay
+    torch.cuda.synchronize()
+    return out
+
+
+def timed_loop(fns: dict, reps: int, device: str, per_call: int = 1) -> dict:
     """Run every fn once per round, interleaved in a new random order each round (a call is slower right after some
-    others: a fixed order would always hand one candidate the same neighbour); returns name -> list of seconds."""
+    others: a fixed order would always hand one candidate the same neighbour); returns name -> list of seconds,
+    divided by per_call (fns that make per_call calls each: graph replays)."""
     times = {k: [] for k in fns}
     for f in fns.values():  # warm-up
         f()
@@ -91,7 +118,7 @@ def timed_loop(fns: dict, reps: int, device: str) -> dict:
                 f()
                 end.record()
                 end.synchronize()
-                times[name].append(start.elapsed_time(end) / 1e3)
+                times[name].append(start.elapsed_time(end) / 1e3 / per_call)
             else:
                 t0 = time.perf_counter()
                 f()
@@ -154,8 +181,11 @@ def bench_shape(name: str, K: int, N: int, batches: list[int], device: str, reps
                 L_next, gemm = rotating(layouts), gemms[key[1:]]
                 fns[f"q{key}_{tag}"] = lambda x=x, L_next=L_next, gemm=gemm: gemm(x, L_next())
                 nbytes[f"q{key}_{tag}"] = layout_bytes(layouts[0]) + M * (K + N) * x.element_size()
-        times = timed_loop(fns, reps, device)
-        row = dict(shape=name, K=K, N=N, batch=M, reps=reps)
+        if device == "cuda":  # graph replays of GRAPH_CALLS calls each: no Python or launch overhead per call
+            times = timed_loop(graphed(fns, GRAPH_CALLS), reps, device, GRAPH_CALLS)
+        else:
+            times = timed_loop(fns, reps, device)
+        row = dict(shape=name, K=K, N=N, batch=M, reps=reps, graph_calls=GRAPH_CALLS if device == "cuda" else 0)
         for k, t in times.items():
             row[f"{k}_ms"] = round(statistics.median(t) * 1e3, 4)
             row[f"{k}_best_ms"] = round(min(t) * 1e3, 4)
@@ -237,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         versions=dict(torch=torch.__version__, python=platform.python_version(), minigptq_kernels=(
             "cpu " + ",".join(kernels.cpu_isas())) if args.device == "cpu" else "cuda"),
         method=("times are per call (median and best of `reps` rounds, after one warm-up; every candidate runs once "
-                "per round, in a new random order each round); weights "
+                "per round, in a new random order each round; on CUDA a round replays a CUDA graph of "
+                f"{GRAPH_CALLS} consecutive calls and the time is divided by {GRAPH_CALLS}); weights "
                 "rotate over copies so the working set is >= 4x the last-level cache; GBps = bytes the call must "
                 "read or write (weights incl. scales/zeros, x, y) / median time; quantized layers use group size "
                 f"{GROUP_SIZE}, no act-order; speedup = torch time / kernel time for the same activation dtype; "
@@ -249,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         copy_bandwidth_GBps=round(bw, 2), read_bandwidth_GBps=round(read_bw, 2), goals=goals, skipped=skipped,
         results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out)  # atomic
     print(f"wrote {out}")
     for goal, v in goals.items():
         print(f"goal {goal}: {'met' if v['met'] else 'NOT met'} {v.get('speedups', v.get('fractions'))}")

@@ -1,22 +1,27 @@
-// CUDA kernels for GPTQ-packed linears: out[M, N] = x[M, K] @ W for small M (decoding), and W itself for large M
-// (the caller then runs torch.matmul). Torch reference and test oracle: minigptq/pack.py:dequantize.
-// Only the CUDA runtime is used (no torch); every launch goes to the caller's stream; a call is one launch, with
-// no allocation, synchronisation or device query, so it can be captured in a CUDA graph.
+// CUDA kernels for GPTQ-packed linears: out[M, N] = x[M, K] @ W for M <= 64 rows of x (decoding, small batches),
+// and W itself for larger M (the caller then runs torch.matmul). Torch reference and test oracle:
+// minigptq/pack.py:dequantize. Only the CUDA runtime is used (no torch); every launch goes to the caller's stream;
+// a call is one or two launches (gather pass, fused kernel) with no allocation, synchronisation or device query
+// after the first call of a kernel variant, so it can be captured in a CUDA graph.
 //
 // ---------------------------------------------------------------------------------------------- the layout
 // Built once per layer by minigptq/kernels/cuda_layout.py:make_cuda_layout (the checkpoint is untouched):
-// * Rows are sorted by group (act-order undone) and each group is padded with empty rows to `group_rows`
-//   (32, 64 or a multiple of 128), K to a multiple of 128. perm[Kp] gives the checkpoint row of each padded row
-//   (-1: padding, its x is 0). A 16-row tile therefore never straddles two groups.
+// * Rows are sorted by group (act-order undone: the weight rows are permuted at load time) and each group is padded
+//   with empty rows to `group_rows` (32, 64 or a multiple of 128), K to a multiple of 128. perm[Kp] gives the
+//   checkpoint row of each padded row (-1: padding, its x is 0). A 16-row tile therefore never straddles two
+//   groups. When perm is the identity (perm[k] = k for k < K, -1 after: no act-order, groups of 32/64/128 n rows),
+//   the layout says so (perm_identity) and x is streamed as it is; otherwise one gather pass per call writes x in
+//   padded row order (cheap: M x Kp 16-bit values) and the kernel streams that.
 // * Columns are cut in tiles of 16 (n-tile j), rows in k-blocks of 128 (b); chunk (j, b) is 32 lanes' words,
 //   stored [j][b][c][lane][4 words] for each group of 4 words c (3-bit: 4 words, then [lane][2 words]), so a
-//   warp's 128-bit load reads 512 contiguous bytes. A lane (g = lane / 4, t = lane % 4) holds, for each of the 8
-//   k-tiles kt of 16 rows, the 8 codes of its mma.m16n8k16 A fragment (A = W^T tile: 16 columns x 16 rows):
+//   chunk is one contiguous run of 32 * words words (1 KB at 4-bit) copied verbatim into shared memory, and a
+//   warp's 128-bit shared loads read 512 contiguous bytes. A lane (g = lane / 4, t = lane % 4) holds, for each of
+//   the 8 k-tiles kt of 16 rows, the 8 codes of its mma.m16n8k16 A fragment (A = W^T tile: 16 columns x 16 rows):
 //       register r = 0..3 of k-tile kt = "pair" p = 4 kt + r: column 16 j + g + 8 (r & 1),
 //                                                      rows 128 b + 16 kt + 2 t + 8 (r >> 1) + {0, 1}
 //   The two codes of a pair sit at bits [pos, pos + bits) (first row) and [16 + pos, ...) (second row) of one
 //   word (slot(): word and pos of each pair):
-//       4-bit: word p / 4, pos 4 (p % 4)            8 words per lane per k-block (32 rows x 2 columns... 64 codes)
+//       4-bit: word p / 4, pos 4 (p % 4)            8 words per lane per k-block
 //       2-bit: word p / 8, pos 2 (p % 8)            4 words
 //       8-bit: word p / 2, pos 8 (p % 2)           16 words
 //       3-bit: pairs 16 q + i of 4 k-tiles in words 3 q .. 3 q + 2: i = 0..14 in word 3 q + i / 5 at pos
@@ -34,21 +39,35 @@
 //   (8-bit: two bytes). 2.5 bytes per group and column: 0.0195 bytes per weight at group size 128.
 //
 // ---------------------------------------------------------------------------------------------- the kernel
-// qgemm_mma: a block (4 warps) owns NT n-tiles (32 columns; 16 for 8-bit), up to 16 rows of x and a slice of at
-// most 8 k-blocks. It first gathers its x slice (through perm, zero padded) into shared memory in mma B-fragment
-// order. Each warp takes a contiguous quarter of the slice's k-blocks and streams them with one k-block of
-// register prefetch (128-bit loads issued before the previous k-block's math). Per k-tile: dequantize 8 codes into
-// 4 half2 registers, one mma per 8 rows of x, fp32 accumulation (C fragment = 16 columns x 8 rows of x). Scales
-// are applied in fp32 once per group: acc += group_sum * scale. The 4 warps' partial sums are added in shared
-// memory in a fixed order; with several K slices, each block writes its partial to the workspace and the last
-// block to arrive at a column tile (a counter per tile, reset by that block) adds the slices in slice order:
-// bitwise-identical results whatever the scheduling. qgemm_plain (fp32 x) decodes one code at a time with
-// code_at(): small and slow; dequant_kernel (prefill) decodes a lane's chunk from registers.
+// qgemm_kernel: the work is a list of "units" (column block c, k-block b), k-blocks of one column block in a
+// row, c-major. A column block is NTB = WARPS * NTW n-tiles (256 columns at M <= 16, 128 above and for 8-bit); each warp
+// owns NTW n-tiles of it for every k-block, so there is no reduction between warps. The grid is about one wave
+// (SMs x resident blocks), and block i takes the contiguous stripe of units [i per, (i + 1) per) (Marlin's
+// "striped" partition): every block streams the same amount of weight, and a stripe may cross column blocks.
+// * Pipeline: STAGES (4) shared-memory stages, each one unit: the NTB chunks of codes, the scales and zero points
+//   of its groups, and the unit's x slice (R rows x 128 values, rows padded to 136 values: conflict-free B
+//   fragment loads). Every thread issues 16-byte cp.async copies (weights with an L2 evict-first hint), one
+//   commit group per unit, STAGES - 1 units in flight; unit i is read after cp.async.wait_group(STAGES - 2) and a
+//   barrier, and the barrier also frees the stage that unit i + STAGES - 1 is then loaded into. x rows >= R are
+//   zeroed once at the start and never copied.
+// * Math per k-tile: dequantize 8 codes into 4 half2 registers, one mma per 8 rows of x, fp32 accumulation
+//   (C fragment = 16 columns x 8 rows of x). Scales are applied in fp32 once per group: acc += group_sum * scale.
+// * End of a stripe's piece of a column block ("segment"): the warps write their C fragments to a shared tile
+//   [R][columns]; a segment covering all of K is stored from there (coalesced, rows < M only). Otherwise its
+//   rows < R go to the workspace slot of that piece (2 per block: its first and its last segment), and the last
+//   piece to arrive (a counter per split column block, reset by that block) adds the pieces in K order:
+//   bitwise-identical results whatever the scheduling. Only column blocks that are actually split pay this.
+// * fp32 x: the gather pass splits each value into three bf16 parts (hi + mid + lo = x exactly, fp32 range) that
+//   become rows m, M + m, 2M + m of the bf16 kernel; the store adds the three rows' sums (fp32 accuracy on the
+//   tensor-core path, up to 21 rows of fp32 x).
+// dequant_kernel (prefill): a block decodes 4 chunks (128 rows x 64 columns) into shared memory and writes whole
+// output rows (perm applied to rows) with 16-byte stores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -60,15 +79,15 @@
 namespace minigptq::cuda {
 namespace {
 
-constexpr int kThreads = 128, kWarps = 4;  // threads per block
-constexpr int kKB = 128;                   // rows of a k-block
-constexpr int kMaxSliceKB = 8;             // k-blocks of one block's K slice at most (its x staging buffer)
-constexpr int kPlainCols = 32;             // columns of a qgemm_plain block
+constexpr int kKB = 128;        // rows of a k-block
+constexpr int kStages = 4;      // cp.async pipeline depth (units in shared memory; kStages - 1 in flight)
+constexpr int kMaxRows = 64;    // rows of x (after the fp32 split) the fused kernel takes
+constexpr int kXPitch = 136;    // 16-bit values per x row of a stage (128 + 8: B fragment loads conflict-free)
+constexpr int kDqThreads = 128;  // dequant_kernel block
 
 template <int BITS>
 struct Bits {
   static constexpr int words = BITS == 3 ? 6 : 2 * BITS;  // 32-bit words per lane per k-block (and n-tile)
-  static constexpr int nt = BITS == 8 ? 1 : 2;            // n-tiles per block
   static constexpr uint32_t mask = (1u << BITS) - 1;
 };
 
@@ -84,19 +103,64 @@ __host__ __device__ constexpr Slot slot(int bits, int p) {
   return Slot{p / per, (p % per) * bits};
 }
 
+
 struct Args {
-  const void* x;
   void* out;
-  int M, K, N;                  // x [M, K], out [M, N]
+  const void* x;                // the streamed x: R rows of ldx values (padded row order when gathered)
+  int M, R, parts, N;           // out [M, N]; R = parts * M rows of x (parts 3: fp32 x split in bf16 parts)
+  int64_t ldx;                  // row stride of x
+  int kvalid;                   // x columns that exist (K when streamed as given, Kp when gathered)
+  int out_f32;                  // out is fp32 (else the kernel's 16-bit type)
   const uint32_t* qweight;      // [ntiles][kblocks][32 * words]
   const uint32_t* scales;       // [G][ntiles][8] 16-bit pairs
   const uint8_t* zeros;         // [G][ntiles][8][1 or 2]
-  const int* perm;              // [kblocks * 128]
-  int ntiles, kblocks, group_rows, kb_per_group, scale_bf16;
-  int kb_per_slice, splits;     // K slices (gridDim.y == splits)
-  float* ws;                    // [mblocks][splits][col blocks][block partial] when splits > 1
-  int* counters;                // [mblocks][col blocks], zero between calls
+  int ntiles, kblocks, kb_per_group, scale_bf16;
+  int units, per;               // units = column blocks * kblocks; a block's stripe: [blockIdx.x * per, + per)
+  float* ws;                    // [2 * gridDim.x][R][columns]: partial sums of split column blocks
+  int* counters;                // [gridDim.x], zero between calls
 };
+
+// ------------------------------------------------------------------------------ cp.async and shared loads
+// copy16: 16 bytes global -> shared, asynchronously (zero-filled when !full: nothing is read). copy8: 8 bytes.
+// commit() closes a group of copies; wait<N>() returns when at most N groups of this thread are still in flight.
+// Shared memory written by cp.async is read only through lds32/lds64/lds128 (the host emulation checks that the
+// data has landed, i.e. its group was waited for, before such a read).
+#ifndef MINIGPTQ_EMU
+__device__ __forceinline__ uint32_t smem_addr(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t pol;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  return pol;
+}
+__device__ __forceinline__ void copy16(void* dst, const void* src, bool full) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(full ? 16 : 0));
+}
+__device__ __forceinline__ void copy16_stream(void* dst, const void* src, bool full, uint64_t pol) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(dst)),
+               "l"(src), "r"(full ? 16 : 0), "l"(pol));
+}
+__device__ __forceinline__ void copy8(void* dst, const void* src, bool full) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_addr(dst)), "l"(src), "r"(full ? 8 : 0));
+}
+__device__ __forceinline__ void commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ uint32_t lds32(const uint32_t* p) { return *p; }
+__device__ __forceinline__ uint2 lds64(const uint32_t* p) { return *reinterpret_cast<const uint2*>(p); }
+__device__ __forceinline__ uint4 lds128(const uint32_t* p) { return *reinterpret_cast<const uint4*>(p); }
+#else
+inline uint64_t evict_first_policy() { return 0; }
+inline void copy16(void* dst, const void* src, bool full) { emu_cp_async(dst, src, 16, full); }
+inline void copy16_stream(void* dst, const void* src, bool full, uint64_t) { emu_cp_async(dst, src, 16, full); }
+inline void copy8(void* dst, const void* src, bool full) { emu_cp_async(dst, src, 8, full); }
+inline void commit() { emu_cp_async_commit(); }
+template <int N>
+inline void wait() { emu_cp_async_wait(N); }
+inline uint32_t lds32(const uint32_t* p) { emu_check_landed(p, 4); return *p; }
+inline uint2 lds64(const uint32_t* p) { emu_check_landed(p, 8); return {p[0], p[1]}; }
+inline uint4 lds128(const uint32_t* p) { emu_check_landed(p, 16); return {p[0], p[1], p[2], p[3]}; }
+#endif
 
 // ------------------------------------------------------------------------------------------- number types
 template <typename T>
@@ -136,6 +200,9 @@ template <> __device__ __forceinline__ __half from_float<__half>(float v) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // D += A B for one m16n8k16 tile (fp32 accumulators); a: 4 registers of T pairs, b: 2.
 #ifndef MINIGPTQ_EMU
@@ -241,85 +308,6 @@ __device__ __forceinline__ void static_for(F&& f) {
   }
 }
 
-// ----------------------------------------------------------------------- slow decoding (plain, dequant)
-// Code of padded row k, column n of the layout.
-template <int BITS>
-__device__ __forceinline__ uint32_t code_at(const uint32_t* qweight, int kblocks, int k, int n) {
-  constexpr int W = Bits<BITS>::words;
-  const int c = n & 15, kin = k & 15;
-  const int lane = (c & 7) * 4 + ((kin & 7) >> 1), hi = kin & 1;
-  const int p = ((k & 127) >> 4) * 4 + (c >> 3) + 2 * (kin >> 3);
-  const uint32_t* base = qweight + (int64_t(n >> 4) * kblocks + (k >> 7)) * (32 * W);
-  auto word = [&](int wi) { return __ldg(base + (wi >> 2) * 128 + lane * min(4, W - (wi & ~3)) + (wi & 3)); };
-  const Slot s = slot(BITS, p);
-  if (s.pos < 0) {
-    uint32_t q = 0;
-    for (int b = 0; b < 3; ++b) q |= ((word(s.word + b) >> (9 + 16 * hi)) & 1u) << b;
-    return q;
-  }
-  return (word(s.word) >> (s.pos + 16 * hi)) & Bits<BITS>::mask;
-}
-
-// scale * (q - z) of padded row k, column n, in fp32 (exact: the reference's value).
-template <int BITS>
-__device__ __forceinline__ float weight_at(const Args& a, int k, int n) {
-  const int gi = k / a.group_rows, c = n & 15;
-  const int64_t mi = (int64_t(gi) * a.ntiles + (n >> 4)) * 8 + (c & 7);
-  float s[2];
-  scales_f32(__ldg(a.scales + mi), a.scale_bf16, s);
-  const uint32_t z = BITS == 8 ? __ldg(a.zeros + mi * 2 + (c >> 3)) : (__ldg(a.zeros + mi) >> (4 * (c >> 3))) & 15u;
-  return s[c >> 3] * float(int(code_at<BITS>(a.qweight, a.kblocks, k, n)) - int(z));
-}
-
-// ------------------------------------------------------------------------------ block partial -> output
-// red[warp][m * COLS + n]: each warp's partial sums for the block's ROWS rows of x and COLS columns. They are added
-// in warp order; with K slices, through the workspace in slice order by the last block to arrive (see top).
-template <typename TOut, int COLS, int ROWS>
-__device__ void finish(const float (*red)[COLS * ROWS], const Args& a, int col0, int m0) {
-  constexpr int E = COLS * ROWS, PER = (E + kThreads - 1) / kThreads;
-  __shared__ int s_last;
-  float p[PER];
-#pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    p[i] = e < E ? ((red[0][e] + red[1][e]) + red[2][e]) + red[3][e] : 0.f;
-  }
-  TOut* out = static_cast<TOut*>(a.out);
-  auto store = [&](int e, float v) {
-    const int m = m0 + e / COLS, n = col0 + e % COLS;
-    if (m < a.M && n < a.N) out[int64_t(m) * a.N + n] = from_float<TOut>(v);
-  };
-  if (a.splits == 1) {
-#pragma unroll
-    for (int i = 0; i < PER; ++i)
-      if (threadIdx.x + i * kThreads < E) store(threadIdx.x + i * kThreads, p[i]);
-    return;
-  }
-  const int64_t tile = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;  // (m block, column block)
-  auto part = [&](int slice) { return a.ws + ((int64_t(blockIdx.z) * a.splits + slice) * gridDim.x + blockIdx.x) * E; };
-  float* mine = part(blockIdx.y);
-#pragma unroll
-  for (int i = 0; i < PER; ++i)
-    if (threadIdx.x + i * kThreads < E) mine[threadIdx.x + i * kThreads] = p[i];
-  __threadfence();  // this block's partial is visible device-wide before its ticket is taken
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    const int ticket = atomicAdd(a.counters + tile, 1);
-    s_last = ticket == a.splits - 1;
-    if (s_last) atomicExch(a.counters + tile, 0);  // every slice has arrived: ready for the next call
-  }
-  __syncthreads();
-  if (!s_last) return;  // uniform: s_last is shared
-  __threadfence();      // the other blocks' partials are read after their tickets
-#pragma unroll
-  for (int i = 0; i < PER; ++i) {
-    const int e = threadIdx.x + i * kThreads;
-    if (e >= E) continue;
-    float v = 0.f;
-    for (int y = 0; y < a.splits; ++y) v += __ldcg(part(y) + e);  // slice order: deterministic
-    store(e, v);
-  }
-}
 
 // ------------------------------------------------------------------------------------------- the kernels
 template <typename T>
@@ -327,234 +315,355 @@ __device__ __forceinline__ uint32_t pack2(T lo, T hi) {
   return uint32_t(bit_cast<uint16_t>(lo)) | (uint32_t(bit_cast<uint16_t>(hi)) << 16);
 }
 
-// Stage of the pipeline: one k-block of NT n-tiles (codes, and the scale/zero words of its GPB groups).
-template <int BITS, int GPB>
-struct Stage {
-  static constexpr int NT = Bits<BITS>::nt, W = Bits<BITS>::words;
-  uint32_t w[NT][W];
-  uint32_t s[NT][GPB], z[NT][GPB];
+// Shape of the fused kernel for BITS and MT 8-row tiles of x: WARPS warps of NTW n-tiles each (a column block of
+// NTB n-tiles), and the minimum resident blocks per SM its register budget is built for.
+template <int BITS, int MT>
+struct Cfg {
+  static constexpr int WARPS = MT <= 2 ? 4 : 8;
+  static constexpr int NTW = MT <= 2 ? (BITS == 8 ? 2 : 4) : 1;  // more weights per unit: less overhead per weight
+  static constexpr int NTB = WARPS * NTW, THREADS = WARPS * 32, ROWS = MT * 8, COLS = NTB * 16;
+  static constexpr int EP = COLS + 4;  // pitch (floats) of the epilogue tile: fragment stores conflict-free
+  static constexpr int BPS = MT <= 2 ? 2 : 1;  // what shared memory allows (2 blocks, 1 at MT >= 4)
 };
 
-// Loads k-block b into st. wp[jj]: this lane's words of k-block 0 of n-tile jj; mp[jj]: this lane's scale/zero
-// index of group 0 in tile jj; gi: the group of the k-block's first row.
-template <int BITS, int TPG>
-__device__ __forceinline__ void load_stage(Stage<BITS, 8 / TPG>& st, const Args& a, const uint32_t* const (&wp)[Bits<BITS>::nt],
-                                           const int (&mp)[Bits<BITS>::nt], int lane, int b, int gi) {
-  constexpr int NT = Bits<BITS>::nt, W = Bits<BITS>::words, GPB = 8 / TPG;
-#pragma unroll
-  for (int jj = 0; jj < NT; ++jj) {
-    const uint32_t* p = wp[jj] + b * (32 * W);
-#pragma unroll
-    for (int c = 0; c < W / 4; ++c) {  // 128-bit streaming loads: 512 contiguous bytes per warp
-      const uint4 v = __ldcs(reinterpret_cast<const uint4*>(p + c * 128) + lane);
-      st.w[jj][4 * c] = v.x, st.w[jj][4 * c + 1] = v.y, st.w[jj][4 * c + 2] = v.z, st.w[jj][4 * c + 3] = v.w;
-    }
-    if constexpr (W % 4 != 0) {  // 3-bit: then [lane][2 words]
-      const uint2 v = __ldcs(reinterpret_cast<const uint2*>(p + (W / 4) * 128) + lane);
-      st.w[jj][W - 2] = v.x, st.w[jj][W - 1] = v.y;
-    }
-#pragma unroll
-    for (int i = 0; i < GPB; ++i) {
-      const int mi = mp[jj] + (gi + i) * a.ntiles * 8;
-      st.s[jj][i] = __ldg(a.scales + mi);
-      st.z[jj][i] = BITS == 8 ? __ldg(reinterpret_cast<const uint16_t*>(a.zeros) + mi) : __ldg(a.zeros + mi);
-    }
-  }
-}
+// Byte offsets inside one pipeline stage (one unit): codes [NTB][32 * words], scales [GPB][NTB][8] words, zero
+// points [GPB][NTB][8 * ZB] bytes, x [ROWS][kXPitch] 16-bit values. Every part is a multiple of 16 bytes.
+template <int BITS, int MT, int TPG>
+struct Stage {
+  using C = Cfg<BITS, MT>;
+  static constexpr int GPB = 8 / TPG, ZB = BITS == 8 ? 2 : 1, W = Bits<BITS>::words;
+  static constexpr int w = 0, s = w + C::NTB * 32 * W * 4, z = s + GPB * C::NTB * 32;
+  static constexpr int x = z + GPB * C::NTB * 8 * ZB, bytes = x + C::ROWS * kXPitch * 2;
+  static constexpr int smem = kStages * bytes + C::ROWS * C::EP * 4;  // + the epilogue tile
+};
 
-// BITS: 2, 3, 4, 8; T: __half / __nv_bfloat16; MT: 8-row tiles of x (1: M <= 8, 2: up to 16);
-// TPG: k-tiles (16 rows) per group: 2, 4, or 8 (group_rows a multiple of 128).
+#ifndef MINIGPTQ_EMU
+#define MINIGPTQ_DYN_SMEM(name) extern __shared__ uint4 name[]
+#else
+#define MINIGPTQ_DYN_SMEM(name) uint4* name = reinterpret_cast<uint4*>(emu_dyn_smem())
+#endif
+
+// BITS: 2, 3, 4, 8; T: __half / __nv_bfloat16; MT: 8-row tiles of x (1, 2, 4, 8); TPG: k-tiles (16 rows) per
+// group: 2, 4, or 8 (group_rows a multiple of 128). Grid: one block per stripe of a.per units.
 template <int BITS, typename T, int MT, int TPG>
-__global__ void __launch_bounds__(kThreads) qgemm_mma(const Args a) {
-  constexpr int NT = Bits<BITS>::nt, GPB = 8 / TPG, COLS = NT * 16, ROWS = MT * 8;
+__global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qgemm_kernel(const Args a) {
+  using C = Cfg<BITS, MT>;
+  using S = Stage<BITS, MT, TPG>;
   using D = Deq<T, BITS>;
-  __shared__ uint4 xs[kMaxSliceKB * 4 * MT * 32];  // [k-tile pair][mt][lane]: B fragments of 2 k-tiles
-  __shared__ float red[kWarps][COLS * ROWS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kb0 = blockIdx.y * a.kb_per_slice, kb1 = min(kb0 + a.kb_per_slice, a.kblocks);
-  const int m0 = blockIdx.z * ROWS, j0 = blockIdx.x * NT;
+  constexpr int NTW = C::NTW, NTB = C::NTB, THREADS = C::THREADS, COLS = C::COLS, EP = C::EP;
+  constexpr int W = Bits<BITS>::words, GPB = S::GPB, ZB = S::ZB, WPIECES = NTB * 8 * W;  // 16-byte pieces of codes
+  MINIGPTQ_DYN_SMEM(smem4);
+  uint8_t* smem = reinterpret_cast<uint8_t*>(smem4);
+  float* ep = reinterpret_cast<float*>(smem + kStages * S::bytes);  // [ROWS][EP]
+  __shared__ int s_last;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int kblocks = a.kblocks, u0 = blockIdx.x * a.per, u1 = min(u0 + a.per, a.units);
 
-  // x slice -> B fragments: b0b1 = x[m][k0 + 2t, +1], b2b3 = x[m][k0 + 2t + 8, +9], m = m0 + 8 mt + g
-  const T* x = static_cast<const T*>(a.x);
-  for (int i = threadIdx.x; i < (kb1 - kb0) * 4 * MT * 32; i += kThreads) {
-    const int l = i & 31, mt = (i >> 5) % MT, pr = (i >> 5) / MT;
-    const int m = m0 + mt * 8 + (l >> 2), k0 = kb0 * kKB + pr * 32 + 2 * (l & 3);
-    uint32_t v[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const int k = k0 + (q >> 1) * 16 + (q & 1) * 8;
-      T e[2] = {from_float<T>(0.f), from_float<T>(0.f)};
-      if (m < a.M) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int src = __ldg(a.perm + k + h);
-          if (src >= 0) e[h] = x[int64_t(m) * a.K + src];
-        }
-      }
-      v[q] = pack2(e[0], e[1]);
-    }
-    xs[i] = make_uint4(v[0], v[1], v[2], v[3]);
+  // Rows >= R of x are never copied: zero them in every stage once (16-byte stores).
+  constexpr int XV = kXPitch / 8;  // 16-byte pieces per x row
+#pragma unroll 1
+  for (int i = tid; i < kStages * (C::ROWS - a.R) * XV; i += THREADS) {
+    const int s = i / ((C::ROWS - a.R) * XV), e = i % ((C::ROWS - a.R) * XV) + a.R * XV;
+    reinterpret_cast<uint4*>(smem + s * S::bytes + S::x)[e] = make_uint4(0, 0, 0, 0);
   }
-  __syncthreads();
 
-  // This warp's k-blocks [wb0, wb1): a contiguous quarter of the slice.
-  const int nkb = kb1 - kb0, wb0 = kb0 + nkb * warp / kWarps, wb1 = kb0 + nkb * (warp + 1) / kWarps;
-  float acc[NT][MT][4] = {}, cg[NT][MT][4] = {};  // total, and the current group's sum (scale not applied)
-  float sc[NT][2] = {};                           // the current group's scales (columns g, g + 8)
-  D dq[NT];
+  // ---- loader: unit lu = (column block lc, k-block lkb), first group lg (TPG 8: lr = lkb % kb_per_group). Each
+  // thread copies the same pieces of every unit: its source pointers advance by a constant per unit (per group for
+  // scales and zero points) and are recomputed only when the stripe moves to the next column block.
+  constexpr int WR = (WPIECES + THREADS - 1) / THREADS;  // code pieces per thread
+  const uint64_t pol = evict_first_policy();
+  int lu = u0, lc = u0 / kblocks, lkb = u0 % kblocks;
+  int lr = TPG == 8 ? lkb % a.kb_per_group : 0, lg = TPG == 8 ? lkb / a.kb_per_group : lkb * GPB;
+  const uint32_t* wsrc[WR];
+  bool wok[WR];
+  // scale pieces (16 bytes: half a tile's 8 words) [GPB][NTB][2], then zero-point pieces (8 * ZB bytes: a tile's)
+  // [GPB][NTB]: piece tid + r * THREADS of this thread, at msrc[r] for group lg
+  constexpr int SP = GPB * NTB * 2, MP = GPB * NTB * 3, MR = (MP + THREADS - 1) / THREADS;
+  const uint8_t* msrc[MR];
+  bool mok[MR];
+  const int xr = tid >> 4, xq = (tid & 15) * 8;  // x: row and column of this thread's piece (rows < R, R <= 64)
+  auto column = [&] {  // source pointers of unit (lc, lkb)
+#pragma unroll
+    for (int r = 0; r < WR; ++r) {
+      const int i = tid + r * THREADS, j = lc * NTB + i / (8 * W);
+      wok[r] = j < a.ntiles && i < WPIECES;
+      wsrc[r] = a.qweight + (int64_t(wok[r] ? j : 0) * kblocks + lkb) * (32 * W) + (i % (8 * W)) * 4;
+    }
+#pragma unroll
+    for (int r = 0; r < MR; ++r) {
+      const int i = tid + r * THREADS, mi = i < SP ? i : i - SP;
+      const int gi = i < SP ? mi / (NTB * 2) : mi / NTB, j = lc * NTB + (i < SP ? (mi / 2) % NTB : mi % NTB);
+      mok[r] = j < a.ntiles;
+      const int64_t m0 = (int64_t(lg + gi) * a.ntiles + (mok[r] ? j : 0)) * 8;
+      msrc[r] = i < SP ? reinterpret_cast<const uint8_t*>(a.scales + m0 + (mi & 1) * 4) : a.zeros + m0 * ZB;
+    }
+  };
+  column();
+  const uint16_t* xsrc = static_cast<const uint16_t*>(a.x) + xr * a.ldx + xq;  // + lkb * kKB
+  const int64_t xstride = (THREADS / 16) * a.ldx;                                 // rows r and r + THREADS / 16
+  auto load = [&](int slot) {
+    if (lu < u1) {
+      uint8_t* st = smem + slot * S::bytes;
+#pragma unroll
+      for (int r = 0; r < WR; ++r)  // codes: NTB chunks of 32 * W contiguous words
+        if (WPIECES % THREADS == 0 || tid + r * THREADS < WPIECES)
+          copy16_stream(st + S::w + (tid + r * THREADS) * 16, wsrc[r], wok[r], pol);
+#pragma unroll
+      for (int r = 0; r < MR; ++r) {
+        const int i = tid + r * THREADS;
+        if (i < SP) copy16(st + S::s + i * 16, msrc[r], mok[r]);
+        else if (i < MP && ZB == 2) copy16(st + S::z + (i - SP) * 16, msrc[r], mok[r]);
+        else if (i < MP) copy8(st + S::z + (i - SP) * 8, msrc[r], mok[r]);
+      }
+      const bool xok = lkb * kKB + xq < a.kvalid;  // zero-filled past kvalid
+#pragma unroll
+      for (int r = 0; r < (C::ROWS * 16 + THREADS - 1) / THREADS; ++r)  // x: 16 pieces per row, column xq
+        if (xr + r * (THREADS / 16) < a.R)
+          copy16(st + S::x + ((xr + r * (THREADS / 16)) * kXPitch + xq) * 2,
+                 xok ? xsrc + r * xstride + lkb * kKB : xsrc, xok);
+    }
+    commit();  // one group per unit, empty past the stripe: the wait count stays uniform
+    ++lu;
+    bool next_group = false;
+    if (++lkb == kblocks) {
+      lkb = 0, ++lc, lr = 0, lg = 0;
+      column();
+      return;
+    } else if constexpr (TPG == 8) {
+      if (++lr == a.kb_per_group) lr = 0, ++lg, next_group = true;
+    } else {
+      lg += GPB, next_group = true;
+    }
+#pragma unroll
+    for (int r = 0; r < WR; ++r) wsrc[r] += 32 * W;
+    if (next_group)
+#pragma unroll
+      for (int r = 0; r < MR; ++r)
+        msrc[r] += int64_t(a.ntiles) * 8 * (tid + r * THREADS < SP ? 4 : ZB) * (TPG == 8 ? 1 : GPB);
+  };
+
+  // ---- math: this warp's NTW n-tiles of the column block
+  float acc[NTW][MT][4] = {}, cg[NTW][MT][4] = {};  // total, and the current group's sum (scale not applied)
+  float sc[NTW][2] = {};                            // the current group's scales (columns g, g + 8)
+  D dq[NTW];
   auto flush = [&] {
 #pragma unroll
-    for (int jj = 0; jj < NT; ++jj)
+    for (int jj = 0; jj < NTW; ++jj)
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[jj][mt][c] = fmaf(cg[jj][mt][c], sc[jj][c >> 1], acc[jj][mt][c]), cg[jj][mt][c] = 0.f;
   };
-  auto compute = [&](const Stage<BITS, GPB>& st, int b, bool group_start) {
-    const uint4* xb = xs + (b - kb0) * 4 * MT * 32 + lane;
+  auto compute = [&](int slot, bool group_start) {
+    const uint32_t* st = reinterpret_cast<const uint32_t*>(smem + slot * S::bytes);
+    uint32_t w[NTW][W];
+#pragma unroll
+    for (int jj = 0; jj < NTW; ++jj) {
+      const uint32_t* p = st + S::w / 4 + (warp * NTW + jj) * 32 * W;
+#pragma unroll
+      for (int c = 0; c < W / 4; ++c) {
+        const uint4 v = lds128(p + c * 128 + lane * 4);
+        w[jj][4 * c] = v.x, w[jj][4 * c + 1] = v.y, w[jj][4 * c + 2] = v.z, w[jj][4 * c + 3] = v.w;
+      }
+      if constexpr (W % 4 != 0) {  // 3-bit: then [lane][2 words]
+        const uint2 v = lds64(p + (W / 4) * 128 + lane * 2);
+        w[jj][W - 2] = v.x, w[jj][W - 1] = v.y;
+      }
+    }
+    const uint32_t* xr = st + S::x / 4 + g * (kXPitch / 2) + t;  // row g of x, word t (k 2t, 2t + 1)
     static_for<0, 8>([&](auto tc) {
-      constexpr int t = decltype(tc)::value;
-      if constexpr (t % TPG == 0) {  // a group starts at this k-tile (TPG 8: maybe, if the k-block starts one)
+      constexpr int kt = decltype(tc)::value;
+      if constexpr (kt % TPG == 0) {  // a group starts at this k-tile (TPG 8: if the k-block starts one)
         if (TPG < 8 || group_start) {
           flush();
 #pragma unroll
-          for (int jj = 0; jj < NT; ++jj) {
-            dq[jj].setup(st.z[jj][t / TPG]);
-            scales_f32(st.s[jj][t / TPG], a.scale_bf16, sc[jj]);
+          for (int jj = 0; jj < NTW; ++jj) {
+            const int mi = ((kt / TPG) * NTB + warp * NTW + jj) * 8 + g;  // this lane's scale/zero of the tile
+            const uint32_t zw = lds32(st + S::z / 4 + mi * ZB / 4);
+            dq[jj].setup(ZB == 2 ? (zw >> (16 * (g & 1))) & 0xFFFFu : (zw >> (8 * (g & 3))) & 0xFFu);
+            scales_f32(lds32(st + S::s / 4 + mi), a.scale_bf16, sc[jj]);
           }
         }
       }
       uint32_t bx[MT][2];
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const uint4 v = xb[((t >> 1) * MT + mt) * 32];
-        bx[mt][0] = t & 1 ? v.z : v.x, bx[mt][1] = t & 1 ? v.w : v.y;
-      }
+      for (int mt = 0; mt < MT; ++mt)
+        bx[mt][0] = lds32(xr + mt * 8 * (kXPitch / 2) + kt * 8), bx[mt][1] = lds32(xr + mt * 8 * (kXPitch / 2) + kt * 8 + 4);
 #pragma unroll
-      for (int jj = 0; jj < NT; ++jj) {
-        const uint32_t af[4] = {dq[jj].template pair<4 * t>(st.w[jj]), dq[jj].template pair<4 * t + 1>(st.w[jj]),
-                                dq[jj].template pair<4 * t + 2>(st.w[jj]), dq[jj].template pair<4 * t + 3>(st.w[jj])};
+      for (int jj = 0; jj < NTW; ++jj) {
+        const uint32_t af[4] = {dq[jj].template pair<4 * kt>(w[jj]), dq[jj].template pair<4 * kt + 1>(w[jj]),
+                                dq[jj].template pair<4 * kt + 2>(w[jj]), dq[jj].template pair<4 * kt + 3>(w[jj])};
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) mma<T>(cg[jj][mt], af, bx[mt][0], bx[mt][1]);
       }
     });
   };
 
-  // Per n-tile: this lane's words of k-block 0 and its scale/zero index in group 0. A tile past the last one
-  // (odd tile count) re-reads the last tile: its columns are never stored.
-  const uint32_t* wp[NT];
-  int mp[NT];
-#pragma unroll
-  for (int jj = 0; jj < NT; ++jj) {
-    const int j = min(j0 + jj, a.ntiles - 1);
-    wp[jj] = a.qweight + int64_t(j) * a.kblocks * (32 * Bits<BITS>::words);
-    mp[jj] = j * 8 + (lane >> 2);
-  }
-  // Group of a k-block's first row, kept incrementally (no division in the loop): TPG 8 (group_rows = 128 kbpg):
-  // group b / kbpg, a group starts where b % kbpg == 0; TPG < 8: GPB groups per k-block.
-  const int kbpg = a.kb_per_group;
-  int lg = TPG == 8 ? wb0 / kbpg : wb0 * GPB, lr = TPG == 8 ? wb0 % kbpg : 0;  // the next load's group, offset
-  int cr = lr;                                                                   // the next compute's offset
-  auto next = [&](int& g, int& r) {  // one k-block further
-    if constexpr (TPG == 8) {
-      if (++r == kbpg) r = 0, ++g;
-    } else {
-      g += GPB;
+  // ---- end of a segment (column block c, k-blocks [kb0, kb1]): output, or the K-split reduction
+  auto store_out = [&](int col0) {  // ep rows -> out, the parts of a row added in order; coalesced along n
+#pragma unroll 1
+    for (int e = tid; e < a.M * COLS; e += THREADS) {
+      const int m = e / COLS, n = e % COLS;
+      if (col0 + n >= a.N) continue;
+      float v = ep[m * EP + n];
+      for (int p = 1; p < a.parts; ++p) v += ep[(p * a.M + m) * EP + n];
+      const int64_t o = int64_t(m) * a.N + col0 + n;
+      if (a.out_f32) static_cast<float*>(a.out)[o] = v;
+      else static_cast<T*>(a.out)[o] = from_float<T>(v);
     }
   };
-  auto next_c = [&] {
-    if constexpr (TPG == 8)
-      if (++cr == kbpg) cr = 0;
+  auto segment_end = [&](int c, int kb0, int kb1) {
+#pragma unroll
+    for (int jj = 0; jj < NTW; ++jj)  // C fragment: c0, c1 -> column g, rows 2t, 2t + 1 of x; c2, c3 -> g + 8
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int ci = 0; ci < 4; ++ci) {
+          const int r = mt * 8 + 2 * t + (ci & 1);
+          if (r < a.R) ep[r * EP + (warp * NTW + jj) * 16 + g + 8 * (ci >> 1)] = acc[jj][mt][ci];
+          acc[jj][mt][ci] = 0.f;
+        }
+    __syncthreads();
+    if (kb0 == 0 && kb1 == kblocks - 1) {  // the whole of K in this block
+      store_out(c * COLS);
+    } else {  // a piece: slot 2 i (the stripe's first segment) or 2 i + 1 (its last)
+      const int64_t piece = int64_t(a.R) * COLS;
+      float* mine = a.ws + (2 * int64_t(blockIdx.x) + (c * kblocks + kb0 != u0)) * piece;
+#pragma unroll 1
+      for (int e = tid; e < a.R * COLS; e += THREADS) mine[e] = ep[(e / COLS) * EP + e % COLS];
+      __threadfence();  // this block's piece is visible device-wide before its ticket is taken
+      __syncthreads();
+      const int bf = c * kblocks / a.per, bl = ((c + 1) * kblocks - 1) / a.per;  // the blocks of column block c
+      if (tid == 0) {
+        const int ticket = atomicAdd(a.counters + bf, 1);
+        s_last = ticket == bl - bf;
+        if (s_last) atomicExch(a.counters + bf, 0);  // every piece has arrived: ready for the next call
+      }
+      __syncthreads();
+      if (s_last) {  // uniform: s_last is shared
+        __threadfence();  // the other pieces are read after their tickets
+#pragma unroll 1
+        for (int e = tid; e < a.R * COLS; e += THREADS) {
+          float v = 0.f;
+#pragma unroll 1
+          for (int b = bf; b <= bl; ++b)  // K order: deterministic
+            v += __ldcg(a.ws + (2 * int64_t(b) + (int64_t(b) * a.per < int64_t(c) * kblocks)) * piece + e);
+          ep[(e / COLS) * EP + e % COLS] = v;
+        }
+        __syncthreads();
+        store_out(c * COLS);
+      }
+    }
+    __syncthreads();  // ep is reused by the next segment
   };
 
-  // Hot loop: two stages in registers, the next k-block's loads in flight during this one's math.
-  Stage<BITS, GPB> s0, s1;
-  if (wb0 < wb1) load_stage<BITS, TPG>(s0, a, wp, mp, lane, wb0, lg), next(lg, lr);
-  for (int b = wb0; b < wb1; b += 2) {
-    if (b + 1 < wb1) load_stage<BITS, TPG>(s1, a, wp, mp, lane, b + 1, lg), next(lg, lr);
-    compute(s0, b, b == wb0 || cr == 0);
-    next_c();
-    if (b + 1 >= wb1) break;
-    if (b + 2 < wb1) load_stage<BITS, TPG>(s0, a, wp, mp, lane, b + 2, lg), next(lg, lr);
-    compute(s1, b + 1, cr == 0);
-    next_c();
-  }
-  flush();
-
-  // C fragment: c0, c1 -> column g, rows 2t, 2t + 1 of x; c2, c3 -> column g + 8
-  const int g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int jj = 0; jj < NT; ++jj)
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        red[warp][(mt * 8 + 2 * t + (c & 1)) * COLS + jj * 16 + g + 8 * (c >> 1)] = acc[jj][mt][c];
-  __syncthreads();
-  finish<T, COLS, ROWS>(red, a, j0 * 16, m0);
-}
-
-// fp32 x: one column per lane, the 4 warps split the slice; decodes one code at a time.
-template <int BITS>
-__global__ void __launch_bounds__(kThreads) qgemm_plain(const Args a) {
-  constexpr int ROWS = 16;
-  __shared__ float red[kWarps][kPlainCols * ROWS];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kb0 = blockIdx.y * a.kb_per_slice, kb1 = min(kb0 + a.kb_per_slice, a.kblocks);
-  const int nkb = kb1 - kb0, r0 = (kb0 + nkb * warp / kWarps) * kKB, r1 = (kb0 + nkb * (warp + 1) / kWarps) * kKB;
-  const int m0 = blockIdx.z * ROWS, n = blockIdx.x * kPlainCols + lane;
-  const float* x = static_cast<const float*>(a.x);
-  float acc[ROWS] = {};
-  if (n < a.N) {
-    for (int k = r0; k < r1; ++k) {
-      const int src = __ldg(a.perm + k);
-      if (src < 0) continue;
-      const float w = weight_at<BITS>(a, k, n);
-#pragma unroll
-      for (int m = 0; m < ROWS; ++m)
-        if (m0 + m < a.M) acc[m] = fmaf(__ldg(x + int64_t(m0 + m) * a.K + src), w, acc[m]);
+  // ---- the pipeline: kStages - 1 loads ahead (the first kStages - 1 iterations only load: one copy of the loader)
+  int cc = u0 / kblocks, ckb = u0 % kblocks, kbfirst = ckb, cr = TPG == 8 ? ckb % a.kb_per_group : 0;
+  int slot = 1;  // the stage of unit cu: (cu - u0) mod kStages
+  for (int cu = u0 - (kStages - 1); cu < u1; ++cu) {
+    if (cu >= u0) {
+      wait<kStages - 2>();  // this thread's copies of unit cu have landed
+      __syncthreads();      // everyone's have; and every warp is done with the stage loaded next
+    }
+    load(slot == 0 ? kStages - 1 : slot - 1);  // unit cu + kStages - 1 (prologue: slots 0 .. kStages - 2)
+    if (cu < u0) {
+      slot = slot == kStages - 1 ? 0 : slot + 1;
+      continue;
+    }
+    compute(slot, ckb == kbfirst || cr == 0);
+    slot = slot == kStages - 1 ? 0 : slot + 1;
+    if (ckb == kblocks - 1 || cu == u1 - 1) {
+      flush();
+      segment_end(cc, kbfirst, ckb);
+    }
+    if (++ckb == kblocks) {
+      ckb = 0, ++cc, kbfirst = 0, cr = 0;
+    } else if constexpr (TPG == 8) {
+      if (++cr == a.kb_per_group) cr = 0;
     }
   }
-#pragma unroll
-  for (int m = 0; m < ROWS; ++m) red[warp][m * kPlainCols + lane] = acc[m];
-  __syncthreads();
-  finish<float, kPlainCols, ROWS>(red, a, blockIdx.x * kPlainCols, m0);
+  wait<0>();
 }
 
-// out[perm[k], n] = scale * (q - z) for every padded row k that is not padding: a thread per lane of a chunk
-// (n-tile, k-block) decodes its 64 codes from registers.
-template <int BITS, typename TOut>
-__global__ void __launch_bounds__(kThreads) dequant_kernel(const Args a) {
-  constexpr int W = Bits<BITS>::words;
-  const int64_t id = blockIdx.x * int64_t(kThreads) + threadIdx.x, chunk = id >> 5;
-  if (chunk >= int64_t(a.ntiles) * a.kblocks) return;
-  const int lane = int(id & 31), j = int(chunk / a.kblocks), b = int(chunk % a.kblocks), g = lane >> 2, t = lane & 3;
-  const uint32_t* p = a.qweight + chunk * (32 * W);
-  uint32_t w[W];
+// x [M, K] (TIn) -> xg [parts * M, Kp] (T) in padded row order (perm; -1: 0). parts 3 (fp32 x): rows m, M + m,
+// 2M + m hold bf16 hi, mid, lo with hi + mid + lo = x exactly. A thread writes 8 values of each part (16 bytes).
+template <typename TIn, typename T>
+__global__ void __launch_bounds__(256) gather_kernel(const TIn* x, int M, int K, const int* perm, int Kp, int parts,
+                                                      T* xg) {
+  const int64_t id = blockIdx.x * int64_t(256) + threadIdx.x;
+  if (id >= int64_t(M) * (Kp / 8)) return;
+  const int m = int(id / (Kp / 8)), k0 = int(id % (Kp / 8)) * 8;
+  uint32_t v[3][4];
 #pragma unroll
-  for (int i = 0; i < W; ++i) w[i] = __ldg(p + (i >> 2) * 128 + lane * min(4, W - (i & ~3)) + (i & 3));
-  TOut* out = static_cast<TOut*>(a.out);
-  static_for<0, 32>([&](auto pc) {
-    constexpr int P = decltype(pc)::value, kt = P >> 2, r = P & 3;
-    constexpr Slot s = slot(BITS, P);
-    const int row = b * kKB + kt * 16 + 2 * t + 8 * (r >> 1), col = j * 16 + g + 8 * (r & 1);
-    if (col >= a.N) return;
-    const int64_t mi = (int64_t(row / a.group_rows) * a.ntiles + j) * 8 + g;
-    float sc[2];
-    scales_f32(__ldg(a.scales + mi), a.scale_bf16, sc);
-    const int z = BITS == 8 ? __ldg(a.zeros + mi * 2 + (r & 1)) : (__ldg(a.zeros + mi) >> (4 * (r & 1))) & 15;
+  for (int i = 0; i < 8; i += 2) {
+    float e[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint32_t q;
-      if constexpr (s.pos < 0)
-        q = ((w[s.word] >> (9 + 16 * h)) & 1u) | (((w[s.word + 1] >> (9 + 16 * h)) & 1u) << 1) |
-            (((w[s.word + 2] >> (9 + 16 * h)) & 1u) << 2);
-      else
-        q = (w[s.word] >> (s.pos + 16 * h)) & Bits<BITS>::mask;
-      const int dst = __ldg(a.perm + row + h);
-      if (dst >= 0) out[int64_t(dst) * a.N + col] = from_float<TOut>(sc[r & 1] * float(int(q) - z));
+      const int src = __ldg(perm + k0 + i + h);
+      e[h] = src >= 0 ? to_float(x[int64_t(m) * K + src]) : 0.f;
     }
-  });
+    if (parts == 1) {
+      v[0][i / 2] = pack2(from_float<T>(e[0]), from_float<T>(e[1]));
+    } else {
+#pragma unroll
+      for (int p = 0; p < 3; ++p) {
+        const T a0 = from_float<T>(e[0]), a1 = from_float<T>(e[1]);
+        v[p][i / 2] = pack2(a0, a1);
+        e[0] -= to_float(a0), e[1] -= to_float(a1);  // exact
+      }
+    }
+  }
+  for (int p = 0; p < parts; ++p)
+    *reinterpret_cast<uint4*>(xg + (int64_t(p) * M + m) * Kp + k0) = make_uint4(v[p][0], v[p][1], v[p][2], v[p][3]);
+}
+
+// out[perm[k], n] = scale * (q - z) for every padded row k that is not padding. A block: k-block blockIdx.y, n-tiles
+// 4 blockIdx.x .. + 3 (one per warp, decoded from registers into shared memory), then whole rows of 64 columns
+// stored with 16-byte stores (vec: N * sizeof(TOut) and out are 16-byte aligned) in full sectors.
+template <int BITS, typename TOut>
+__global__ void __launch_bounds__(kDqThreads) dequant_kernel(const Args a, const int* perm, int group_rows, int vec) {
+  constexpr int W = Bits<BITS>::words, VEC = 16 / sizeof(TOut), PITCH = 64 + VEC;
+  __shared__ __align__(16) TOut tile[kKB * PITCH];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3, b = blockIdx.y;
+  const int j = blockIdx.x * 4 + warp;
+  if (j < a.ntiles) {
+    const uint32_t* p = a.qweight + (int64_t(j) * a.kblocks + b) * (32 * W);
+    uint32_t w[W];
+#pragma unroll
+    for (int i = 0; i < W; ++i) w[i] = __ldg(p + (i >> 2) * 128 + lane * min(4, W - (i & ~3)) + (i & 3));
+    static_for<0, 32>([&](auto pc) {
+      constexpr int P = decltype(pc)::value, kt = P >> 2, r = P & 3;
+      constexpr Slot s = slot(BITS, P);
+      const int row = kt * 16 + 2 * t + 8 * (r >> 1), col = g + 8 * (r & 1);
+      const int64_t mi = (int64_t((b * kKB + row) / group_rows) * a.ntiles + j) * 8 + g;
+      float sc[2];
+      scales_f32(__ldg(a.scales + mi), a.scale_bf16, sc);
+      const int z = BITS == 8 ? __ldg(a.zeros + mi * 2 + (r & 1)) : (__ldg(a.zeros + mi) >> (4 * (r & 1))) & 15;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        uint32_t q;
+        if constexpr (s.pos < 0)
+          q = ((w[s.word] >> (9 + 16 * h)) & 1u) | (((w[s.word + 1] >> (9 + 16 * h)) & 1u) << 1) |
+              (((w[s.word + 2] >> (9 + 16 * h)) & 1u) << 2);
+        else
+          q = (w[s.word] >> (s.pos + 16 * h)) & Bits<BITS>::mask;
+        tile[(row + h) * PITCH + warp * 16 + col] = from_float<TOut>(sc[r & 1] * float(int(q) - z));
+      }
+    });
+  }
+  __syncthreads();
+  TOut* out = static_cast<TOut*>(a.out);
+  const int col0 = blockIdx.x * 64;
+  for (int i = threadIdx.x; i < kKB * (64 / VEC); i += kDqThreads) {
+    const int row = i / (64 / VEC), c = (i % (64 / VEC)) * VEC, dst = __ldg(perm + b * kKB + row);
+    if (dst < 0 || col0 + c >= a.N) continue;
+    TOut* o = out + int64_t(dst) * a.N + col0 + c;
+    if (vec && col0 + c + VEC <= a.N) {
+      *reinterpret_cast<uint4*>(o) = *reinterpret_cast<const uint4*>(tile + row * PITCH + c);
+    } else {
+      for (int e = 0; e < VEC && col0 + c + e < a.N; ++e) o[e] = tile[row * PITCH + c + e];
+    }
+  }
 }
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -575,113 +684,191 @@ void check_weight(const CudaWeight& w) {
                                 "32, 64 or a multiple of 128)");
 }
 
-Args make_args(const CudaWeight& w, const void* x, void* out, int64_t M) {
-  Args a{};
-  a.x = x, a.out = out, a.M = int(M), a.K = int(w.K), a.N = int(w.N);
-  a.qweight = w.qweight, a.scales = w.scales, a.zeros = w.zeros, a.perm = w.perm;
-  a.ntiles = int((w.N + 15) / 16), a.kblocks = int(w.Kp / kKB), a.group_rows = int(w.group_rows);
-  a.kb_per_group = std::max(1, int(w.group_rows / kKB)), a.scale_bf16 = w.scale_bf16;
-  a.kb_per_slice = a.kblocks, a.splits = 1;
-  return a;
-}
-
-// Grid of one qgemm call: column blocks x K slices x row blocks, and the workspace it needs.
-struct Plan {
-  dim3 grid;
-  int kb_per_slice, splits, rows;
-  int64_t ws_floats, counters;
-};
-
-Plan plan(const CudaWeight& w, int64_t M, DType dtype, int sms) {
-  const int kblocks = int(w.Kp / kKB), ntiles = int((w.N + 15) / 16);
-  const bool plain = dtype == DType::F32;
-  const int cols = plain ? kPlainCols : 16 * (w.bits == 8 ? 1 : 2);
-  const int rows = plain || M > 8 ? 16 : 8;
-  const int col_blocks = (ntiles * 16 + cols - 1) / cols;
-  const int64_t m_blocks = (M + rows - 1) / rows;
-  if (m_blocks > 65535) throw std::invalid_argument("M=" + std::to_string(M) + " is too large for the fused kernel");
-  // K slices: at most kMaxSliceKB k-blocks each; enough blocks for ~4 per SM; equal slices.
-  const int64_t have = int64_t(col_blocks) * m_blocks;
-  const int min_split = (kblocks + kMaxSliceKB - 1) / kMaxSliceKB;
-  const int want = int(std::min<int64_t>(kblocks, (4 * int64_t(std::max(sms, 0)) + have - 1) / have));  // sms 0: no more
-  const int split0 = std::max(min_split, want);
-  const int per = (kblocks + split0 - 1) / split0, splits = (kblocks + per - 1) / per;
-  Plan p{dim3(unsigned(col_blocks), unsigned(splits), unsigned(m_blocks)), per, splits, rows, 0, 0};
-  if (splits > 1) p.ws_floats = int64_t(splits) * have * cols * rows, p.counters = have;
-  return p;
-}
-
-template <int BITS, typename T, int MT>
-void launch_mma(const Args& a, dim3 grid, int group_rows, cudaStream_t stream) {
-  if (group_rows == 32) qgemm_mma<BITS, T, MT, 2><<<grid, kThreads, 0, stream>>>(a);
-  else if (group_rows == 64) qgemm_mma<BITS, T, MT, 4><<<grid, kThreads, 0, stream>>>(a);
-  else qgemm_mma<BITS, T, MT, 8><<<grid, kThreads, 0, stream>>>(a);
-}
-
-template <int BITS>
-void launch_bits(const Args& a, const Plan& p, DType dtype, int group_rows, cudaStream_t stream) {
-  if (dtype == DType::F32) qgemm_plain<BITS><<<p.grid, kThreads, 0, stream>>>(a);
-  else if (dtype == DType::F16 && p.rows == 8) launch_mma<BITS, __half, 1>(a, p.grid, group_rows, stream);
-  else if (dtype == DType::F16) launch_mma<BITS, __half, 2>(a, p.grid, group_rows, stream);
-  else if (p.rows == 8) launch_mma<BITS, __nv_bfloat16, 1>(a, p.grid, group_rows, stream);
-  else launch_mma<BITS, __nv_bfloat16, 2>(a, p.grid, group_rows, stream);
-}
-
-template <int BITS>
-void launch_dequant_bits(const Args& a, DType dtype, cudaStream_t stream) {
-  const int64_t threads = int64_t(a.kblocks) * a.ntiles * 32;  // one per lane of a chunk
-  const unsigned blocks = unsigned((threads + kThreads - 1) / kThreads);
-  if (dtype == DType::F32) dequant_kernel<BITS, float><<<blocks, kThreads, 0, stream>>>(a);
-  else if (dtype == DType::F16) dequant_kernel<BITS, __half><<<blocks, kThreads, 0, stream>>>(a);
-  else dequant_kernel<BITS, __nv_bfloat16><<<blocks, kThreads, 0, stream>>>(a);
-}
-
 void check_dtype(DType dtype) {
   if (dtype != DType::F32 && dtype != DType::F16 && dtype != DType::BF16)
     throw std::invalid_argument("dtype code " + std::to_string(int(dtype)) + " is not 0, 1 or 2");
 }
 
+using KernelFn = void (*)(Args);
+
+// The fused kernel variant for (bits, 16-bit type, MT, group rows), its block size and dynamic shared memory.
+struct Variant {
+  KernelFn fn;
+  int threads, smem, cols;
+};
+
+template <int BITS, typename T, int MT>
+Variant variant_mt(int group_rows) {
+  using C = Cfg<BITS, MT>;
+#ifdef MINIGPTQ_STATIC_SUBSET  // tools/cuda_static.py --quick: only the kernels it models (groups of 128 rows)
+  return {qgemm_kernel<BITS, T, MT, 8>, C::THREADS, Stage<BITS, MT, 8>::smem, C::COLS};
+#endif
+  if (group_rows == 32) return {qgemm_kernel<BITS, T, MT, 2>, C::THREADS, Stage<BITS, MT, 2>::smem, C::COLS};
+  if (group_rows == 64) return {qgemm_kernel<BITS, T, MT, 4>, C::THREADS, Stage<BITS, MT, 4>::smem, C::COLS};
+  return {qgemm_kernel<BITS, T, MT, 8>, C::THREADS, Stage<BITS, MT, 8>::smem, C::COLS};
+}
+
+template <int BITS, typename T>
+Variant variant_t(int mt, int group_rows) {
+  if (mt == 1) return variant_mt<BITS, T, 1>(group_rows);
+  if (mt == 2) return variant_mt<BITS, T, 2>(group_rows);
+  if (mt == 4) return variant_mt<BITS, T, 4>(group_rows);
+  return variant_mt<BITS, T, 8>(group_rows);
+}
+
+template <int BITS>
+Variant variant_bits(bool bf16, int mt, int group_rows) {
+  return bf16 ? variant_t<BITS, __nv_bfloat16>(mt, group_rows) : variant_t<BITS, __half>(mt, group_rows);
+}
+
+Variant variant(int bits, bool bf16, int mt, int group_rows) {
+  switch (bits) {
+    case 2: return variant_bits<2>(bf16, mt, group_rows);
+    case 3: return variant_bits<3>(bf16, mt, group_rows);
+    case 4: return variant_bits<4>(bf16, mt, group_rows);
+    default: return variant_bits<8>(bf16, mt, group_rows);
+  }
+}
+
+// Blocks of variant v resident per SM (the occupancy calculator, once per variant; it also raises the kernel's
+// dynamic shared memory limit, once). Host-side attribute calls only: no stream work, capture-safe.
+int resident_blocks(const Variant& v) {
+  constexpr int kMaxVariants = 4 * 2 * 4 * 3;
+  static std::atomic<int> cache[kMaxVariants * 2];  // [slot]: (fn index + 1) << 8 | blocks, filled once
+  static std::atomic<KernelFn> fns[kMaxVariants];
+  int i = 0;
+  for (; i < kMaxVariants; ++i) {
+    KernelFn f = fns[i].load();
+    if (f == v.fn) return cache[i].load();
+    if (f == nullptr) break;
+  }
+  check(cudaFuncSetAttribute(reinterpret_cast<const void*>(v.fn), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             v.smem),
+        "raising the kernel's shared memory limit");
+  int blocks = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, v.fn, v.threads, size_t(v.smem)), "occupancy");
+  blocks = std::max(blocks, 1);
+  if (i < kMaxVariants) {  // racing threads compute the same value; a lost slot only means a later re-query
+    KernelFn expected = nullptr;
+    cache[i].store(blocks);
+    fns[i].compare_exchange_strong(expected, v.fn);
+  }
+  return blocks;
+}
+
+// One qgemm call: the variant, the striped grid, and the workspace it needs.
+struct Plan {
+  Variant v;
+  int parts, R, mt, units, per, grid;
+  int64_t ws_floats, counters;
+};
+
+Plan plan(const CudaWeight& w, int64_t M, DType dtype, int sms) {
+  if (M <= 0) throw std::invalid_argument("M=" + std::to_string(M) + " must be positive");
+  const int parts = dtype == DType::F32 ? 3 : 1;
+  if (M * parts > kMaxRows)
+    throw std::invalid_argument("M=" + std::to_string(M) + " rows of " + (parts == 3 ? "fp32" : "16-bit") +
+                                " x are too many for the fused kernel (at most " + std::to_string(kMaxRows / parts) +
+                                "): dequantize + matmul");
+  Plan p{};
+  p.parts = parts, p.R = int(M) * parts;
+  p.mt = p.R <= 8 ? 1 : p.R <= 16 ? 2 : p.R <= 32 ? 4 : 8;
+  p.v = variant(w.bits, dtype != DType::F16, p.mt, int(w.group_rows));  // fp32 x: bf16 parts
+  const int64_t ntiles = (w.N + 15) / 16, ntb = p.v.cols / 16, kblocks = w.Kp / kKB;
+  const int64_t units = (ntiles + ntb - 1) / ntb * kblocks;
+  if (units >= (int64_t(1) << 31)) throw std::invalid_argument("layer too large for the fused kernel");
+  // About one wave: every resident block slot gets an equal stripe (sms < 0: exactly -sms blocks, for tests).
+  const int64_t slots = sms < 0 ? -int64_t(sms) : std::max<int64_t>(1, int64_t(sms) * resident_blocks(p.v));
+  const int64_t per = (units + std::min(units, slots) - 1) / std::min(units, slots);
+  p.units = int(units), p.per = int(per), p.grid = int((units + per - 1) / per);
+  if (p.grid > 1 && per % kblocks != 0)  // some column block is split over blocks: pieces and counters
+    p.ws_floats = 2 * int64_t(p.grid) * p.R * p.v.cols, p.counters = p.grid;
+  return p;
+}
+
+template <int BITS, typename TOut>
+void launch_dequant(const Args& a, const int* perm, int group_rows, int vec, cudaStream_t stream) {
+  const dim3 grid(unsigned((a.ntiles + 3) / 4), unsigned(a.kblocks));
+  dequant_kernel<BITS, TOut><<<grid, kDqThreads, 0, stream>>>(a, perm, group_rows, vec);
+}
+
+template <int BITS>
+void launch_dequant_bits(const Args& a, const int* perm, int group_rows, DType dtype, cudaStream_t stream) {
+  const int vec = (int64_t(a.N) * (dtype == DType::F32 ? 4 : 2)) % 16 == 0 && reinterpret_cast<uintptr_t>(a.out) % 16 == 0;
+  if (dtype == DType::F32) launch_dequant<BITS, float>(a, perm, group_rows, vec, stream);
+  else if (dtype == DType::F16) launch_dequant<BITS, __half>(a, perm, group_rows, vec, stream);
+  else launch_dequant<BITS, __nv_bfloat16>(a, perm, group_rows, vec, stream);
+}
+
+template <typename TIn, typename T>
+void launch_gather(const CudaWeight& w, const void* x, int M, int parts, void* xg, cudaStream_t stream) {
+  const int64_t threads = int64_t(M) * (w.Kp / 8);
+  gather_kernel<TIn, T><<<unsigned((threads + 255) / 256), 256, 0, stream>>>(
+      static_cast<const TIn*>(x), M, int(w.K), w.perm, int(w.Kp), parts, static_cast<T*>(xg));
+}
+
+// Whether x can be streamed as it is: identity perm, a 16-bit x, rows of whole 16-byte pieces, aligned.
+bool direct_x(const CudaWeight& w, const void* x, DType dtype) {
+  return w.perm_identity && dtype != DType::F32 && w.K % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
+}
+
 }  // namespace
 
-std::pair<int64_t, int64_t> qgemm_workspace(const CudaWeight& w, int64_t M, DType dtype, int sms) {
+QgemmNeeds qgemm_workspace(const CudaWeight& w, int64_t M, DType dtype, int sms, const void* x) {
   check_weight(w);
   check_dtype(dtype);
-  if (M <= 0) throw std::invalid_argument("M=" + std::to_string(M) + " must be positive");
   const Plan p = plan(w, M, dtype, sms);
-  return {p.ws_floats, p.counters};
+  const int64_t xg = direct_x(w, x, dtype) ? 0 : int64_t(p.R) * w.Kp * 2;
+  return {p.ws_floats, p.counters, xg};
 }
 
 void qgemm(const CudaWeight& w, const void* x, DType dtype, int64_t M, void* out, const Workspace& ws, int sms,
            void* stream) {
   check_weight(w);
   check_dtype(dtype);
-  if (M <= 0) throw std::invalid_argument("M=" + std::to_string(M) + " must be positive");
   const Plan p = plan(w, M, dtype, sms);
-  if (p.ws_floats > ws.floats || p.counters > ws.counters)
-    throw std::invalid_argument("workspace too small: " + std::to_string(p.ws_floats) + " floats and " +
-                                std::to_string(p.counters) + " counters needed (qgemm_workspace)");
-  Args a = make_args(w, x, out, M);
-  a.kb_per_slice = p.kb_per_slice, a.splits = p.splits, a.ws = ws.ws, a.counters = ws.counter_ptr;
+  const bool direct = direct_x(w, x, dtype);
+  const int64_t xg_bytes = direct ? 0 : int64_t(p.R) * w.Kp * 2;
+  if (p.ws_floats > ws.floats || p.counters > ws.counters || xg_bytes > ws.xg_bytes ||
+      (xg_bytes && reinterpret_cast<uintptr_t>(ws.xg) % 16))
+    throw std::invalid_argument("workspace too small: " + std::to_string(p.ws_floats) + " floats, " +
+                                std::to_string(p.counters) + " counters and " + std::to_string(xg_bytes) +
+                                " 16-byte aligned bytes of x needed (qgemm_workspace), got " +
+                                std::to_string(ws.floats) + ", " + std::to_string(ws.counters) + ", " +
+                                std::to_string(ws.xg_bytes));
   const auto s = static_cast<cudaStream_t>(stream);
-  switch (w.bits) {
-    case 2: launch_bits<2>(a, p, dtype, int(w.group_rows), s); break;
-    case 3: launch_bits<3>(a, p, dtype, int(w.group_rows), s); break;
-    case 4: launch_bits<4>(a, p, dtype, int(w.group_rows), s); break;
-    default: launch_bits<8>(a, p, dtype, int(w.group_rows), s); break;
+  Args a{};
+  a.out = out, a.M = int(M), a.R = p.R, a.parts = p.parts, a.N = int(w.N), a.out_f32 = dtype == DType::F32;
+  a.qweight = w.qweight, a.scales = w.scales, a.zeros = w.zeros, a.scale_bf16 = w.scale_bf16;
+  a.ntiles = int((w.N + 15) / 16), a.kblocks = int(w.Kp / kKB), a.kb_per_group = std::max(1, int(w.group_rows / kKB));
+  a.units = p.units, a.per = p.per, a.ws = ws.ws, a.counters = ws.counter_ptr;
+  if (direct) {
+    a.x = x, a.ldx = w.K, a.kvalid = int(w.K);
+  } else {  // one gather pass: perm applied, padding zeroed, fp32 split into bf16 parts
+    a.x = ws.xg, a.ldx = w.Kp, a.kvalid = int(w.Kp);
+    if (dtype == DType::F32) launch_gather<float, __nv_bfloat16>(w, x, int(M), 3, ws.xg, s);
+    else if (dtype == DType::F16) launch_gather<__half, __half>(w, x, int(M), 1, ws.xg, s);
+    else launch_gather<__nv_bfloat16, __nv_bfloat16>(w, x, int(M), 1, ws.xg, s);
+    check(cudaGetLastError(), "gather launch");
   }
+  const KernelFn fn = p.v.fn;
+  fn<<<unsigned(p.grid), unsigned(p.v.threads), size_t(p.v.smem), s>>>(a);
   check(cudaGetLastError(), "qgemm launch");
 }
 
 void dequantize(const CudaWeight& w, void* out, DType dtype, void* stream) {
   check_weight(w);
   check_dtype(dtype);
-  const Args a = make_args(w, nullptr, out, 0);
+  Args a{};
+  a.out = out, a.N = int(w.N), a.qweight = w.qweight, a.scales = w.scales, a.zeros = w.zeros;
+  a.scale_bf16 = w.scale_bf16, a.ntiles = int((w.N + 15) / 16), a.kblocks = int(w.Kp / kKB);
   const auto s = static_cast<cudaStream_t>(stream);
+  const int gr = int(w.group_rows);
   switch (w.bits) {
-    case 2: launch_dequant_bits<2>(a, dtype, s); break;
-    case 3: launch_dequant_bits<3>(a, dtype, s); break;
-    case 4: launch_dequant_bits<4>(a, dtype, s); break;
-    default: launch_dequant_bits<8>(a, dtype, s); break;
+    case 2: launch_dequant_bits<2>(a, w.perm, gr, dtype, s); break;
+    case 3: launch_dequant_bits<3>(a, w.perm, gr, dtype, s); break;
+    case 4: launch_dequant_bits<4>(a, w.perm, gr, dtype, s); break;
+    default: launch_dequant_bits<8>(a, w.perm, gr, dtype, s); break;
   }
   check(cudaGetLastError(), "dequant launch");
 }

@@ -19,22 +19,31 @@ struct CudaWeight {
   int64_t K, N, Kp, G, group_rows;
   int bits;
   int scale_bf16;
+  int perm_identity;        // 1: perm[k] = k for k < K and -1 after (x is streamed as it is, no gather pass)
 };
 
-// Scratch of the K-split reduction, owned by the caller (one per device): partial sums, and counters that must be
-// zero before the first call (each call leaves them zero).
+// Scratch of one qgemm call, owned by the caller (one per device and stream): the pieces of split column blocks,
+// counters that must be zero before the first call (each call leaves them zero), and the gathered x.
 struct Workspace {
   float* ws;
   int64_t floats;
   int* counter_ptr;
   int64_t counters;
+  void* xg;          // 16-byte aligned
+  int64_t xg_bytes;
 };
 
-// (floats, counters) of workspace a qgemm call with these sizes needs (0, 0: none). sms: the device's SM count.
-std::pair<int64_t, int64_t> qgemm_workspace(const CudaWeight& w, int64_t M, DType dtype, int sms);
+// What a qgemm call with these sizes needs (0: none): floats and counters of the K-split reduction, bytes of the
+// gathered x (0 when x is streamed as it is: identity perm, 16-bit, K % 8 == 0 and x 16-byte aligned).
+struct QgemmNeeds {
+  int64_t floats, counters, xg_bytes;
+};
+// sms: the device's SM count (< 0: exactly -sms blocks, for tests).
+QgemmNeeds qgemm_workspace(const CudaWeight& w, int64_t M, DType dtype, int sms, const void* x);
 
-// out[M, N] = x[M, K] @ W: one launch on `stream` (a cudaStream_t), fp32 accumulation, deterministic.
-// x, out: `dtype` (F16/BF16: tensor-core kernel; F32: a plain one). All pointers on the current device.
+// out[M, N] = x[M, K] @ W for M <= 64 (16-bit x) or M <= 21 (fp32 x): on `stream` (a cudaStream_t), the gather
+// pass (when needed) and one fused kernel launch, fp32 accumulation, deterministic. x, out: `dtype` (F32: x split
+// into bf16 parts, fp32 out). All pointers on the current device.
 // Throws std::invalid_argument for bad sizes, std::runtime_error for CUDA errors.
 void qgemm(const CudaWeight& w, const void* x, DType dtype, int64_t M, void* out, const Workspace& ws, int sms,
            void* stream);

@@ -4,7 +4,9 @@ comment block at the top of cuda/gpu/qgemm.cu; its torch read-back (a test of th
 is minigptq/kernels/reference.py:cuda_layout_weight. In short, per layer, once:
 - rows sorted by group (act-order undone) and every group padded with empty rows to `group_rows` (32, 64 or a
   multiple of 128), so that a group starts on a 16-row tensor-core tile and its scale/zero are set once per group;
-  `perm` [Kp] gathers x (-1: a padding row, x = 0 there); K is padded to a multiple of 128 (one k-block);
+  `perm` [Kp] gathers x (-1: a padding row, x = 0 there); K is padded to a multiple of 128 (one k-block); when
+  perm is the identity on the first K rows (no act-order, no padded groups) `perm_identity` is set and the kernel
+  streams x as it is, else one gather pass per call applies perm;
 - codes interleaved so that each thread's 128-bit loads hold exactly its mma.m16n8k16 A fragments, two codes per
   16-bit half pair (bits p and 16 + p of a word): one AND/OR with the exponent of 1024 (fp16) or 128 (bf16) makes
   two 16-bit floats, one half2 FMA removes the bias and the zero point;
@@ -13,6 +15,7 @@ is minigptq/kernels/reference.py:cuda_layout_weight. In short, per layer, once:
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +27,10 @@ from .common import check, describe
 
 CUDA_KBLOCK = 128  # rows of one k-block (cuda/gpu/qgemm.cu kKB)
 CUDA_WORDS = {2: 4, 3: 6, 4: 8, 8: 16}  # 32-bit words per lane per k-block and 16-column tile
+
+# data_ptr -> perm tensor of every live layout whose perm is the identity: the torch.compile path, which gets the
+# tensors and not the layout, looks its perm up here (a live entry's memory cannot hold another perm).
+IDENTITY_PERMS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,12 +66,17 @@ class CudaLayout:
         check(self.zeros, "zeros", torch.uint8, [G, T, 8, 2 if self.bits == 8 else 1], "[G, ntiles, 8, 1|2]", dev)
         check(self.perm, "perm", torch.int32, [Kp], "[Kp]", dev)
         object.__setattr__(self, "G", G)
+        rows = torch.arange(Kp, device=dev, dtype=torch.int32)
+        identity = bool(torch.equal(self.perm, torch.where(rows < self.K, rows, -1)))  # once per layer
+        object.__setattr__(self, "perm_identity", identity)
+        if identity:
+            IDENTITY_PERMS[self.perm.data_ptr()] = self.perm
         # The module's view of the layer (cuda/gpu/bindings.cpp WeightTuple), built once: a decode step makes
         # hundreds of calls.
         object.__setattr__(self, "args", (self.qweight.data_ptr(), self.scales.data_ptr(), self.zeros.data_ptr(),
                                           self.perm.data_ptr(), self.K, self.N, Kp, G, self.group_rows, self.bits,
-                                          int(self.scales.dtype == torch.bfloat16)))
-        object.__setattr__(self, "_ws_need", {})  # (M, dtype code) -> (workspace floats, counters): cuda.py
+                                          int(self.scales.dtype == torch.bfloat16), int(identity)))
+        object.__setattr__(self, "_ws_need", {})  # (M, dtype code, x aligned) -> workspace sizes: cuda.py
 
     @property
     def shape(self) -> tuple[int, int]:
