@@ -1,0 +1,112 @@
+"""The KV cache in fp32 vs fp16 vs bf16 on the CPU (--kv-dtype), on a SmolLM2 4-bit GPTQ checkpoint with fp32
+activations -> bench/results/kv_cache_cpu.json:
+- bytes per cached token, and the cache's bytes for a generate() run (what `python -m minigptq.generate` reports);
+- greedy tokens on the 5 standard prompts (tools/bench_int8_greedy.py's), 32 new tokens: how many leading tokens
+  equal the fp32 cache's;
+- logits: the fp32-cache greedy continuation fed back step by step (teacher forcing) through each cache; the largest
+  absolute logit difference to the fp32 cache over all steps and prompts, and whether every step's argmax agrees;
+- decode ms/token at contexts 128 and 512 (random prompt tokens, 32 steps, median), the dtypes alternated over
+  `--rounds` rounds in one process; the best (lowest) median of the rounds is reported, with every round kept.
+    python tools/bench_kv_cache.py [--model DIR] [--rounds 3]
+This is a tool, not a test: the machine is shared, so the timings carry its load (loadavg is recorded)."""
+import argparse
+import datetime
+import os
+import platform
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch  # noqa: E402
+
+from minigptq import __version__  # noqa: E402
+from minigptq.durable import write_json  # noqa: E402
+from minigptq.generation import generate  # noqa: E402
+from minigptq.kv_cache import KV_DTYPES, KVCache  # noqa: E402
+from minigptq.loader import load_model  # noqa: E402
+from minigptq.tokenizer import load_tokenizer  # noqa: E402
+
+PROMPTS = ["The capital of France is", "In 1905, Albert Einstein published", "The best way to learn a language is",
+           "def fibonacci(n):", "Water boils at"]
+DEFAULT_MODEL = "models/bench_quality/minigptq-gptq-gar-4bit-g128-damp0.05"
+
+
+@torch.inference_mode()
+def forced_logits(model, prompt: list[int], cont: list[int], dtype: torch.dtype) -> torch.Tensor:
+    """Logits (len(cont), V) of the prompt's last token and of each token of cont fed back one at a time."""
+    cache = KVCache(model.cfg, 1, len(prompt) + len(cont), dtype, "cpu")
+    out = [model(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1]]
+    for i, t in enumerate(cont[:-1]):
+        out.append(model(torch.tensor([[t]]), cache, len(prompt) + i)[0, -1])
+    return torch.stack(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--out", default="bench/results/kv_cache_cpu.json")
+    args = ap.parse_args()
+    model = load_model(args.model, dtype="fp32")
+    tok = load_tokenizer(args.model)
+    cfg = model.cfg
+    names = list(KV_DTYPES)  # fp32, fp16, bf16
+    per_token = {n: 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * KV_DTYPES[n].itemsize for n in names}
+
+    ids = [tok.encode(p) for p in PROMPTS]
+    greedy = {n: [] for n in names}
+    cache_bytes = {}
+    for n in names:
+        for p in ids:
+            new, stats = generate(model, [p], max_new_tokens=args.new_tokens, kv_dtype=n)
+            greedy[n].append(new[0])
+        cache_bytes[n] = stats.kv_cache_bytes
+    agreement = {}
+    for n in names[1:]:
+        rows = []
+        for prompt, p, a, b in zip(PROMPTS, ids, greedy["fp32"], greedy[n]):
+            same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            rows.append(dict(prompt=prompt, identical_tokens=same, of=len(a), equal=a == b,
+                             text=tok.decode(b) if a != b else None))
+        lg = [(forced_logits(model, p, a, torch.float32), forced_logits(model, p, a, KV_DTYPES[n]))
+              for p, a in zip(ids, greedy["fp32"])]
+        agreement[n] = dict(prompts=rows, all_equal=all(r["equal"] for r in rows),
+                            forced_logits_max_abs_diff=max(float((x - y).abs().max()) for x, y in lg),
+                            forced_logits_max_abs=max(float(x.abs().max()) for x, _ in lg),
+                            forced_argmax_agree=all(bool((x.argmax(-1) == y.argmax(-1)).all()) for x, y in lg))
+        print(n, agreement[n]["all_equal"], agreement[n]["forced_logits_max_abs_diff"], flush=True)
+
+    rng = random.Random(0)
+    speed = {}
+    for ctx in (128, 512):
+        prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(ctx)]
+        rounds = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n in names:
+                _, stats = generate(model, [prompt], max_new_tokens=args.new_tokens + 1, kv_dtype=n)
+                rounds[n].append(round(stats.median_ms, 3))
+        speed[str(ctx)] = {n: dict(ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
+        print(ctx, {n: min(r) for n, r in rounds.items()}, flush=True)
+
+    cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
+    flags = next((x.split(":", 1)[1].split() for x in open("/proc/cpuinfo") if x.startswith("flags")), [])
+    o = model.layers[0].attn.o
+    doc = dict(
+        benchmark="KV cache dtype on the CPU: bytes, greedy agreement with the fp32 cache, decode ms/token",
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        machine=dict(cpu=cpu, isa=[f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "amx_int8")
+                                   if f in flags], threads=torch.get_num_threads(), loadavg=os.getloadavg(),
+                     python=platform.python_version()),
+        versions=dict(torch=torch.__version__, minigptq=__version__),
+        model=args.model, activations="fp32", cpu_kernel=getattr(getattr(o, "_layout", None), "cpu_kernel", None),
+        new_tokens=args.new_tokens, contexts_note="random prompt tokens of that length, then new_tokens steps",
+        bytes_per_token=per_token, generate_kv_cache_bytes_5_prompts=cache_bytes,
+        greedy_vs_fp32_cache=agreement, decode=speed)
+    write_json(Path(args.out), doc)
+    print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
