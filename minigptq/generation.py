@@ -158,7 +158,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                     stopped[b] = True
                     done[b] = True
         if on_step is not None:
-            _check_finite(model, prompts, out, i, bad)  # before a stream shows a token of broken logits
+            _check_finite(model, prompts, out, i, bad, cache)  # before a stream shows a token of broken logits
             on_step(nxt)
         if i == max_new_tokens - 1 or ((eos_ids or stop is not None) and bool(done.all())):
             break
@@ -173,7 +173,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         sync()
         stats.step_s.append(time.perf_counter() - t)
-    _check_finite(model, prompts, out, i, bad)
+    _check_finite(model, prompts, out, i, bad, cache)
     result = []
     for b, row in enumerate(out[:, :i + 1].tolist()):
         cut = next((j for j, tok in enumerate(row) if tok in eos_ids), None)
@@ -193,14 +193,20 @@ def _sample_finite(logits: Tensor, bad: Tensor, done: Tensor, *sampling) -> tupl
     return sample(torch.where(row_bad[:, None], 0, logits), *sampling), bad | (row_bad & ~done)
 
 
-def _check_finite(model: Transformer, prompts: list[list[int]], out: Tensor, i: int, bad: Tensor) -> None:
+def _check_finite(model: Transformer, prompts: list[list[int]], out: Tensor, i: int, bad: Tensor,
+                  cache: KVCache) -> None:
     """Raise the user error if a row's logits were non-finite; out[:, :i + 1] are the tokens generated so far (the
-    last of them sampled from the broken logits), so the diagnostic re-runs its prompt and out[b, :i]."""
+    last of them sampled from the broken logits), so the diagnostic re-runs its prompt and out[b, :i]. An fp16 cache
+    under wider activations (--kv-dtype auto on the CPU) overflows past 65504: the error names the way out."""
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
         seq = torch.tensor(prompts[b] + out[b, :i].tolist(), device=out.device)[None]  # (1, T)
         which = f" for prompt {b + 1} of {len(prompts)}" if len(prompts) > 1 else ""
-        raise nonfinite_error(model, seq, f"logits{which} at generated token {i + 1}")
+        e = nonfinite_error(model, seq, f"logits{which} at generated token {i + 1}")
+        if cache.k.dtype == torch.float16 and model.act_dtype != torch.float16:
+            raise Error(f"{e}; or a key or value overflowed the fp16 KV cache (beyond 65504): try --kv-dtype bf16 "
+                        f"or fp32")
+        raise e
 
 
 class StopStrings:

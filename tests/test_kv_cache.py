@@ -116,3 +116,15 @@ def test_bad_kv_dtype_is_refused(hf_checkpoints, capsys):
     with pytest.raises(SystemExit):
         generate_parser().parse_args(["--model", "m", "--prompt", "p", "--kv-dtype", "int4"])
     assert "--kv-dtype: invalid choice: 'int4'" in capsys.readouterr().err
+
+
+def test_an_fp16_cache_overflow_is_named(hf_checkpoints):
+    """Values beyond fp16's range (65504) become Inf in an fp16 cache: the non-finite logits error says to use
+    --kv-dtype bf16 or fp32, with which the same model runs."""
+    model = load_model(hf_checkpoints("llama-gqa-tied"), dtype="fp32")
+    with torch.no_grad():
+        model.layers[0].attn.v.weight.mul_(1e6)
+    with pytest.raises(Error, match="overflowed the fp16 KV cache.*--kv-dtype bf16 or fp32"):
+        generate(model, [[5, 6, 7]], max_new_tokens=3)
+    new, _ = generate(model, [[5, 6, 7]], max_new_tokens=3, kv_dtype="bf16")
+    assert len(new[0]) == 3
