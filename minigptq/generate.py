@@ -69,7 +69,8 @@ def main(args: argparse.Namespace) -> None:
     kind = type(o).__name__ + (" int8-act" if getattr(o, "_layout", None) is not None and
                                o._layout.cpu_kernel == "int8" else "")
     log.info(f"\n[{kind}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
-             f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB ({str(stats.kv_dtype)[6:]}) | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
+             f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB ({str(stats.kv_dtype)[6:]})"
+             f" | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
              f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
              f" ({stats.tokens_per_s:.1f} tokens/s per sequence)")
 

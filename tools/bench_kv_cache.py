@@ -6,15 +6,19 @@ activations -> bench/results/kv_cache_cpu.json:
 - logits: the fp32-cache greedy continuation fed back step by step (teacher forcing) through each cache; the largest
   absolute logit difference to the fp32 cache over all steps and prompts, and whether every step's argmax agrees;
 - decode ms/token at contexts 128 and 512 (random prompt tokens, 32 steps, median), the dtypes alternated over
-  `--rounds` rounds in one process; the best (lowest) median of the rounds is reported, with every round kept.
-    python tools/bench_kv_cache.py [--model DIR] [--rounds 3]
-This is a tool, not a test: the machine is shared, so the timings carry its load (loadavg is recorded)."""
+  `--rounds` rounds in one process; the best (lowest) median of the rounds is reported, with every round kept;
+- the attention alone (cpu_attn_decode, the model's shapes, every layer once = one token) at contexts 128, 512, 2048.
+    python tools/bench_kv_cache.py [--model DIR] [--rounds 3] [--threads 1]
+This is a tool, not a test: the machine is shared, so the timings carry its load (loadavg is recorded). --threads 1
+(default) because on an overloaded machine every OpenMP barrier of a 2-thread step waits for a descheduled thread."""
 import argparse
 import datetime
 import os
 import platform
 import random
+import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +26,7 @@ import torch  # noqa: E402
 
 from minigptq import __version__  # noqa: E402
 from minigptq.durable import write_json  # noqa: E402
+from minigptq.kernels import cpu_attn_decode  # noqa: E402
 from minigptq.generation import generate  # noqa: E402
 from minigptq.kv_cache import KV_DTYPES, KVCache  # noqa: E402
 from minigptq.loader import load_model  # noqa: E402
@@ -42,13 +47,32 @@ def forced_logits(model, prompt: list[int], cont: list[int], dtype: torch.dtype)
     return torch.stack(out)
 
 
+def attention_ms(cfg, S: int, dtype: torch.dtype, reps: int = 20) -> float:
+    """Median ms of one token's attention over S cached slots in every layer (cpu_attn_decode, RoPE included)."""
+    g = torch.Generator().manual_seed(0)
+    H, KVH, hd, L = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.num_layers
+    k_cache = torch.randn(L, 1, KVH, S + 1, hd, generator=g).to(dtype)
+    v_cache = torch.randn(L, 1, KVH, S + 1, hd, generator=g).to(dtype)
+    q, k, v = (torch.randn(1, 1, n * hd, generator=g) for n in (H, KVH, KVH))
+    cos, sin = torch.ones(1, 1, 1, hd), torch.zeros(1, 1, 1, hd)
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for layer in range(L):
+            cpu_attn_decode(q, k, v, H * hd, KVH * hd, hd, cos, sin, k_cache, v_cache, layer, None, H, S)
+        times.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(times), 4)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="bench/results/kv_cache_cpu.json")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     model = load_model(args.model, dtype="fp32")
     tok = load_tokenizer(args.model)
     cfg = model.cfg
@@ -90,6 +114,15 @@ def main() -> None:
         speed[str(ctx)] = {n: dict(ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
         print(ctx, {n: min(r) for n, r in rounds.items()}, flush=True)
 
+    attention = {}
+    for S in (128, 512, 2048):
+        rounds = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n in names:
+                rounds[n].append(attention_ms(cfg, S, KV_DTYPES[n]))
+        attention[str(S)] = {n: dict(ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
+        print("attention", S, {n: min(r) for n, r in rounds.items()}, flush=True)
+
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
     flags = next((x.split(":", 1)[1].split() for x in open("/proc/cpuinfo") if x.startswith("flags")), [])
     o = model.layers[0].attn.o
@@ -103,7 +136,7 @@ def main() -> None:
         model=args.model, activations="fp32", cpu_kernel=getattr(getattr(o, "_layout", None), "cpu_kernel", None),
         new_tokens=args.new_tokens, contexts_note="random prompt tokens of that length, then new_tokens steps",
         bytes_per_token=per_token, generate_kv_cache_bytes_5_prompts=cache_bytes,
-        greedy_vs_fp32_cache=agreement, decode=speed)
+        greedy_vs_fp32_cache=agreement, decode=speed, attention_only=attention)
     write_json(Path(args.out), doc)
     print("wrote", args.out)
 
