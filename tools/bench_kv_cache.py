@@ -5,12 +5,15 @@ activations -> bench/results/kv_cache_cpu.json:
   equal the fp32 cache's;
 - logits: the fp32-cache greedy continuation fed back step by step (teacher forcing) through each cache; the largest
   absolute logit difference to the fp32 cache over all steps and prompts, and whether every step's argmax agrees;
-- decode ms/token at contexts 128 and 512 (random prompt tokens, 32 steps, median), the dtypes alternated over
-  `--rounds` rounds in one process; the best (lowest) median of the rounds is reported, with every round kept;
+- decode ms/token at contexts 128 and 512 (random prompt tokens, then 32 greedy steps, median), the dtypes
+  alternated over `--rounds` rounds in one process; the best (lowest) median of the rounds is reported, with every
+  round kept;
 - the attention alone (cpu_attn_decode, the model's shapes, every layer once = one token) at contexts 128, 512, 2048.
     python tools/bench_kv_cache.py [--model DIR] [--rounds 3] [--threads 1]
-This is a tool, not a test: the machine is shared, so the timings carry its load (loadavg is recorded). --threads 1
-(default) because on an overloaded machine every OpenMP barrier of a 2-thread step waits for a descheduled thread."""
+This is a tool, not a test. The machine is shared: with --threads 1 (default) every step runs on the calling thread,
+so its CPU time (time.thread_time) is reported beside the wall time; CPU time does not count the time the thread
+waited for a core, wall time does (loadavg is recorded). With 2 threads on an overloaded machine every OpenMP
+barrier waits for a descheduled thread."""
 import argparse
 import datetime
 import os
@@ -57,11 +60,25 @@ def attention_ms(cfg, S: int, dtype: torch.dtype, reps: int = 20) -> float:
     cos, sin = torch.ones(1, 1, 1, hd), torch.zeros(1, 1, 1, hd)
     times = []
     for _ in range(reps):
-        t = time.perf_counter()
+        t = time.thread_time()
         for layer in range(L):
             cpu_attn_decode(q, k, v, H * hd, KVH * hd, hd, cos, sin, k_cache, v_cache, layer, None, H, S)
-        times.append(time.perf_counter() - t)
+        times.append(time.thread_time() - t)
     return round(1000 * statistics.median(times), 4)
+
+
+@torch.inference_mode()
+def decode_ms(model, prompt: list[int], steps: int, dtype: torch.dtype) -> tuple[float, float]:
+    """(median CPU ms, median wall ms) of greedy decode steps after a prefill of `prompt`, through a cache of dtype."""
+    cache = KVCache(model.cfg, 1, len(prompt) + steps + 1, dtype, "cpu")
+    nxt = model(torch.tensor([prompt]), cache, 0, last_only=True)[0, -1].argmax()
+    cpu, wall = [], []
+    for i in range(steps):
+        t, w = time.thread_time(), time.perf_counter()
+        nxt = model(nxt.view(1, 1), cache, len(prompt) + i)[0, -1].argmax()
+        cpu.append(time.thread_time() - t)
+        wall.append(time.perf_counter() - w)
+    return round(1000 * statistics.median(cpu), 3), round(1000 * statistics.median(wall), 3)
 
 
 def main() -> None:
@@ -79,14 +96,35 @@ def main() -> None:
     names = list(KV_DTYPES)  # fp32, fp16, bf16
     per_token = {n: 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * KV_DTYPES[n].itemsize for n in names}
 
+    rng = random.Random(0)
+    speed = {}
+    for ctx in (128, 512):
+        prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(ctx)]
+        rounds = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n in names:
+                rounds[n].append(decode_ms(model, prompt, args.new_tokens, KV_DTYPES[n]))
+        speed[str(ctx)] = {n: dict(cpu_ms_per_token=min(c for c, _ in r), wall_ms_per_token=min(w for _, w in r),
+                                   rounds_cpu_wall=r) for n, r in rounds.items()}
+        print(ctx, {n: speed[str(ctx)][n]["cpu_ms_per_token"] for n in names}, flush=True)
+
+    attention = {}
+    for S in (128, 512, 2048):
+        rounds = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for n in names:
+                rounds[n].append(attention_ms(cfg, S, KV_DTYPES[n]))
+        attention[str(S)] = {n: dict(cpu_ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
+        print("attention", S, {n: min(r) for n, r in rounds.items()}, flush=True)
+
     ids = [tok.encode(p) for p in PROMPTS]
     greedy = {n: [] for n in names}
-    cache_bytes = {}
+    cache_bytes = {n: [] for n in names}  # per prompt: GenerationStats.kv_cache_bytes, what generate reports
     for n in names:
         for p in ids:
             new, stats = generate(model, [p], max_new_tokens=args.new_tokens, kv_dtype=n)
             greedy[n].append(new[0])
-        cache_bytes[n] = stats.kv_cache_bytes
+            cache_bytes[n].append(stats.kv_cache_bytes)
     agreement = {}
     for n in names[1:]:
         rows = []
@@ -102,27 +140,6 @@ def main() -> None:
                             forced_argmax_agree=all(bool((x.argmax(-1) == y.argmax(-1)).all()) for x, y in lg))
         print(n, agreement[n]["all_equal"], agreement[n]["forced_logits_max_abs_diff"], flush=True)
 
-    rng = random.Random(0)
-    speed = {}
-    for ctx in (128, 512):
-        prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(ctx)]
-        rounds = {n: [] for n in names}
-        for _ in range(args.rounds):
-            for n in names:
-                _, stats = generate(model, [prompt], max_new_tokens=args.new_tokens + 1, kv_dtype=n)
-                rounds[n].append(round(stats.median_ms, 3))
-        speed[str(ctx)] = {n: dict(ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
-        print(ctx, {n: min(r) for n, r in rounds.items()}, flush=True)
-
-    attention = {}
-    for S in (128, 512, 2048):
-        rounds = {n: [] for n in names}
-        for _ in range(args.rounds):
-            for n in names:
-                rounds[n].append(attention_ms(cfg, S, KV_DTYPES[n]))
-        attention[str(S)] = {n: dict(ms_per_token=min(r), rounds=r) for n, r in rounds.items()}
-        print("attention", S, {n: min(r) for n, r in rounds.items()}, flush=True)
-
     cpu = next((x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")), "")
     flags = next((x.split(":", 1)[1].split() for x in open("/proc/cpuinfo") if x.startswith("flags")), [])
     o = model.layers[0].attn.o
@@ -135,7 +152,7 @@ def main() -> None:
         versions=dict(torch=torch.__version__, minigptq=__version__),
         model=args.model, activations="fp32", cpu_kernel=getattr(getattr(o, "_layout", None), "cpu_kernel", None),
         new_tokens=args.new_tokens, contexts_note="random prompt tokens of that length, then new_tokens steps",
-        bytes_per_token=per_token, generate_kv_cache_bytes_5_prompts=cache_bytes,
+        bytes_per_token=per_token, generate_kv_cache_bytes_per_prompt=cache_bytes,
         greedy_vs_fp32_cache=agreement, decode=speed, attention_only=attention)
     write_json(Path(args.out), doc)
     print("wrote", args.out)
