@@ -259,7 +259,7 @@ def test_chat_cache_starts_small_and_grows(tmp_path, monkeypatch):
 
 
 def test_chat_refuses_to_grow_past_the_memory(tmp_path, monkeypatch):
-    """The cache starts at 256 slots (164 KB here, fp16); growing it past the memory available ends the chat with one
+    """The cache starts at 256 slots (164 KB, fp16); growing it past the memory available ends the chat with one line
     that says how to ask for less."""
     monkeypatch.setattr(kv_cache, "available_memory", lambda device: 200_000)
     code, err = run_case(tmp_path, monkeypatch, "chat", lambda root, m: with_template(m, CHATML),
