@@ -12,9 +12,9 @@ import logging
 import sys
 
 from . import Error
-from .cli import add_debug_flag, add_device_flags, add_sampling_flags, run
+from .cli import add_debug_flag, add_device_flags, add_kv_flag, add_sampling_flags, run
 from .generation import StopStrings, TextStream, check_sampling, completion_text, generate
-from .kv_cache import KVCache, check_kv_memory
+from .kv_cache import KVCache, check_kv_memory, resolve_kv_dtype
 from .loader import load_model, resolve_device
 from .tokenizer import load_tokenizer
 
@@ -27,19 +27,21 @@ class ChatSession:
     FIRST = 256  # slots of the KV cache at the start; make_room grows it
     HINT = "lower --context (the tokens of conversation kept) or --max-new-tokens, or /reset the conversation"
 
-    def __init__(self, model, tokenizer, system: str | None = None, context: int | None = None):
+    def __init__(self, model, tokenizer, system: str | None = None, context: int | None = None,
+                 kv_dtype: str = "auto"):
         if tokenizer.chat_template is None:
             raise Error("this checkpoint has no chat template (tokenizer_config.json: chat_template)")
         n = model.cfg.max_positions if context is None else context
         if not isinstance(n, int) or not 2 <= n <= model.cfg.max_positions:
             raise Error(f"context must be an integer in [2, {model.cfg.max_positions}], got {context!r}")
         self.model, self.tok, self.context = model, tokenizer, n
+        dev = model.embed.weight.device
+        dtype = resolve_kv_dtype(kv_dtype, model.act_dtype, dev)  # the cache's: "auto" is fp16 for fp32 on the CPU
         # The cache starts small and grows with the conversation (make_room), up to the context: a whole-context
         # cache up front would take gigabytes of a long-context model that a short chat never uses.
-        self.cache = KVCache(model.cfg, 1, min(n, self.FIRST), model.act_dtype, model.embed.weight.device,
-                             hint=self.HINT)
+        self.cache = KVCache(model.cfg, 1, min(n, self.FIRST), dtype, dev, hint=self.HINT)
         try:  # say now, not only when the conversation gets there, that the whole context would not fit
-            check_kv_memory(model.cfg, 1, n, model.act_dtype, model.embed.weight.device,
+            check_kv_memory(model.cfg, 1, n, dtype, dev,
                             "a conversation that long would end with an error; pass a smaller --context to bound it")
         except Error as e:
             logging.getLogger("minigptq").warning(f"note: {e}")
@@ -101,7 +103,7 @@ def main(args: argparse.Namespace) -> None:
     tok = load_tokenizer(args.model)
     model = load_model(args.model, dtype=dtype, device=device, head_dtype=args.head_dtype, cpu_kernel=args.cpu_kernel,
                        adapter=args.adapter)
-    session = ChatSession(model, tok, args.system, args.context)
+    session = ChatSession(model, tok, args.system, args.context, args.kv_dtype)
     interactive = sys.stdin.isatty()
     if interactive:
         print("chat with the model; /reset starts over, /exit (or Ctrl-D) ends", file=sys.stderr)
@@ -138,6 +140,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="tokens of conversation kept (default: the model's)")
     add_sampling_flags(p)
     add_device_flags(p)
+    add_kv_flag(p)
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="dtype of the embedding and lm_head (see generate --help)")
     add_debug_flag(p)

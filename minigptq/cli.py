@@ -41,6 +41,13 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
                         "the model; packed weights stay packed (minigptq/lora.py)")
 
 
+def add_kv_flag(p: argparse.ArgumentParser) -> None:
+    """--kv-dtype, shared by generate, chat and eval (minigptq/kv_cache.py: resolve_kv_dtype)."""
+    p.add_argument("--kv-dtype", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                   help="dtype of the KV cache: auto = fp16 on the CPU when the model runs in fp32 (half the bytes "
+                        "per cached token; attention still computes in fp32), else the model's dtype (default auto)")
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     """--temperature, --top-k, --top-p and --seed, shared by generate and chat."""
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (default 0)")

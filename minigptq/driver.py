@@ -14,6 +14,7 @@ outer loop; docs/algorithm.md).
         run the block with its quantized weights -> inputs of the next block  next_inputs
 The finished block's tensors go to the resumable work folder (minigptq/checkpoint_writer.py); the passes over the
 calibration windows are in minigptq/passes.py, the solver in minigptq/gptq.py.
+RTN without calibration (calib None) runs none of the passes: each linear is rounded from its own weight alone.
 """
 from __future__ import annotations
 
@@ -45,12 +46,13 @@ from .quantizer import QuantConfig, QuantResult, rtn
 
 
 @torch.inference_mode()
-def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig, run: PartialRun,
+def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor | None, qcfg: QuantConfig, run: PartialRun,
                         method: str = "gptq", device="cpu", out_dtype=torch.float16,
                         log: Callable[[str], None] = print, fmt: str = "gptq", fused_all_or_none: bool = False,
                         act_dtype: torch.dtype = torch.float32, progress: bool = False,
                         moe_min_share: float = 0.01, adapter: dict | None = None) -> dict:
-    """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder.
+    """Quantize every block of `ckpt` with calibration windows calib (n, seqlen) into `run`'s work folder. calib
+    None (method "rtn" only): no forward pass; each linear's log record holds its weight error (rtn without H).
 
     fmt: "gptq" (v1: qzeros hold zero - 1) or "gptq_v2" (raw zeros). fused_all_or_none: when one linear of a
     true-sequential group cannot be packed, keep the whole group in full precision (vLLM fuses q/k/v and gate/up).
@@ -72,7 +74,9 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
             load_into(model, ckpt, name, torch.float32, device)
     merge_into(model, adapter or {}, exclude="layers.")  # quantize --adapter: a LoRA on lm_head, merged before
     top = top_tensors(model, ckpt, out_dtype)  # before any work: they must be finite in the output dtype
-    n, T = calib.shape
+    if calib is None and method != "rtn":
+        raise Error(f"--method {method} needs calibration windows")
+    n, T = (0, 1) if calib is None else calib.shape
     ctx, pos = model.context(1, T, device, torch.float32)
     xs = [model.embed_tokens(calib[j:j + 1].to(device), pos).to(act_dtype) for j in range(n)]  # n x (1, T, hidden)
     # GPTAQ (minigptq/gptaq.py): the full-precision model's block inputs, carried alongside xs (twice the memory of
@@ -93,11 +97,12 @@ def quantize_checkpoint(ckpt: CheckpointReader, calib: Tensor, qcfg: QuantConfig
             log(f"block {i + 1}/{L}: resumed from {run.block_file(i).name}")
             replays = []
         else:
-            replays = make_replays(block, xs, act_dtype, device)
+            replays = make_replays(block, xs, act_dtype, device) if xs else []
             tensors, records = quantize_block(block, i, xs, ctx, replays, ckpt, qcfg, method, fmt, fused_all_or_none,
                                               out_dtype, log, bar, fp=None if fp_block is None else (fp_block, xs_fp),
                                               min_tokens=math.ceil(moe_min_share * n * T))
-        next_inputs(block, xs, ctx, replays, act_dtype, ckpt, i)
+        if calib is not None:
+            next_inputs(block, xs, ctx, replays, act_dtype, ckpt, i)
         if fp_block is not None:  # GPTAQ: the full-precision model's inputs of the next block
             next_inputs(fp_block, xs_fp, ctx, [], act_dtype, ckpt, i)
             fp_block = None
@@ -132,8 +137,8 @@ def quantize_block(block: nn.Module, i: int, xs: list[Tensor], ctx, replays: lis
         if fp is not None and expert_of(group[0]) is not None:  # the two models would route different tokens
             raise Error(f"--method gptaq does not support MoE experts ({to_hf[f'layers.{i}.{group[0]}']}); "
                         f"use --method gptq")
-        H = None if all(unpackable.values()) else hessian_pass(block, list(linears.values()), xs, ctx, replays,
-                                                               fp=fp_group)
+        H = None if all(unpackable.values()) or not xs else hessian_pass(block, list(linears.values()), xs, ctx,
+                                                                            replays, fp=fp_group)
         # MoE: an expert's Hessian is from the tokens routed to it; below min_tokens, from every token (the routing
         # bypassed for this pass only; docs/algorithm.md), so no expert is left with a Hessian of too few tokens
         routed, note, expert = None if H is None else H.n, "", expert_of(group[0])
@@ -152,11 +157,13 @@ def quantize_block(block: nn.Module, i: int, xs: list[Tensor], ctx, replays: lis
                 log(f"  {hf}: kept in full precision ({unpackable[name]})")
                 continue
             ql, loss, percdamp, trivial = solve(lin, H, qcfg, method, fmt, hf, log, prepared)
-            _use_packed(lin, ql)
+            if xs:  # later groups and blocks compute with the packed weight (nothing computes without data)
+                _use_packed(lin, ql)
             tensors.update({f"{hf}.{k}": v for k, v in ql.state_dict().items()})
             skip.add(name)
             records.append(dict(block=i, module=hf, method=method, error=loss, percdamp=percdamp,
-                                seconds=time.perf_counter() - t0, g_idx_trivial=trivial, tokens=routed, note=note))
+                                seconds=time.perf_counter() - t0, g_idx_trivial=trivial, tokens=routed,
+                                note=note if xs else "no calibration: error = 1/2 ||W - Q||_F^2"))
             bar.set_postfix_str(f"{name} err {loss:.4g}")
         H = prepared = None  # this group's Hessian is spent (it was the solver's workspace)
         for r in replays:
@@ -186,7 +193,7 @@ def solve(lin: nn.Linear, H: Hessian, qcfg: QuantConfig, method: str, fmt: str, 
             res = gptq(lin.weight, H.H, qcfg, log=log, consume_h=True, shared=prepared,
                        dXXT=H.D if method == "gptaq" else None)
         else:
-            res = rtn(lin.weight, qcfg, H.H)
+            res = rtn(lin.weight, qcfg, None if H is None else H.H)
     except ValueError as e:  # NaN/Inf in W or H, or a Hessian that no damping fixes
         raise Error(f"{hf}: {e}") from None
     ql = _pack(res, lin, qcfg, fmt)

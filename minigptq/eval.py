@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import Error
-from .cli import add_debug_flag, add_device_flags, run
+from .cli import add_debug_flag, add_device_flags, add_kv_flag, run
 from .data import PRESETS, eval_windows, preset_text, tokenize_file
-from .kv_cache import KVCache
+from .kv_cache import KVCache, resolve_kv_dtype
 from .loader import load_model, resolve_device
 from .tokenizer import check_token_ids, load_tokenizer
 from .transformer import nonfinite_error
@@ -34,19 +34,22 @@ DATA_ENV = "MINIGPTQ_DATA"  # the default --data-dir (the folder of the presets'
 
 
 @torch.inference_mode()
-def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int | None = None) -> float:
+def perplexity(model, windows: torch.Tensor, progress: bool = False, chunk: int | None = None,
+               kv_dtype: str = "auto") -> float:
     """windows (n, seqlen) of token ids -> perplexity of the model on them.
 
     chunk: feed each window `chunk` tokens at a time through the KV cache, as decoding does (the same result in exact
-    arithmetic; with chunk <= 16 every packed layer runs its decode kernel, e.g. the int8 one).
+    arithmetic; with chunk <= 16 every packed layer runs its decode kernel, e.g. the int8 one). kv_dtype: that
+    cache's dtype (minigptq/kv_cache.py: resolve_kv_dtype; "auto" is fp16 for an fp32 model on the CPU).
     """
     device = model.embed.weight.device
+    cache_dtype = resolve_kv_dtype(kv_dtype, model.act_dtype, device)
     nll, count = 0.0, 0
     bar = tqdm(windows, desc="perplexity", unit="window", disable=not progress, file=sys.stderr, leave=False)
     for i, w in enumerate(bar):
         w = w[None].to(device)  # (1, seqlen)
         if chunk:
-            cache = KVCache(model.cfg, 1, w.shape[1], model.act_dtype, device, hint="lower --seqlen")
+            cache = KVCache(model.cfg, 1, w.shape[1], cache_dtype, device, hint="lower --seqlen")
             logits = torch.cat([model(w[:, s:s + chunk], cache, s) for s in range(0, w.shape[1], chunk)], dim=1)
             logits = logits[0, :-1].float()
         else:
@@ -89,7 +92,8 @@ def main(args: argparse.Namespace) -> None:
     check_token_ids(tokens, model.cfg.vocab_size, f"the tokenizer's encoding of {source}")
     windows = eval_windows(tokens, seqlen, args.max_windows)
     log.info(f"{args.model}: {len(windows)} windows of {seqlen} tokens from {source}")
-    ppl = perplexity(model, windows, progress=not args.quiet and sys.stderr.isatty(), chunk=args.chunk)
+    ppl = perplexity(model, windows, progress=not args.quiet and sys.stderr.isatty(), chunk=args.chunk,
+                     kv_dtype=args.kv_dtype)
     print(f"perplexity {ppl:.4f}")
 
 
@@ -111,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
                    help="feed each window N tokens at a time through the KV cache, as decoding does (N <= 16 runs "
                         "every packed layer through its decode kernel, e.g. --cpu-kernel int8); default: whole windows")
     add_device_flags(p)
+    add_kv_flag(p)
     p.add_argument("--quiet", action="store_true", help="no progress line")
     add_debug_flag(p)
     return p

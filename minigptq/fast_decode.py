@@ -4,7 +4,8 @@
   cache write, softmax) as one C++ call each (cuda/cpu/decode.cpp); FastTransformer runs a whole Llama-family block
   as one call (cuda/cpu/decode.h: decode_block) when its layers are packed and fused. Same math as the modules, in
   the kernels' own summation order; anything else (prefill, the quantization driver's long windows, other dtypes,
-  torch.compile, autograd) falls through to the reference modules, whose numbers it keeps exactly.
+  torch.compile, autograd) falls through to the reference modules, whose numbers it keeps exactly. The KV cache may
+  be fp32, fp16 or bf16 (minigptq/kv_cache.py: kv_dtype); the C++ attention reads it back to fp32.
   `accelerate(model)` switches a model to these classes in place; the loader does so for every model it builds.
 - Any device: StaticDecodeStep, a decode step of fixed shapes that reads nothing back to the host, and
   CudaGraphStep, which captures it in a CUDA graph and replays it per token; compiled_decode_step, the forward
@@ -26,6 +27,9 @@ from .transformer import Attention, Context, RMSNorm, Transformer
 
 
 # ------------------------------------------------------------------------------------ CPU: one C++ call per step
+KV_CPU_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the caches cuda/cpu/decode.cpp reads
+
+
 def _cpu_fast(x: Tensor) -> bool:
     """x may take the CPU decode-step operations of cuda/cpu/decode.cpp: fp32 on the CPU, inference, not traced."""
     return x.dtype == torch.float32 and x.device.type == "cpu" and cpu_available() \
@@ -53,7 +57,7 @@ class CpuAttention(Attention):
         # Gemma 2's soft-capped scores have no place in the C++ attention (its softmax takes q.k * scale + mask as
         # is): those layers run the module path. A scale other than 1 / sqrt(hd) is folded into q (_decode_step).
         if x.shape[1] == 1 and ctx.cache is not None and isinstance(ctx.start, int) and _cpu_fast(x) and \
-                ctx.cache.k.dtype == torch.float32 and not self.softcap and \
+                ctx.cache.k.dtype in KV_CPU_DTYPES and not self.softcap and \
                 (cos is None or cos.dtype == torch.float32) and (mask is None or mask.is_contiguous()):
             return self.o(self._decode_step(x, ctx, layer, mask, cos, sin))
         return super().forward(x, ctx, layer)
@@ -118,7 +122,8 @@ class FastTransformer(Transformer):
         T = x.shape[1]
         plans = self.decode_plans() if T == 1 and ctx.cache is not None and isinstance(ctx.start, int) \
             and _cpu_fast(x) else None
-        if plans is None or not all(m is None or m.is_contiguous() for m in (ctx.mask, ctx.window_mask)):
+        if plans is None or ctx.cache.k.dtype not in KV_CPU_DTYPES or \
+                not all(m is None or m.is_contiguous() for m in (ctx.mask, ctx.window_mask)):
             return super().body(x, ctx)
         x = x.contiguous()  # (B, 1, hidden), updated in place block by block by one C++ call each
         for i, plan in enumerate(plans):

@@ -13,7 +13,7 @@ import json
 import logging
 
 from . import Error
-from .cli import add_debug_flag, add_device_flags, add_sampling_flags, run
+from .cli import add_debug_flag, add_device_flags, add_kv_flag, add_sampling_flags, run
 from .generation import StopStrings, TextStream, check_sampling, completion_text, generate
 from .loader import load_model, resolve_device, weight_bytes
 from .tokenizer import check_token_ids, load_tokenizer
@@ -47,7 +47,8 @@ def main(args: argparse.Namespace) -> None:
         print(args.prompt[0], end="", flush=True)
     new, stats = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                           eos, tok.pad_id, args.seed, on_step=stream, compile=args.compile, stop=stops,
-                          cuda_graph=None if args.cuda_graph is None or device.type != "cuda" else args.cuda_graph)
+                          cuda_graph=None if args.cuda_graph is None or device.type != "cuda" else args.cuda_graph,
+                          kv_dtype=args.kv_dtype)
     texts = [completion_text(tok, p, n) for p, n in zip(prompts, new)]
     texts = [stops.cut(t) for t in texts] if stops else texts
     if args.json:
@@ -68,7 +69,8 @@ def main(args: argparse.Namespace) -> None:
     kind = type(o).__name__ + (" int8-act" if getattr(o, "_layout", None) is not None and
                                o._layout.cpu_kernel == "int8" else "")
     log.info(f"\n[{kind}, {dtype}, {device}] weights {weight_bytes(model) / 2**20:.1f} MiB,"
-             f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
+             f" KV cache {stats.kv_cache_bytes / 2**20:.1f} MiB ({str(stats.kv_dtype)[6:]})"
+             f" | prefill {len(prompts)}x{max(map(len, prompts))} tokens"
              f" {stats.prefill_s * 1000:.1f} ms | decode {n_tok} tokens, median {stats.median_ms:.2f} ms/token"
              f" ({stats.tokens_per_s:.1f} tokens/s per sequence)")
 
@@ -88,6 +90,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     add_sampling_flags(p)
     add_device_flags(p)
+    add_kv_flag(p)
     p.add_argument("--head-dtype", choices=["fp32", "fp16", "bf16", "int8"], default=None,
                    help="store the embedding and lm_head in this dtype (bf16: half the bytes per token of an fp32 "
                         "head; int8: lm_head quantized to 8 bits, embedding bf16; default: --dtype)")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import Error
 from .fast_decode import CudaGraphStep, StaticDecodeStep, compiled_decode_step
-from .kv_cache import KVCache
+from .kv_cache import KVCache, resolve_kv_dtype
 from .transformer import Transformer, nonfinite_error
 
 log = logging.getLogger("minigptq")
@@ -31,6 +31,7 @@ class GenerationStats:
     prefill_s: float = 0.0                               # time to process the prompts and give the first token
     step_s: list[float] = field(default_factory=list)    # wall time of every later decode step
     kv_cache_bytes: int = 0
+    kv_dtype: torch.dtype | None = None                  # the KV cache's dtype (kv_cache.resolve_kv_dtype)
     finish: list[str] = field(default_factory=list)     # per prompt: "eos", "stop" (a stop string) or "length"
 
     @property
@@ -81,7 +82,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
              top_k: int = 0, top_p: float = 1.0, eos_ids: tuple[int, ...] = (), pad_id: int = 0,
              seed: int | None = None, on_step: Callable[[Tensor], None] | None = None, compile: bool = False,
              stop: Callable[[int, list[int]], bool] | None = None, cache: KVCache | None = None, start: int = 0,
-             cuda_graph: bool | None = None) -> tuple[list[list[int]], GenerationStats]:
+             cuda_graph: bool | None = None, kv_dtype: str | torch.dtype = "auto"
+             ) -> tuple[list[list[int]], GenerationStats]:
     """Generate up to max_new_tokens for each prompt (token id lists) -> (new tokens per prompt, stats).
 
     Prompts of different lengths are left-padded. A prompt stops at its first EOS (not included in the output), or
@@ -92,8 +94,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     `cache` (a chat that keeps its KV cache across turns); the prompt is then only the tokens after them.
     cuda_graph: replay the decode step from a CUDA graph (CudaGraphStep; with compile, the compiled step). None: on a
     CUDA device when the model has a static step (StaticDecodeStep.supported) and more than one step is asked for.
+    kv_dtype: the new cache's dtype, "auto" (fp16 on the CPU for an fp32 model, else the model's), "fp32", "fp16" or
+    "bf16" (minigptq/kv_cache.py); a given `cache` keeps its own.
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    device, dtype = model.embed.weight.device, model.act_dtype
+    cache_dtype = resolve_kv_dtype(kv_dtype, dtype, device)  # a bad value is refused before any work
     if not prompts or any(len(p) == 0 for p in prompts):
         raise Error("every prompt needs at least one token")
     if start and (len(prompts) != 1 or cache is None):
@@ -106,7 +112,6 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         log.warning(f"note: max_new_tokens lowered from {max_new_tokens} to {ctx_len - start - T0} to fit the "
                     f"context of {ctx_len}")
         max_new_tokens = ctx_len - start - T0
-    device, dtype = model.embed.weight.device, model.act_dtype
     if cuda_graph and device.type != "cuda":
         raise Error(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     if cuda_graph and not StaticDecodeStep.supported(model):
@@ -122,11 +127,11 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
         valid[b, start + T0 - len(p):] = True
     padded = not bool(valid[:, :start + T0].all())
     # sized to this run (prompt + max_new_tokens, at most the context), after a memory check
-    cache = cache if cache is not None else KVCache(model.cfg, B, S, dtype, device,
+    cache = cache if cache is not None else KVCache(model.cfg, B, S, cache_dtype, device,
                                                     hint="lower --max-new-tokens, or give fewer or shorter prompts")
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    stats = GenerationStats(kv_cache_bytes=cache.nbytes)
+    stats = GenerationStats(kv_cache_bytes=cache.nbytes, kv_dtype=cache.k.dtype)
 
     sync()
     t = time.perf_counter()
@@ -153,7 +158,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
                     stopped[b] = True
                     done[b] = True
         if on_step is not None:
-            _check_finite(model, prompts, out, i, bad)  # before a stream shows a token of broken logits
+            _check_finite(model, prompts, out, i, bad, cache)  # before a stream shows a token of broken logits
             on_step(nxt)
         if i == max_new_tokens - 1 or ((eos_ids or stop is not None) and bool(done.all())):
             break
@@ -168,7 +173,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
             nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
         sync()
         stats.step_s.append(time.perf_counter() - t)
-    _check_finite(model, prompts, out, i, bad)
+    _check_finite(model, prompts, out, i, bad, cache)
     result = []
     for b, row in enumerate(out[:, :i + 1].tolist()):
         cut = next((j for j, tok in enumerate(row) if tok in eos_ids), None)
@@ -188,14 +193,20 @@ def _sample_finite(logits: Tensor, bad: Tensor, done: Tensor, *sampling) -> tupl
     return sample(torch.where(row_bad[:, None], 0, logits), *sampling), bad | (row_bad & ~done)
 
 
-def _check_finite(model: Transformer, prompts: list[list[int]], out: Tensor, i: int, bad: Tensor) -> None:
+def _check_finite(model: Transformer, prompts: list[list[int]], out: Tensor, i: int, bad: Tensor,
+                  cache: KVCache) -> None:
     """Raise the user error if a row's logits were non-finite; out[:, :i + 1] are the tokens generated so far (the
-    last of them sampled from the broken logits), so the diagnostic re-runs its prompt and out[b, :i]."""
+    last of them sampled from the broken logits), so the diagnostic re-runs its prompt and out[b, :i]. An fp16 cache
+    under wider activations (--kv-dtype auto on the CPU) overflows past 65504: the error names the way out."""
     if bool(bad.any()):
         b = int(bad.nonzero()[0])
         seq = torch.tensor(prompts[b] + out[b, :i].tolist(), device=out.device)[None]  # (1, T)
         which = f" for prompt {b + 1} of {len(prompts)}" if len(prompts) > 1 else ""
-        raise nonfinite_error(model, seq, f"logits{which} at generated token {i + 1}")
+        e = nonfinite_error(model, seq, f"logits{which} at generated token {i + 1}")
+        if cache.k.dtype == torch.float16 and model.act_dtype != torch.float16:
+            raise Error(f"{e}; or a key or value overflowed the fp16 KV cache (beyond 65504): try --kv-dtype bf16 "
+                        f"or fp32")
+        raise e
 
 
 class StopStrings:

@@ -94,7 +94,8 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
                    seed: int = 0, dtype: str = "fp16", device: str = "cpu", overwrite: bool = False,
                    resume: bool = False, fmt: str = "gptq", target: str | None = None, act_dtype: str = "fp32",
                    log: Callable[[str], None] | None = None, progress: bool = False,
-                   moe_min_share: float = 0.01, adapter: str | Path | None = None) -> Path:
+                   moe_min_share: float = 0.01, adapter: str | Path | None = None,
+                   layer_errors: bool = False) -> Path:
     """Quantize the checkpoint folder `model` into a GPTQ checkpoint folder `out`; returns `out`.
 
     dataset: calibration data: a .txt / .jsonl file (text or chat "messages" rows), a list of strings, a list of
@@ -110,6 +111,10 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     is calibrated on all of them (docs/algorithm.md).
     adapter: a PEFT LoRA adapter folder merged into the full-precision weights (W += scaling * B A) block by block
     before calibration and quantization (minigptq/lora.py), so the checkpoint is the adapted model.
+    layer_errors: with method "rtn", run the calibration forward passes anyway, so that quant_log.tsv holds each
+    layer's error on the calibration activations as for gptq. Without it RTN reads no data and runs no forward pass
+    (it needs neither: the checkpoint is the same byte for byte), and the log's error is the weight error
+    1/2 ||W - Q||_F^2, marked "no calibration" in its note column. gptq and gptaq always calibrate.
     Everything is validated before the first file is written; `out` is never the model folder or a folder that is
     not minigptq's own checkpoint (see out_folder.check_out).
     """
@@ -146,15 +151,22 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
                     overwrite, log)
     seen = out_state(out)  # what check_out accepted; the commit refuses to replace anything else (PartialRun)
-    check_memory(ckpt, nsamples, seqlen, device, acts)
+    calibrate = method != "rtn" or layer_errors  # RTN rounds each weight alone: no data, no forward pass
+    check_memory(ckpt, nsamples if calibrate else 1, seqlen if calibrate else 1, device, acts)
     t0 = time.perf_counter()
-    windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
+    if calibrate:
+        windows = calibration(model, ckpt, dataset, nsamples, seqlen, seed, device, log)
+        nsamples, seqlen = windows.shape  # given windows (a 2-D tensor) set both
+    else:
+        windows, nsamples, seqlen, seed = None, 0, 0, 0
+        log("calibration: none (--method rtn needs no data; --layer-errors runs it to log each layer's error on "
+            "calibration activations)" + ("; --dataset is not read" if dataset is not None else ""))
     # What a resumed run must share with the interrupted one: the settings and the inputs' contents (not their
     # paths, so a moved model folder still resumes). Each block's own weights are checked when it is reused.
-    nsamples, seqlen = windows.shape  # given windows (a 2-D tensor) set both
     settings = dict(method=method, **vars(qcfg), nsamples=nsamples, seqlen=seqlen, seed=seed, dtype=dtype, fmt=fmt,
                     act_dtype=act_dtype, version=__version__,
-                    calibration_sha256=tensor_digest([("windows", windows)]), model_sha256=driver.top_source(ckpt))
+                    calibration_sha256=None if windows is None else tensor_digest([("windows", windows)]),
+                    model_sha256=driver.top_source(ckpt))
     if ckpt.cfg.moe_layers:  # the rule for rarely routed experts changes what is solved
         settings["moe_min_share"] = moe_min_share
     if lora is not None:  # a resumed run must merge the same adapter
@@ -172,7 +184,7 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
         records = partial.records()
         source = dataset if isinstance(dataset, (str, Path)) else type(dataset).__name__ if dataset is not None \
             else "data-free (model samples)"
-        calib_note = f"{source}, {nsamples}x{seqlen}, seed {seed}"
+        calib_note = f"{source}, {nsamples}x{seqlen}, seed {seed}" if calibrate else "none (rtn)"
         partial.finish(top, ckpt.path, ckpt.hf_config, quant_config_json(qcfg, method, ckpt, records, calib_note, fmt),
                        out_dtype)
     kept = [r["module"] for r in records if r["method"].startswith("kept")]
@@ -223,7 +235,7 @@ def main(args: argparse.Namespace) -> None:
                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, dtype=args.dtype, device=args.device,
                    overwrite=args.overwrite, resume=args.resume, fmt=args.format, target=args.target,
                    act_dtype=args.act_dtype, progress=not args.quiet and sys.stderr.isatty(),
-                   moe_min_share=args.moe_min_share, adapter=args.adapter)
+                   moe_min_share=args.moe_min_share, adapter=args.adapter, layer_errors=args.layer_errors)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -259,6 +271,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["gptq", "gptaq", "rtn"], default="gptq",
                    help="gptq (default), gptaq (GPTQ fitted to the full-precision model's outputs; keeps a second "
                         "set of calibration activations) or rtn: round-to-nearest baseline with the same grid")
+    p.add_argument("--layer-errors", action="store_true",
+                   help="with --method rtn: run the calibration forward passes so that quant_log.tsv holds each "
+                        "layer's error on the calibration activations (default for rtn: no data read, no forward "
+                        "pass, the same checkpoint; the log's error is then 1/2 ||W - Q||_F^2); gptq always calibrates")
     p.add_argument("--dataset", default=None,
                    help="calibration data: a .txt file, or a .jsonl file with a \"text\" field or a \"messages\" list "
                         "per line (chat data, rendered with the model's chat template); default: data-free, sampled "

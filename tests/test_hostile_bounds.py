@@ -222,9 +222,9 @@ def long_context(root, m):
 
 
 def test_generate_refuses_a_kv_cache_larger_than_the_memory(tmp_path, monkeypatch):
-    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 64 * 2**20)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 32 * 2**20)  # the fp16 cache needs 61 MiB
     code, err = run_case(tmp_path, monkeypatch, "generate", long_context, ["--max-new-tokens", "100000"])
-    assert_one_error(code, err, 2, ["KV cache for 100005 tokens", "64", "--max-new-tokens"])
+    assert_one_error(code, err, 2, ["KV cache for 100005 tokens", "32", "--max-new-tokens"])
 
 
 def test_generate_sizes_its_cache_to_the_run(tmp_path, monkeypatch):
@@ -259,9 +259,9 @@ def test_chat_cache_starts_small_and_grows(tmp_path, monkeypatch):
 
 
 def test_chat_refuses_to_grow_past_the_memory(tmp_path, monkeypatch):
-    """The cache starts at 256 slots (328 KB here); growing it past the memory available ends the chat with one line
+    """The cache starts at 256 slots (164 KB, fp16); growing it past the memory available ends the chat with one line
     that says how to ask for less."""
-    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 400_000)
+    monkeypatch.setattr(kv_cache, "available_memory", lambda device: 200_000)
     code, err = run_case(tmp_path, monkeypatch, "chat", lambda root, m: with_template(m, CHATML),
                          ["--max-new-tokens", "400"], stdin=b"hi\n")
     assert_one_error(code, err, 2, ["KV cache for", "--context", "--max-new-tokens"])

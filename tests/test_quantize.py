@@ -142,3 +142,30 @@ def test_sharded_output(hf_checkpoints, tmp_path, monkeypatch):
     tokens = torch.randint(3, 512, (1, 16), generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         assert torch.equal(load_model(out, dtype="fp32")(tokens), load_model(single, dtype="fp32")(tokens))
+
+
+def test_rtn_runs_no_calibration_and_writes_the_same_checkpoint(hf_checkpoints, tmp_path, monkeypatch):
+    """--method rtn reads no data and runs no forward pass unless layer_errors asks for the calibrated error log; the
+    checkpoint is byte-identical either way; quant_log.tsv says which error it holds."""
+    import minigptq.driver
+    import minigptq.quantize
+    src = hf_checkpoints("llama-gqa-tied")
+    qcfg = QuantConfig(bits=4, group_size=32, act_order=True)  # act-order: no effect without a Hessian
+    calibrated = quantize_model(src, tmp_path / "a", qcfg=qcfg, method="rtn", dataset=calib_file(tmp_path, src),
+                                nsamples=4, seqlen=64, layer_errors=True, **QUIET)
+
+    def never(*args, **kwargs):
+        raise AssertionError("RTN ran a calibration step")
+    for mod, name in ((minigptq.quantize, "calibration"), (minigptq.driver, "hessian_pass"),
+                      (minigptq.driver, "next_inputs"), (minigptq.driver, "make_replays")):
+        monkeypatch.setattr(mod, name, never)
+    plain = quantize_model(src, tmp_path / "b", qcfg=qcfg, method="rtn", dataset=tmp_path / "not-read.txt", **QUIET)
+    assert (plain / "model.safetensors").read_bytes() == (calibrated / "model.safetensors").read_bytes()
+    rows = {p: [r.split("\t") for r in (p / "quant_log.tsv").read_text().splitlines()[1:]] for p in (plain, calibrated)}
+    assert len(rows[plain]) == len(rows[calibrated]) == 2 * 7
+    for r in rows[plain]:  # the weight error 1/2 ||W - Q||_F^2, no damping, no tokens
+        assert r[2] == "rtn" and float(r[3]) > 0 and r[4] == "0.0" and r[6] == ""
+        assert r[7] == "no calibration: error = 1/2 ||W - Q||_F^2"
+    assert all(r[6] == str(4 * 64) and r[7] == "" for r in rows[calibrated])  # the proxy loss on 4 x 64 tokens
+    qc = json.loads((plain / "quantize_config.json").read_text())
+    assert qc["meta"]["calibration"] == "none (rtn)" and qc["desc_act"] is False

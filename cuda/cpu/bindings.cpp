@@ -93,14 +93,16 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       [](uintptr_t q, uintptr_t k, uintptr_t v, int64_t q_row, int64_t kv_row, int64_t head_stride, uintptr_t cos,
          uintptr_t sin, uintptr_t k_cache, uintptr_t v_cache, uintptr_t mask, int64_t mask_heads,
          int64_t mask_stride, uintptr_t out, int64_t B, int64_t H, int64_t KVH, int64_t hd, int64_t Smax,
-         int64_t slot, int threads) {
+         int64_t slot, int threads, int kv_type) {
         const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
         attn_decode(DecodeAttn{f(q), f(k), f(v), q_row, kv_row, head_stride, f(cos), f(sin),
-                               reinterpret_cast<float*>(k_cache), reinterpret_cast<float*>(v_cache), f(mask),
-                               mask_heads, mask_stride, reinterpret_cast<float*>(out), B, H, KVH, hd, Smax, slot},
+                               reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache), f(mask),
+                               mask_heads, mask_stride, reinterpret_cast<float*>(out), B, H, KVH, hd, Smax, slot,
+                               KvType(kv_type)},
                     threads);
       },
-      "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32; see cuda/cpu/decode.h.");
+      "One decode step of attention (RoPE, KV-cache write, softmax attention), fp32 activations; the cache "
+      "kv_type 0 = fp32, 1 = fp16, 2 = bf16; see cuda/cpu/decode.h.");
   py::class_<BlockPlan>(m, "BlockPlan", "The fixed pointers and sizes of one block for decode_block.");
   m.def(
       "block_plan",
@@ -125,16 +127,17 @@ PYBIND11_MODULE(_cpu_kernels, m) {
       "decode_block",
       [](const BlockPlan& plan, uintptr_t x, int64_t B, uintptr_t cos, uintptr_t sin, uintptr_t k_cache,
          uintptr_t v_cache, uintptr_t mask, int64_t mask_heads, int64_t mask_stride, int64_t Smax, int64_t slot,
-         int threads) {
+         int threads, int kv_type) {
         const auto f = [](uintptr_t p) { return reinterpret_cast<const float*>(p); };
         const DecodeBlock& b = plan.blk;
-        DecodeAttn a{nullptr, nullptr, nullptr, 0, 0, 0, f(cos), f(sin), reinterpret_cast<float*>(k_cache),
-                     reinterpret_cast<float*>(v_cache), f(mask), mask_heads, mask_stride, nullptr, B, b.H, b.KVH,
-                     b.hd, Smax, slot};
+        DecodeAttn a{nullptr, nullptr, nullptr, 0, 0, 0, f(cos), f(sin), reinterpret_cast<void*>(k_cache),
+                     reinterpret_cast<void*>(v_cache), f(mask), mask_heads, mask_stride, nullptr, B, b.H, b.KVH,
+                     b.hd, Smax, slot, KvType(kv_type)};
         decode_block(b, reinterpret_cast<float*>(x), a, threads);
       },
       py::call_guard<py::gil_scoped_release>(),
-      "One block's decode step in place on x[B, D] (cuda/cpu/decode.h: decode_block); k/v_cache: this layer's.");
+      "One block's decode step in place on x[B, D] (cuda/cpu/decode.h: decode_block); k/v_cache: this layer's, "
+      "of kv_type (0 = fp32, 1 = fp16, 2 = bf16).");
   m.def("available_isas", &available_isas, "Instruction sets this CPU can run, best last.");
   m.def(
       "resolve_isa", [](int isa) { return isa_name(resolve_isa(Isa(isa))); },

@@ -1,4 +1,5 @@
-// The small operations of a CPU decode step (decode.cpp). fp32 only; raw pointers, no torch headers.
+// The small operations of a CPU decode step (decode.cpp). fp32 activations; the KV cache fp32 or half precision;
+// raw pointers, no torch headers.
 #pragma once
 #include <cstdint>
 
@@ -6,6 +7,10 @@ namespace minigptq {
 
 // out[M][D] = w * (x * 1/sqrt(mean(x^2) + eps)) per row: RMSNorm as minigptq/transformer.py computes it in fp32.
 void rms_norm(const float* x, const float* w, float eps, int64_t M, int64_t D, float* out);
+
+// The KV cache's element type: fp32, or half the bytes as fp16 / bf16. A new key or value is rounded to it to the
+// nearest even, as torch's .to() rounds; attention reads the cache back to fp32 and accumulates in fp32.
+enum class KvType : int { F32 = 0, F16 = 1, BF16 = 2 };
 
 // One new token per sequence: rotate q and k (RoPE, rotate-half; cos/sin null = no rotation), write k and v into the
 // cache at `slot`, attend over slots [0, slot] with an optional additive mask, write out[B][H*hd].
@@ -15,11 +20,12 @@ struct DecodeAttn {
   const float *q, *k, *v;
   int64_t q_row, kv_row, head_stride;
   const float *cos, *sin;       // [B][hd] for this token's position, or null
-  float *k_cache, *v_cache;     // this layer's [B][KVH][Smax][hd]
+  void *k_cache, *v_cache;      // this layer's [B][KVH][Smax][hd], of kv_type
   const float* mask;            // [B][mask_heads][mask_stride] additive (-inf = masked), or null
   int64_t mask_heads, mask_stride;
   float* out;                   // [B][H*hd]
   int64_t B, H, KVH, hd, Smax, slot;
+  KvType kv_type = KvType::F32;
 };
 void attn_decode(const DecodeAttn& a, int threads);  // threads: OpenMP threads over (sequence, kv head)
 

@@ -178,22 +178,36 @@ def cpu_attn_decode(q: Tensor, k: Tensor, v: Tensor, q_row: int, kv_row: int, he
     """One new token per sequence (cuda/cpu/decode.h): RoPE on q/k, k/v written to the caches (layers, B, KVH, Smax,
     hd) at `slot`, attention over slots [0, slot] -> [B, 1, H*hd]. q/k/v are fp32 views into one or three
     contiguous tensors, addressed by row and head strides (in elements); cos/sin [B, 1, 1, hd] or None; mask:
-    additive [B, 1 or H, 1, slot + 1] or None. All fp32, contiguous, on the CPU (checked by the caller)."""
+    additive [B, 1 or H, 1, slot + 1] or None. All fp32 (the caches fp32, fp16 or bf16), contiguous, on the CPU
+    (checked by the caller)."""
     L_, B, KVH, Smax, hd = k_cache.shape
+    kv_type = _kv_type(k_cache, v_cache)
     if not 0 <= layer < L_ or not 0 <= slot < Smax or H % KVH or v_cache.shape != k_cache.shape or \
             (cos is not None and (cos.numel() != B * hd or sin.numel() != B * hd)) or \
             (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1 or mask.shape[1] not in (1, H))):
         raise Error(f"attn_decode: layer={layer}, slot={slot}, H={H} do not fit the cache "
                     f"{list(k_cache.shape)} or the cos/mask shapes")
     out = torch.empty(B, 1, H * hd)
-    step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
+    step = B * KVH * Smax * hd * k_cache.element_size()  # bytes of one layer of the cache
     _cpu.attn_decode(q.data_ptr(), k.data_ptr(), v.data_ptr(), q_row, kv_row, head_stride,
                      0 if cos is None else cos.data_ptr(), 0 if sin is None else sin.data_ptr(),
                      k_cache.data_ptr() + layer * step, v_cache.data_ptr() + layer * step,
                      0 if mask is None else mask.data_ptr(), 0 if mask is None else mask.shape[1],
                      0 if mask is None else mask.shape[-1], out.data_ptr(), B, H, KVH, hd, Smax, slot,
-                     torch.get_num_threads())
+                     torch.get_num_threads(), kv_type)
     return out
+
+
+_KV_TYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cuda/cpu/decode.h: KvType
+
+
+def _kv_type(k_cache: Tensor, v_cache: Tensor) -> int:
+    """The KvType code of a pair of contiguous CPU caches of one dtype (fp32, fp16 or bf16)."""
+    if k_cache.dtype not in _KV_TYPES or v_cache.dtype != k_cache.dtype or not k_cache.is_contiguous() or \
+            not v_cache.is_contiguous() or not k_cache.is_cpu or not v_cache.is_cpu:
+        raise Error(f"the KV caches must be contiguous fp32, fp16 or bf16 CPU tensors of one dtype, got "
+                    f"{describe(k_cache)}, {describe(v_cache)}")
+    return _KV_TYPES[k_cache.dtype]
 
 
 class DecodeBlockPlan:
@@ -234,15 +248,17 @@ class DecodeBlockPlan:
 def cpu_decode_block(plan: DecodeBlockPlan, x: Tensor, cos: Tensor | None, sin: Tensor | None, k_cache: Tensor,
                      v_cache: Tensor, layer: int, mask: Tensor | None, slot: int) -> None:
     """Block `layer`'s decode step in place on x [B, 1, hidden] (fp32, contiguous, CPU; checked by the caller):
-    cuda/cpu/decode.h: decode_block. Caches (layers, B, KVH, Smax, hd) fp32; mask additive [B, 1|H, 1, slot+1]."""
+    cuda/cpu/decode.h: decode_block. Caches (layers, B, KVH, Smax, hd) fp32, fp16 or bf16; mask additive
+    [B, 1|H, 1, slot+1]."""
     L_, B, KVH, Smax, hd = k_cache.shape
+    kv_type = _kv_type(k_cache, v_cache)
     if not 0 <= layer < L_ or not 0 <= slot < Smax or x.shape[0] != B or \
             (mask is not None and (mask.shape[0] != B or mask.shape[-1] != slot + 1)):
         raise Error(f"decode_block: layer={layer}, slot={slot} or x {list(x.shape)} do not fit the cache "
                     f"{list(k_cache.shape)}")
-    step = B * KVH * Smax * hd * 4  # bytes of one layer of the cache
+    step = B * KVH * Smax * hd * k_cache.element_size()  # bytes of one layer of the cache
     _cpu.decode_block(plan.handle, x.data_ptr(), B, 0 if cos is None else cos.data_ptr(),
                       0 if sin is None else sin.data_ptr(), k_cache.data_ptr() + layer * step,
                       v_cache.data_ptr() + layer * step, 0 if mask is None else mask.data_ptr(),
                       0 if mask is None else mask.shape[1], 0 if mask is None else mask.shape[-1], Smax, slot,
-                      torch.get_num_threads())
+                      torch.get_num_threads(), kv_type)
