@@ -148,10 +148,13 @@ def quantize_model(model: str | Path, out: str | Path | None = None, *, qcfg: Qu
             raise Error(f"the calibration windows have {seqlen} tokens; valid: 2 to the model's context "
                         f"({ckpt.cfg.max_positions})")
     seqlen = min(seqlen, ckpt.cfg.max_positions)
+    calibrate = method != "rtn" or layer_errors  # RTN rounds each weight alone: no data, no forward pass
+    if not calibrate and isinstance(dataset, (str, Path)) and not Path(dataset).is_file():
+        raise FileNotFoundError(f"--dataset {dataset}: no such file (--method rtn reads no data: leave --dataset out, "
+                                f"or give --layer-errors to log each layer's error on it)")
     out = check_out(out if out is not None else default_out(model, method, qcfg.bits, qcfg.group_size), model,
                     overwrite, log)
     seen = out_state(out)  # what check_out accepted; the commit refuses to replace anything else (PartialRun)
-    calibrate = method != "rtn" or layer_errors  # RTN rounds each weight alone: no data, no forward pass
     check_memory(ckpt, nsamples if calibrate else 1, seqlen if calibrate else 1, device, acts)
     t0 = time.perf_counter()
     if calibrate:

@@ -159,7 +159,10 @@ def test_rtn_runs_no_calibration_and_writes_the_same_checkpoint(hf_checkpoints, 
     for mod, name in ((minigptq.quantize, "calibration"), (minigptq.driver, "hessian_pass"),
                       (minigptq.driver, "next_inputs"), (minigptq.driver, "make_replays")):
         monkeypatch.setattr(mod, name, never)
-    plain = quantize_model(src, tmp_path / "b", qcfg=qcfg, method="rtn", dataset=tmp_path / "not-read.txt", **QUIET)
+    with pytest.raises(FileNotFoundError, match="not-there.txt: no such file"):  # a wrong path still says so
+        quantize_model(src, tmp_path / "c", qcfg=qcfg, method="rtn", dataset=tmp_path / "not-there.txt", **QUIET)
+    assert not (tmp_path / "c").exists()
+    plain = quantize_model(src, tmp_path / "b", qcfg=qcfg, method="rtn", dataset=calib_file(tmp_path, src), **QUIET)
     assert (plain / "model.safetensors").read_bytes() == (calibrated / "model.safetensors").read_bytes()
     rows = {p: [r.split("\t") for r in (p / "quant_log.tsv").read_text().splitlines()[1:]] for p in (plain, calibrated)}
     assert len(rows[plain]) == len(rows[calibrated]) == 2 * 7
