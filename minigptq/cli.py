@@ -33,9 +33,9 @@ def add_device_flags(p: argparse.ArgumentParser) -> None:
                    help="activation / full-precision weight dtype (default fp32 on CPU, fp16 on CUDA)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)")
     p.add_argument("--cpu-kernel", choices=["auto", "int8", "exact"], default="auto",
-                   help="packed layers on the CPU: int8 = activations quantized to int8 and VNNI integer dot "
-                        "products (fastest; ~0.5%% relative error per layer), exact = fp32 arithmetic, auto = int8 "
-                        "where the CPU has AVX-512 VNNI / AVX-VNNI (default)")
+                   help="packed layers on the CPU: int8 = activations quantized to int8 and integer dot products "
+                        "(fastest; ~0.5%% relative error per layer), exact = fp32 arithmetic, auto = int8 where the "
+                        "CPU has AVX2, AVX-VNNI or AVX-512 VNNI (default)")
     p.add_argument("--adapter", default=None, metavar="DIR",
                    help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) to run on top of "
                         "the model; packed weights stay packed (minigptq/lora.py)")

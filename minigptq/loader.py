@@ -72,7 +72,7 @@ def resolve_cpu_kernel(cpu_kernel: str) -> bool:
     if cpu_kernel not in CPU_KERNEL_CHOICES:
         raise Error(f"cpu_kernel={cpu_kernel!r} is not one of {', '.join(CPU_KERNEL_CHOICES)}")
     if cpu_kernel == "int8" and not kernels.cpu_int8_available():
-        raise Error(f"--cpu-kernel int8 needs AVX-512 VNNI or AVX-VNNI; this CPU / build offers "
+        raise Error(f"--cpu-kernel int8 needs AVX2, AVX-VNNI or AVX-512 VNNI; this CPU / build offers "
                     f"{kernels.cpu_isas() or 'no compiled kernels'}; use --cpu-kernel exact")
     return cpu_kernel == "int8" or (cpu_kernel == "auto" and kernels.cpu_int8_available())
 
@@ -208,8 +208,8 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = None, device=
     in small models they are most of the bytes read per token); "int8" = lm_head quantized to 8 bits (RTN,
     groups of 128, run by the packed kernels) and the embedding table in bf16; None = dtype.
     cpu_kernel: for packed layers on the CPU, "int8" = activations quantized to int8 per chunk of 32 inputs and
-    integer dot products (AVX-512 VNNI / AVX-VNNI; about 0.5% relative error per layer, see docs/kernels.md),
-    "exact" = fp32 arithmetic, "auto" = int8 where the CPU has VNNI, else exact.
+    integer dot products (AVX-512 VNNI / AVX-VNNI / AVX2; about 0.5% relative error per layer, see docs/kernels.md),
+    "exact" = fp32 arithmetic, "auto" = int8 where the CPU runs it (any x86-64 with AVX2), else exact.
     fuse: run packed q/k/v and gate/up as one kernel call each (same outputs; fewer calls per token).
     adapter: a PEFT LoRA adapter folder applied on top (minigptq/lora.py: the base stays packed).
     """
