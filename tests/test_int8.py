@@ -163,7 +163,7 @@ def test_cpu_kernel_setting(monkeypatch):
     assert resolve_cpu_kernel("auto") is kernels.cpu_int8_available()
     monkeypatch.setattr(kernels, "cpu_int8_available", lambda: False)
     assert resolve_cpu_kernel("auto") is False
-    with pytest.raises(ValueError, match="needs AVX-512 VNNI or AVX-VNNI"):
+    with pytest.raises(ValueError, match="needs AVX2, AVX-VNNI or AVX-512 VNNI"):
         resolve_cpu_kernel("int8")
     with pytest.raises(ValueError, match="auto, int8, exact"):
         resolve_cpu_kernel("fast")
