@@ -76,13 +76,13 @@ inline void rope(float* x, const float* cos, const float* sin, int64_t hd) {
 
 namespace {
 
-// One query head (already rotated) over S cached keys and values: out[hd] = softmax(q k^T * scale + mask) v.
-// scores: scratch [S]. The generic version; head_avx512 below is the same for hd a multiple of 16 (up to 256).
-void head_generic(const float* q, const float* kc, const float* vc, const float* mask, int64_t S, int64_t hd,
-                  float scale, float* scores, float* out) {
+// One head's attention in plain C++ over any cache: key(s) -> the fp32 key row s, val(s, d) -> value d of row s.
+template <class Key, class Val>
+void head_scalar(const float* q, const float* mask, int64_t S, int64_t hd, float scale, float* scores, float* out,
+                 Key key, Val val) {
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
-    scores[s] = dot(q, kc + s * hd, hd) * scale + (mask ? mask[s] : 0.f);
+    scores[s] = dot(q, key(s), hd) * scale + (mask ? mask[s] : 0.f);
     mx = std::max(mx, scores[s]);
   }
   float sum = 0.f;
@@ -90,8 +90,16 @@ void head_generic(const float* q, const float* kc, const float* vc, const float*
   std::fill(out, out + hd, 0.f);
   for (int64_t s = 0; s < S; ++s) {
     const float w = scores[s] / sum;
-    for (int64_t d = 0; d < hd; ++d) out[d] += w * vc[s * hd + d];
+    for (int64_t d = 0; d < hd; ++d) out[d] += w * val(s, d);
   }
+}
+
+// One query head (already rotated) over S cached keys and values: out[hd] = softmax(q k^T * scale + mask) v.
+// scores: scratch [S]. The generic version; head_avx512 below is the same for hd a multiple of 16 (up to 256).
+void head_generic(const float* q, const float* kc, const float* vc, const float* mask, int64_t S, int64_t hd,
+                  float scale, float* scores, float* out) {
+  head_scalar(q, mask, S, hd, scale, scores, out, [&](int64_t s) { return kc + s * hd; },
+              [&](int64_t s, int64_t d) { return vc[s * hd + d]; });
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -222,23 +230,16 @@ __attribute__((target("avx2,fma,f16c"))) void store_f16_f16c(const float* x, uin
 }
 #endif
 
-// The scalar fallback over a half-precision cache: each cached row converted to fp32 (row[hd]), then head_generic's
-// arithmetic. scores: scratch [S].
+// The scalar fallback over a half-precision cache: head_scalar with each cached key row converted to fp32 into
+// row[hd] and each value converted as it is read. scores: scratch [S].
 void head_half_generic(const float* q, const uint16_t* kc, const uint16_t* vc, const float* mask, int64_t S,
                        int64_t hd, float scale, bool bf16, float* scores, float* row, float* out) {
-  float mx = -INFINITY;
-  for (int64_t s = 0; s < S; ++s) {
-    for (int64_t d = 0; d < hd; ++d) row[d] = from_half(kc[s * hd + d], bf16);
-    scores[s] = dot(q, row, hd) * scale + (mask ? mask[s] : 0.f);
-    mx = std::max(mx, scores[s]);
-  }
-  float sum = 0.f;
-  for (int64_t s = 0; s < S; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
-  std::fill(out, out + hd, 0.f);
-  for (int64_t s = 0; s < S; ++s) {
-    const float w = scores[s] / sum;
-    for (int64_t d = 0; d < hd; ++d) out[d] += w * from_half(vc[s * hd + d], bf16);
-  }
+  head_scalar(q, mask, S, hd, scale, scores, out,
+              [&](int64_t s) {
+                for (int64_t d = 0; d < hd; ++d) row[d] = from_half(kc[s * hd + d], bf16);
+                return static_cast<const float*>(row);
+              },
+              [&](int64_t s, int64_t d) { return from_half(vc[s * hd + d], bf16); });
 }
 
 // x[n] (fp32) into a cache row of type t, rounded to the nearest even.
