@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import kernels
 from .pack import unpack_rows, zero_points
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, kernel_path
 
 TILE = 256  # rows of K dequantized at once: 256 * N * 4 bytes (2.3 MiB for N = 2304); a multiple of 32 (3-bit unit)
 
@@ -32,16 +32,13 @@ def dequantized_tile(layer: QuantLinear, zeros: Tensor, k0: int, k1: int) -> Ten
     return layer.scales.float()[g] * (q - zeros[g]).float()  # (k1 - k0, N)
 
 
-def compiled_dequantized(layer: QuantLinear, device: torch.device) -> Tensor | None:
-    """W^T [K, N] in float32 by the layer's compiled dequantize kernel, or None where it has none on `device`."""
+def compiled_dequantized(layer: QuantLinear, like: Tensor) -> Tensor | None:
+    """W^T [K, N] in float32 by the layer's compiled dequantize kernel, or None where qlinear.kernel_path finds no
+    kernel for a tensor like `like` (same device) and this layer's layout."""
     L = layer._layout
-    if L is None:
+    if L is None or kernel_path(like, L) == "reference":
         return None
-    if device.type == "cpu" and L.on_cpu and kernels.cpu_available():
-        return kernels.cpu_dequantize(L, torch.float32)
-    if device.type == "cuda" and not L.on_cpu and kernels.cuda_available() and L.scales.device == device:
-        return kernels.cuda_dequantize(L, torch.float32)
-    return None
+    return kernels.cpu_dequantize(L, torch.float32) if like.is_cpu else kernels.cuda_dequantize(L, torch.float32)
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -56,7 +53,7 @@ class _PackedLinear(torch.autograd.Function):
         layer = ctx.layer
         K, N = layer.in_features, layer.out_features
         g2 = grad_y.reshape(-1, N).float()  # (M, N)
-        Wt = compiled_dequantized(layer, g2.device)  # (K, N) or None
+        Wt = compiled_dequantized(layer, g2)  # (K, N) or None
         if Wt is not None:
             return (g2 @ Wt.T).to(grad_y.dtype).view(*grad_y.shape[:-1], K), None
         zeros = zero_points(layer.qzeros, layer.bits, N, layer.checkpoint_format)  # (G, N)

@@ -189,7 +189,7 @@ def test_packed_linear_gradients_equal_float64_oracle(bits, path, monkeypatch):
     dequantized weight; the graph saves no tensor as large as the weight. grad_x by the compiled dequantize kernel
     (where built) and by torch's tile-by-tile fallback."""
     if path == "tiles":
-        monkeypatch.setattr(qlinear_grad, "compiled_dequantized", lambda layer, device: None)
+        monkeypatch.setattr(qlinear_grad, "compiled_dequantized", lambda layer, like: None)
     elif not kernels.cpu_available():
         pytest.skip(f"the compiled CPU kernels are not built: {kernels.CPU_IMPORT_ERROR}")
     g = torch.Generator().manual_seed(bits)

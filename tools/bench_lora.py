@@ -52,7 +52,8 @@ def poll(pid: int, peak: dict, stop: threading.Event) -> None:
 
 def one_run(model: str, data: Path, out: Path, steps: int, seqlen: int, grad_ckpt: bool) -> dict:
     """Train in a child process (this file with --child) -> its timings and polled memory."""
-    cmd = [sys.executable, __file__, "--child", model, str(data), str(out), str(steps), str(seqlen), str(int(grad_ckpt))]
+    cmd = [sys.executable, __file__, "--child", model, str(data), str(out), str(steps), str(seqlen),
+           str(int(grad_ckpt))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, stop = {}, threading.Event()
     t = threading.Thread(target=poll, args=(proc.pid, peak, stop), daemon=True)
@@ -70,7 +71,8 @@ def one_run(model: str, data: Path, out: Path, steps: int, seqlen: int, grad_ckp
 def child(model: str, data: str, out: str, steps: int, seqlen: int, grad_ckpt: bool) -> None:
     from minigptq.finetune import TrainConfig, finetune
     marks = []
-    cfg = TrainConfig(rank=16, alpha=32, targets=TARGETS, steps=steps, seqlen=seqlen, lr=5e-4, grad_checkpoint=grad_ckpt)
+    cfg = TrainConfig(rank=16, alpha=32, targets=TARGETS, steps=steps, seqlen=seqlen, lr=5e-4,
+                      grad_checkpoint=grad_ckpt)
     stats = finetune(model, data, out, cfg, save_every=10**6, log=lambda m: marks.append(time.perf_counter()))
     step_s = [b - a for a, b in zip(marks[1:], marks[2:])]  # marks[0]: the start line; the first step warms up
     print(json.dumps({"median_step_s": statistics.median(step_s), "tokens_per_s": seqlen / statistics.median(step_s),
@@ -227,9 +229,8 @@ def synthetic_1b(work: Path) -> tuple[Path, Path]:
     q4 = work / "llama-1.1b-random-4bit-rtn"
     if not (q4 / "model.safetensors").exists():
         subprocess.run([sys.executable, "-m", "minigptq.quantize", "--model", str(fp), "--out", str(q4), "--bits", "4",
-                        "--groupsize", "128", "--method", "rtn", "--dataset",
-                        str(SHARED / "data" / "wikitext2" / "wiki.valid.tokens"), "--nsamples", "2", "--seqlen", "128",
-                        "--overwrite", "--quiet"], check=True, cwd=ROOT)
+                        "--groupsize", "128", "--method", "rtn", "--overwrite", "--quiet"],  # RTN reads no data
+                       check=True, cwd=ROOT)
     return fp, q4
 
 
@@ -243,7 +244,8 @@ def run_parts(args, parts: list[str], doc: dict) -> None:
         if "memory-1b" in parts:
             fp, q4 = synthetic_1b(Path(args.work))
             doc["memory_1b"] = {"model": "random-init Llama, TinyLlama-1.1B shape (hidden 2048, MLP 5632, 22 layers, "
-                                         "16 heads of 128, no GQA) with stories260k's 512-token vocabulary; 4-bit RTN g128",
+                                         "16 heads of 128, no GQA) with stories260k's 512-token vocabulary; "
+                                         "4-bit RTN g128",
                                 **memory(args, str(q4), str(fp), data, tmp)}
         if "quality" in parts:
             doc["quality"] = {}
