@@ -230,15 +230,16 @@ struct VI {
 #pragma GCC pop_options
 #endif
 
-// ------------------------------------------------------------------------- AVX-VNNI on AVX2 (int8 activations)
+// ----------------------------------------- 256-bit int8 vector helpers (the AVX-VNNI and AVX2 int8 kernels' VI)
+// Everything but the integer dot products, which is where the two instruction sets differ (dp, dot, widen, kPairs16
+// in each VI below). Compiled for AVX2 (a subset of both callers' targets, so it inlines into either).
 #if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,avxvnni"))), apply_to = function)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avxvnni")
+#pragma GCC target("avx2,fma")
 #endif
-namespace avxvnni {
-struct VI {
+struct VI256 {
   using i = __m256i;
   using f = __m256;
   struct m {  // lane mask and the number of valid lanes (full vectors take the plain load)
@@ -247,7 +248,6 @@ struct VI {
   };
   static constexpr int L = 8, ACC = 12;  // of 16 ymm registers: 12 for accumulators
   static constexpr int BM = 6, BN = 2;    // batched micro-kernel (qgemm_i8b.inc): 12 accumulators
-  static constexpr bool kPairs16 = false;
 
   static inline m mask(int valid) {
     return {_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), valid};
@@ -258,9 +258,6 @@ struct VI {
   static inline i and_(i a, i b) { return _mm256_and_si256(a, b); }
   template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
   template <int S> static inline i srai(i v) { return _mm256_srai_epi32(v, S); }
-  static inline i dp(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
-  static inline i dot(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
-  static inline i widen(i acc) { return acc; }
   static inline i or_(i a, i b) { return _mm256_or_si256(a, b); }
   template <int S> static inline i slli(i v) { return _mm256_slli_epi32(v, S); }
   static inline void store_w(uint32_t* p, i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
@@ -281,6 +278,26 @@ struct VI {
   static inline f add(f a, f b) { return _mm256_add_ps(a, b); }
   static inline f sub(f a, f b) { return _mm256_sub_ps(a, b); }
 };
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// ------------------------------------------------------------------------- AVX-VNNI on AVX2 (int8 activations)
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,avxvnni"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#endif
+namespace avxvnni {
+struct VI : VI256 {
+  static constexpr bool kPairs16 = false;
+  static inline i dp(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
+  static inline i dot(i acc, i u8, i s8) { return _mm256_dpbusd_avx_epi32(acc, u8, s8); }
+  static inline i widen(i acc) { return acc; }
+};
 #include "qgemm_i8.inc"
 }  // namespace avxvnni
 #if defined(__clang__)
@@ -300,29 +317,8 @@ struct VI {
 #pragma GCC target("avx2,fma")
 #endif
 namespace avx2i8 {
-struct VI {
-  using i = __m256i;
-  using f = __m256;
-  struct m {
-    __m256i v;
-    int n;
-  };
-  static constexpr int L = 8, ACC = 12;
-  static constexpr int BM = 6, BN = 2;   // batched: 12 int16 accumulators + 2 weight vectors + 1 activation
+struct VI : VI256 {
   static constexpr bool kPairs16 = true;
-
-  static inline m mask(int valid) {
-    return {_mm256_cmpgt_epi32(_mm256_set1_epi32(valid), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)), valid};
-  }
-  static inline i load_w(const uint32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static inline void store_w(uint32_t* p, i v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
-  static inline i set1(int32_t a) { return _mm256_set1_epi32(a); }
-  static inline i zero() { return _mm256_setzero_si256(); }
-  static inline i and_(i a, i b) { return _mm256_and_si256(a, b); }
-  static inline i or_(i a, i b) { return _mm256_or_si256(a, b); }
-  template <int S> static inline i srli(i v) { return _mm256_srli_epi32(v, S); }
-  template <int S> static inline i slli(i v) { return _mm256_slli_epi32(v, S); }
-  template <int S> static inline i srai(i v) { return _mm256_srai_epi32(v, S); }
   // decode (qgemm_i8.inc): one quad straight to int32
   static inline i dp(i acc, i u8, i s8) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u8, s8), _mm256_set1_epi16(1)));
@@ -330,22 +326,6 @@ struct VI {
   // batched (qgemm_i8b.inc): int16 pair sums over a chunk (<= 8 quads), widened to int32 once per chunk
   static inline i dot(i acc, i u8, i s8) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(u8, s8)); }
   static inline i widen(i acc) { return _mm256_madd_epi16(acc, _mm256_set1_epi16(1)); }
-  static inline i add(i a, i b) { return _mm256_add_epi32(a, b); }
-  static inline i load_z(const int16_t* p, m k) {
-    alignas(16) int16_t tmp[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    std::memcpy(tmp, p, sizeof(int16_t) * (k.n < 0 ? 0 : k.n > L ? L : k.n));
-    return _mm256_cvtepi16_epi32(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
-  }
-  static inline f cvt(i v) { return _mm256_cvtepi32_ps(v); }
-  static inline f load_f(const float* p, m k) { return k.n == L ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, k.v); }
-  static inline void store_f(float* p, f v, m k) {
-    if (k.n == L) _mm256_storeu_ps(p, v); else _mm256_maskstore_ps(p, k.v, v);
-  }
-  static inline f set1f(float a) { return _mm256_set1_ps(a); }
-  static inline f zerof() { return _mm256_setzero_ps(); }
-  static inline f mul(f a, f b) { return _mm256_mul_ps(a, b); }
-  static inline f add(f a, f b) { return _mm256_add_ps(a, b); }
-  static inline f sub(f a, f b) { return _mm256_sub_ps(a, b); }
 };
 #include "qgemm_i8.inc"
 }  // namespace avx2i8
