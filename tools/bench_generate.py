@@ -14,6 +14,10 @@ GPU, synthetic weights with real shapes (latency does not depend on the values):
 CPU, a 1B-class model built here (TinyLlama-1.1B's shapes, random weights quantized by RTN, 4-bit g128), prefill of
 512 tokens and decode, the exact kernels against the int8 ones:
     .venv/bin/python tools/bench_generate.py --synthetic tinyllama-1.1b --contexts 128 --prefill 512 --no-fp
+Side by side with llama.cpp on the same weights (bench/README.md: "llama.cpp side by side" has every command):
+    .venv/bin/python tools/bench_generate.py --synthetic tinyllama-1.1b --write-checkpoint models/tinyllama-1.1b-random
+    then quantize it with `minigptq.quantize --method rtn`, convert it with llama.cpp's convert_hf_to_gguf.py, and pass
+    --model/--q4/--q3/--llamacpp.
 Every run also times a plain memory copy (--copy-mib, read + write) in the same invocation, and reports each
 variant's decode as achieved GB/s (the block and head bytes read per token) and as a fraction of that copy.
 Results: bench/results/generate_*.json, one file per device and model (generate_<device>_<model>.json)
@@ -111,6 +115,21 @@ def rtn_linears(model: Transformer, bits: int, cpu_kernel: str) -> None:
                                             cpu_kernel=cpu_kernel)
                 parent, _, leaf = mname.rpartition(".")
                 setattr(block.get_submodule(parent), leaf, ql)
+
+
+def write_checkpoint(name: str | None, out: Path) -> None:
+    """--write-checkpoint: a random-init fp16 checkpoint of a Llama shape of SYNTHETIC (tools/bench_quantize.py)."""
+    if name not in RTN_SYNTHETIC:
+        raise SystemExit(f"--write-checkpoint needs --synthetic with a Llama shape: one of {', '.join(RTN_SYNTHETIC)}")
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"--write-checkpoint {out}: the folder exists and is not empty; give a new folder")
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_quantize import random_llama
+    c = SYNTHETIC[name]
+    random_llama(out, hidden=c["hidden_size"], inter=c["intermediate_size"], layers=c["num_layers"],
+                 heads=c["num_heads"], kv_heads=c["num_kv_heads"], vocab=c["vocab_size"],
+                 tie=c["tie_word_embeddings"], dtype=torch.float16)
+    print(f"wrote {out} ({name} shapes, random weights, fp16)")
 
 
 def copy_bandwidth(mib: int, threads: int, reps: int = 5) -> float:
@@ -247,11 +266,18 @@ def main(argv=None) -> None:
                    help="with --synthetic: no timing; the full model's weight bytes in fp16 / 4-bit / 3-bit and the "
                         "80 GiB GPUs they need (with the fp16 KV cache of the full context), from the shapes alone; "
                         "writes bench/results/memory_<model>.json")
+    p.add_argument("--write-checkpoint", default=None, metavar="DIR",
+                   help="with --synthetic (a Llama shape): no timing; write a random-init fp16 Hugging Face checkpoint "
+                        "of that shape to DIR (for `minigptq.quantize --method rtn` and llama.cpp's converter: the "
+                        "same weights in both tools) and exit")
     p.add_argument("--out", default=None, help="result JSON (default bench/results/generate_<device>_<model>.json)")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: measure one variant, print JSON
     p.add_argument("--prompts", default=None, help=argparse.SUPPRESS)  # internal: the prompts file of --one
     args = p.parse_args(argv)
     args.contexts = [int(c) for c in args.contexts.split(",") if c]
+    if args.write_checkpoint:
+        write_checkpoint(args.synthetic, Path(args.write_checkpoint))
+        return
     if args.memory_plan:
         if not args.synthetic:
             raise SystemExit("--memory-plan needs --synthetic (one of " + ", ".join(sorted(SYNTHETIC)) + ")")

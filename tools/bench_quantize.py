@@ -39,32 +39,46 @@ SHARED = ROOT.parent / "shared"
 WIKI = SHARED / "data" / "wikitext2" / "wiki.valid.tokens"
 
 
-def random_llama(out: Path, hidden: int = 2048, inter: int = 5504, layers: int = 16, seed: int = 0) -> Path:
-    """A random-init Llama checkpoint (fp32 safetensors, stories260k's 512-token tokenizer), written once."""
+def random_llama(out: Path, hidden: int = 2048, inter: int = 5504, layers: int = 16, seed: int = 0, *,
+                 heads: int | None = None, kv_heads: int | None = None, vocab: int = 512, tie: bool = True,
+                 dtype: torch.dtype = torch.float32) -> Path:
+    """A random-init Llama checkpoint (safetensors, stories260k's 512-token tokenizer), written once.
+
+    A vocab larger than the tokenizer's 512 pieces is allowed: the extra ids are valid model inputs (benchmarks feed
+    random ids) and llama.cpp's converter pads its vocabulary with [PAD] entries for them.
+    """
     from safetensors.torch import save_file
     if (out / "model.safetensors").exists():
         return out
     out.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
-    heads, vocab = hidden // 128, 512
+    heads = heads or hidden // 128
+    kv_heads, head_dim = kv_heads or heads, hidden // heads
     sd = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g) * 0.02,
           "model.norm.weight": torch.ones(hidden)}
+    if not tie:
+        sd["lm_head.weight"] = torch.randn(vocab, hidden, generator=g) / hidden ** 0.5
     for i in range(layers):
         p = f"model.layers.{i}."
-        for name, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (hidden, hidden)),
-                            ("self_attn.v_proj", (hidden, hidden)), ("self_attn.o_proj", (hidden, hidden)),
+        kv = kv_heads * head_dim
+        for name, shape in (("self_attn.q_proj", (hidden, hidden)), ("self_attn.k_proj", (kv, hidden)),
+                            ("self_attn.v_proj", (kv, hidden)), ("self_attn.o_proj", (hidden, hidden)),
                             ("mlp.gate_proj", (inter, hidden)), ("mlp.up_proj", (inter, hidden)),
                             ("mlp.down_proj", (hidden, inter))):
             sd[p + name + ".weight"] = torch.randn(*shape, generator=g) / shape[1] ** 0.5
         sd[p + "input_layernorm.weight"] = torch.ones(hidden)
         sd[p + "post_attention_layernorm.weight"] = torch.ones(hidden)
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    tmp = out / "model.safetensors.tmp"
+    save_file(sd, str(tmp), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(dict(
-        model_type="llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab, max_position_embeddings=2048,
-        rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, torch_dtype="float32")))
+        model_type="llama", architectures=["LlamaForCausalLM"], hidden_size=hidden, intermediate_size=inter,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        torch_dtype=str(dtype).removeprefix("torch."))))
     for name in ("tokenizer.model", "tokenizer_config.json"):
         (out / name).write_bytes((SHARED / "models" / "stories260k" / name).read_bytes())
+    os.replace(tmp, out / "model.safetensors")  # last: its presence means the folder is complete
     return out
 
 
