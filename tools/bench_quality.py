@@ -13,6 +13,7 @@ interrupted run keeps what finished. Methods:
   gptq                the paper's settings: damp 0.01, columns in order (bit-exact with the reference)
   gptq-gar            + group-aware act-order (GAR; g_idx trivial, vLLM serves it)
   gptq-actorder       + act-order (desc_act: g_idx permuted, vLLM's fast path refuses it)
+  gptq-gar-mse        GAR + the grid range searched for the least error per group (--mse)
   gptaq               GPTAQ (asymmetric target, alpha 0.25) + GAR
   gptqmodel-default   GPTQModel 7.7.0 with its defaults (GAR on, damp 0.05) for bits and group size
   gptqmodel-paper     GPTQModel with the paper's settings (damp 0.01, act_group_aware off)
@@ -44,7 +45,8 @@ from minigptq.data import calibration_windows, eval_windows, preset_text, tokeni
 from minigptq.eval import perplexity  # noqa: E402
 
 MINIGPTQ_FLAGS = {"rtn": ["--method", "rtn"], "gptq": [], "gptq-gar": ["--act-group-aware"],
-                  "gptq-actorder": ["--act-order"], "gptaq": ["--method", "gptaq", "--act-group-aware"]}
+                  "gptq-actorder": ["--act-order"], "gptaq": ["--method", "gptaq", "--act-group-aware"],
+                  "gptq-gar-mse": ["--act-group-aware", "--mse"]}
 PEER = ("gptqmodel-default", "gptqmodel-paper")
 
 

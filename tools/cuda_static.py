@@ -13,29 +13,32 @@ and reads, for the fused kernels qgemm_kernel<BITS, T, MT, TPG> (MT 8-row tiles 
   the scale, zero-point and x copies of the first threads are left out); group = the shortest such path through
   a block with an FFMA (the fp32 scale flush: a unit that starts a group, every unit at group size 128);
   segment end = the longest path minus group.
-- Prologue: the instructions before the loop head (the loader's first kStages - 1 iterations are loop iterations
-  without math, counted as kStages - 1 extra units' loader part: conservatively as whole common units); epilogue:
-  after the loop's back edge. Inner loops count their body: zeroing the x rows >= M (before the loop) ceil(stages x
-  (rows - M) x 17 / threads) times, the x copies (on the common path) ceil(M x 16 / threads) times, the store and
-  K-split loops (off it) ceil(M x columns / threads) times.
-- Whole-kernel instructions per weight of one block = (prologue + per x common + group units x (group - common)
-  + segments x segment end + epilogue) / (per x weights per thread per unit), weights per thread per unit =
-  HMMA on the common path / MT x 8 (an A fragment is 16 x 16 weights over 32 lanes).
+- Prologue: the instructions before the loop head, its inner loop (the loader's first kStages - 1 units) counted
+  kStages - 1 times; epilogue: after the loop's back edge. Inner loops of the main loop count their body: the x
+  copies (on the common path) ceil(M x 16 / threads) times, the store and K-split loops (off it, 4 columns per step)
+  ceil(M x columns / 4 / threads) times.
+- Instructions of one block = prologue + units x group (at group size 128 every unit starts a group) + segments x
+  segment end (the longest path: conservative) + epilogue; whole-kernel instructions per weight = the sum over
+  the blocks / (units x weights per thread per unit), weights per thread per unit = HMMA on the common path / MT x 8
+  (an A fragment is 16 x 16 weights over 32 lanes).
 
-The time model, per GPU and shape (K, N, M rows of x), uses the kernel's own plan (cuda/gpu/qgemm.cu plan()):
-resident blocks per SM from shared memory (228 KB per SM, 1 KB reserved per block), registers (64 K per SM) and
-threads; units = column blocks x k-blocks; per = ceil(units / min(units, SMs x resident)); grid = ceil(units / per).
+The time model, per GPU and shape (K, N, M rows of x), uses the kernel's own plan (cuda/gpu/qgemm.cu plan() and
+stripe()): resident blocks per SM from shared memory (228 KB per SM, 1 KB reserved per block), registers (64 K per
+SM) and threads; units = column blocks x k-blocks; grid = min(units, SMs x resident); block i gets units / grid
+units, one more for the first units % grid blocks. Blocks are assumed placed on SMs in order (SM j runs blocks j,
+j + SMs, ...); the busiest SM sets the time.
 - DRAM bytes: codes (Kp x N x bits / 8), scales (2 bytes) and zero points (bits / 8 bytes) per group and column,
   x and out once. Bandwidth ceiling: STREAM_EFFICIENCY x peak (what a copy kernel reaches).
 - Bytes in flight per SM (Little's law): (STAGES - 1) stages of DRAM bytes per block x blocks per SM (the issue's
   formula, STAGES x stage bytes x resident blocks, is reported too). Rate = min(ceiling, SMs x in flight / LATENCY).
-- Issue time: warp instructions per SM / (4 schedulers x clock x ISSUE_EFFICIENCY).
-- Time = LATENCY (first stage) + max(bytes / rate, issue time) + SPLIT_TAIL if a column block is split (the last
+- Issue time: warp instructions of the busiest SM / (4 schedulers x clock x ISSUE_EFFICIENCY).
+- Memory time: DRAM bytes / rate x (the busiest SM's units / the average SM's).
+- Time = LATENCY (first stage) + max(memory time, issue time) + SPLIT_TAIL if a column block is split (the last
   piece reads the others from L2 and stores) + GATHER (act-order or fp32 only; the predictions assume neither).
   Launch gaps between kernels are not included (CUDA-graph replays make them small; bench_kernels.py measures).
 - Fraction of bandwidth = (codes + scales + zero points) / peak bandwidth / time.
 
-Usage: python tools/cuda_static.py [--out bench/results/cuda_static.json] [--archs 90 80]
+Usage: python tools/cuda_static.py [--out bench/results/cuda_static.json] [--archs 90 80] [--quick]
 """
 from __future__ import annotations
 
@@ -78,10 +81,14 @@ ASSUMPTIONS = dict(
 )
 
 
+CFG_LINES = ("static constexpr int WARPS = MT <= 2 ? 4 : 8;",
+             "static constexpr int NTW = MT <= 2 ? (BITS == 8 ? 2 : 4) : 1;")
+
+
 def cfg(bits: int, mt: int) -> dict:
     """cuda/gpu/qgemm.cu Cfg and Stage for groups of 128 rows."""
     warps = 4 if mt <= 2 else 8
-    ntw = 2 if mt <= 2 and bits != 8 else 1
+    ntw = (2 if bits == 8 else 4) if mt <= 2 else 1
     ntb, threads, rows = warps * ntw, warps * 32, mt * 8
     cols = ntb * 16
     zb = 2 if bits == 8 else 1
@@ -102,10 +109,11 @@ def find_tool(name: str) -> str:
     sys.exit(f"{name} not found (CUDA toolkit, or pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
 
 
-def compile_arch(arch: str, nvcc: str, cuobjdump: str, tmp: Path) -> tuple[dict, dict]:
+def compile_arch(arch: str, nvcc: str, cuobjdump: str, tmp: Path, quick: bool = False) -> tuple[dict, dict]:
     """-> ({mangled: ptxas resource usage}, {mangled: [(addr, opcode, text)]}) for sm_<arch>."""
     obj = tmp / f"q{arch}.o"
-    r = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Xptxas", "-v", "-c", str(SRC),
+    subset = ["-DMINIGPTQ_STATIC_SUBSET"] if quick else []  # only the group-128 kernels that are modelled
+    r = subprocess.run([nvcc, "-std=c++17", "-O3", f"-arch=sm_{arch}", "-Xptxas", "-v", *subset, "-c", str(SRC),
                         "-I", str(SRC.parent), "-o", str(obj)], capture_output=True, text=True)
     if r.returncode:
         sys.exit(r.stderr)
@@ -155,7 +163,7 @@ def inner_loops(ins: list, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def analyse_kernel(ins: list, trip: int, trip_x: int, trip_zero: int) -> dict:
+def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
     """Per-region instruction counts of one fused kernel (see the module docstring)."""
     idx = {a: i for i, (a, _, _) in enumerate(ins)}
     loops = []
@@ -231,14 +239,14 @@ def analyse_kernel(ins: list, trip: int, trip_x: int, trip_zero: int) -> dict:
     for j in paths["common"]:
         on_common.update(range(lo + blocks[j][0], lo + blocks[j][1]))
     # inner loops: on the common path (the x copies) trip_x times, off it (the store and K-split loops) trip
-    # times; before the loop (zeroing the x rows >= R) trip_zero times
+    # times; before the loop (the loader's first STAGES - 1 units) STAGES - 1 times
     extra_common = extra_seg = 0
     for s, e in inner_loops(ins, lo + 1, hi + 1):
         if on_common & set(range(s, e)):
             extra_common += (e - s) * (trip_x - 1)
         else:
             extra_seg += (e - s) * (trip - 1)
-    extra_pro = sum((e - s) * (trip_zero - 1) for s, e in inner_loops(ins, 0, lo))
+    extra_pro = sum((e - s) * (STAGES - 2) for s, e in inner_loops(ins, 0, lo))
     common, group = sum(res["common"].values()) + extra_common, sum(res["group"].values()) + extra_common
     return dict(range=(hex(body[0][0]), hex(body[-1][0])), loop_instructions_all=len(body), hmma=max(loops)[0],
                 prologue=lo + extra_pro, epilogue=len(ins) - hi - 1, common=common, group=group,
@@ -261,28 +269,39 @@ def model(entry: dict, bits: int, mt: int, M: int, gpu: dict, K: int, N: int) ->
     units = -(-ntiles // c["ntb"]) * kblocks
     bps = resident_blocks(c, entry["registers"], gpu)
     slots = gpu["sms"] * bps
-    per = -(-units // min(units, slots))
-    grid = -(-units // per)
-    split = grid > 1 and per % kblocks != 0
+    grid = min(units, slots)
+    q, r = divmod(units, grid)  # stripe(): q units per block, one more for the first r blocks
+    starts = [i * q + min(i, r) for i in range(grid + 1)]
+    split = any(starts[i] % kblocks for i in range(1, grid))
     weight_bytes = Kp * N * bits / 8 + G * N * (2 + bits / 8)
     dram = weight_bytes + M * K * 2 + M * N * 2
-    blocks_per_sm = min(bps, grid / gpu["sms"])
-    inflight = (STAGES - 1) * c["stage_dram_bytes"] * min(blocks_per_sm, bps)
+    wpt = entry["weights_per_thread_per_unit"]
+
+    def block_instr(i: int) -> float:  # thread instructions of block i
+        n = starts[i + 1] - starts[i]
+        segs = (starts[i + 1] - 1) // kblocks - starts[i] // kblocks + 1  # column blocks its stripe touches
+        return entry["prologue"] + n * entry["group"] + segs * entry["segment_end"] + entry["epilogue"]
+
+    # the busiest SM (blocks placed on SMs in order: SM j runs blocks j, j + SMs, ...) sets the time
+    sm_blocks = [list(range(j, grid, gpu["sms"])) for j in range(min(grid, gpu["sms"]))]
+    sm_units = [sum(starts[i + 1] - starts[i] for i in b) for b in sm_blocks]
+    busiest = max(range(len(sm_blocks)), key=lambda j: (sm_units[j], sum(block_instr(i) for i in sm_blocks[j])))
+    warp_instr_busiest = sum(block_instr(i) for i in sm_blocks[busiest]) * c["warps"]
+    blocks_per_sm = len(sm_blocks[busiest])
+    inflight = (STAGES - 1) * c["stage_dram_bytes"] * blocks_per_sm
     inflight = min(inflight, dram / gpu["sms"])  # a small layer is all in flight at once
     rate = min(gpu["bw"] * A["STREAM_EFFICIENCY"], gpu["sms"] * inflight / A["LATENCY_s"])
-    wpt = entry["weights_per_thread_per_unit"]
-    segs = -(-per // kblocks) + 1
-    thread_instr = (entry["prologue"] + (STAGES - 1) * entry["common"] + per * entry["group"]
-                    + segs * entry["segment_end"] + entry["epilogue"])
-    warp_instr_per_sm = thread_instr * c["warps"] * grid / gpu["sms"]
-    t_issue = warp_instr_per_sm / (4 * gpu["clock"] * A["ISSUE_EFFICIENCY"])
-    t_mem = dram / rate
+    share = sm_units[busiest] / (units / gpu["sms"])  # the busiest SM's bytes over the average SM's
+    t_issue = warp_instr_busiest / (4 * gpu["clock"] * A["ISSUE_EFFICIENCY"])
+    t_mem = dram / rate * share
     t = A["LATENCY_s"] + max(t_mem, t_issue) + (A["SPLIT_TAIL_s"] if split else 0) + A["GATHER_s"]
-    return dict(units=units, resident_blocks_per_sm=bps, grid=grid, units_per_block=per,
+    total_instr = sum(block_instr(i) for i in range(grid))
+    return dict(units=units, resident_blocks_per_sm=bps, grid=grid, units_per_block=round(units / grid, 2),
+                busiest_sm_units=sm_units[busiest], average_sm_units=round(units / gpu["sms"], 2),
                 waves=round(grid / slots, 3), k_split=split,
                 bytes_in_flight_per_sm=int(inflight),
                 bytes_in_flight_per_sm_issue_formula=STAGES * c["stage_bytes"] * bps,
-                whole_kernel_instructions_per_weight=round(thread_instr / (per * wpt), 3),
+                whole_kernel_instructions_per_weight=round(total_instr / (units * wpt), 3),
                 issue_time_us=round(t_issue * 1e6, 2), memory_time_us=round(t_mem * 1e6, 2),
                 predicted_time_us=round(t * 1e6, 2), ideal_time_us=round(weight_bytes / gpu["bw"] * 1e6, 2),
                 predicted_fraction_of_bandwidth=round(weight_bytes / gpu["bw"] / t, 3))
@@ -293,9 +312,12 @@ def check_constants() -> None:
     for name, val in (("kStages", STAGES), ("kXPitch", XPITCH), ("kKB", KB)):
         if not re.search(rf"constexpr int {name} = {val};", src):
             sys.exit(f"tools/cuda_static.py: {name} is no longer {val} in {SRC}: update the model")
+    for line in CFG_LINES:  # cfg() mirrors these lines of struct Cfg
+        if line not in src:
+            sys.exit(f"tools/cuda_static.py: `{line}` is no longer in {SRC}: update cfg() and CFG_LINES")
 
 
-def analyse(archs: list[str]) -> dict:
+def analyse(archs: list[str], quick: bool = False) -> dict:
     check_constants()
     nvcc, cuobjdump = find_tool("nvcc"), find_tool("cuobjdump")
     result = {"source": "cuda/gpu/qgemm.cu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -306,7 +328,7 @@ def analyse(archs: list[str]) -> dict:
               "gpus": GPUS, "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            usage, funcs = compile_arch(arch, nvcc, cuobjdump, Path(tmp))
+            usage, funcs = compile_arch(arch, nvcc, cuobjdump, Path(tmp), quick)
             kernels = {}
             for mangled, u in sorted(usage.items()):
                 name = subprocess.run(["c++filt", mangled], capture_output=True, text=True).stdout.strip() \
@@ -319,9 +341,8 @@ def analyse(archs: list[str]) -> dict:
                 key = f"qgemm_kernelILi{bits}E{TYPE_MANGLE[t]}Li{mt}ELi8EEEvNS1_4ArgsE"
                 mangled = next(f for f in funcs if f.endswith(key))
                 c = cfg(bits, mt)
-                trip = -(-(M * c["cols"]) // c["threads"])  # store / K-split loops: M x columns values
-                trip_zero = max(1, -(-(STAGES * (c["rows"] - M) * XPITCH // 8) // c["threads"]))
-                k = analyse_kernel(funcs[mangled], trip, -(-(M * 16) // c["threads"]), trip_zero)
+                trip = -(-(M * c["cols"] // 4) // c["threads"])  # store / K-split loops: 4 of M x columns values
+                k = analyse_kernel(funcs[mangled], trip, -(-(M * 16) // c["threads"]))
                 u = usage[mangled]
                 wpt = k["common_opcodes"]["HMMA"] // mt * 8  # an A fragment: 8 weights per thread, used by MT mma
                 entry = {"kernel": f"qgemm_kernel<{bits}, {t}, MT={mt}, TPG=8>", "loop_range": k["range"],
@@ -354,8 +375,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cuda_static.json"), help="JSON file to write")
     p.add_argument("--archs", nargs="+", default=["90", "80"], help="SM architectures, first one predicted")
+    p.add_argument("--quick", action="store_true",
+                   help="compile only the group-128 kernels it models (faster; 'kernels' then lists only those)")
     args = p.parse_args(argv)
-    res = analyse(args.archs)
+    res = analyse(args.archs, args.quick)
     write_json(Path(args.out), res)
     for arch, r in res["archs"].items():
         print(f"{arch}: max registers {r['max_registers']}, spill bytes {r['total_spill_bytes']}")

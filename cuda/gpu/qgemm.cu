@@ -42,18 +42,18 @@
 // qgemm_kernel: the work is a list of "units" (column block c, k-block b), k-blocks of one column block in a
 // row, c-major. A column block is NTB = WARPS * NTW n-tiles (256 columns at M <= 16, 128 above and for 8-bit); each warp
 // owns NTW n-tiles of it for every k-block, so there is no reduction between warps. The grid is about one wave
-// (SMs x resident blocks), and block i takes the contiguous stripe of units [i per, (i + 1) per) (Marlin's
-// "striped" partition): every block streams the same amount of weight, and a stripe may cross column blocks.
+// (SMs x resident blocks), and block i takes a contiguous stripe of units (stripe(): Marlin's "striped"
+// partition): every block streams the same amount of weight (to one unit), and a stripe may cross column blocks.
 // * Pipeline: STAGES (4) shared-memory stages, each one unit: the NTB chunks of codes, the scales and zero points
 //   of its groups, and the unit's x slice (R rows x 128 values, rows padded to 136 values: conflict-free B
 //   fragment loads). Every thread issues 16-byte cp.async copies (weights with an L2 evict-first hint), one
 //   commit group per unit, STAGES - 1 units in flight; unit i is read after cp.async.wait_group(STAGES - 2) and a
 //   barrier, and the barrier also frees the stage that unit i + STAGES - 1 is then loaded into. x rows >= R are
-//   zeroed once at the start and never copied.
+//   never copied nor read: their B fragments read row R - 1 again, which only feeds C rows that are not stored.
 // * Math per k-tile: dequantize 8 codes into 4 half2 registers, one mma per 8 rows of x, fp32 accumulation
 //   (C fragment = 16 columns x 8 rows of x). Scales are applied in fp32 once per group: acc += group_sum * scale.
 // * End of a stripe's piece of a column block ("segment"): the warps write their C fragments to a shared tile
-//   [R][columns]; a segment covering all of K is stored from there (coalesced, rows < M only). Otherwise its
+//   [R][columns]; a segment covering all of K is stored from there (coalesced, 4 columns per store, rows < M only). Otherwise its
 //   rows < R go to the workspace slot of that piece (2 per block: its first and its last segment), and the last
 //   piece to arrive (a counter per split column block, reset by that block) adds the pieces in K order:
 //   bitwise-identical results whatever the scheduling. Only column blocks that are actually split pay this.
@@ -111,14 +111,27 @@ struct Args {
   int64_t ldx;                  // row stride of x
   int kvalid;                   // x columns that exist (K when streamed as given, Kp when gathered)
   int out_f32;                  // out is fp32 (else the kernel's 16-bit type)
+  int vec_out;                  // N % 4 == 0 and out 16-byte aligned: 4 columns per store
   const uint32_t* qweight;      // [ntiles][kblocks][32 * words]
   const uint32_t* scales;       // [G][ntiles][8] 16-bit pairs
   const uint8_t* zeros;         // [G][ntiles][8][1 or 2]
   int ntiles, kblocks, kb_per_group, scale_bf16;
-  int units, per;               // units = column blocks * kblocks; a block's stripe: [blockIdx.x * per, + per)
+  int units;                    // column blocks * kblocks; block i's stripe: [stripe(i), stripe(i + 1))
   float* ws;                    // [2 * gridDim.x][R][columns]: partial sums of split column blocks
   int* counters;                // [gridDim.x], zero between calls
 };
+
+// Balanced striping: gridDim.x blocks, block i takes units [stripe(i), stripe(i + 1)): q = units / grid each and
+// one more for the first units % grid blocks, so a grid of one wave leaves no SM idle (and with blocks placed on
+// SMs in order, the blocks sharing an SM differ by at most one unit). owner(u): the block of unit u.
+__host__ __device__ __forceinline__ int stripe(int i, int units, int grid) {
+  const int q = units / grid, r = units % grid;
+  return i * q + min(i, r);
+}
+__host__ __device__ __forceinline__ int owner(int u, int units, int grid) {
+  const int q = units / grid, r = units % grid;
+  return u < r * (q + 1) ? u / (q + 1) : r + (u - r * (q + 1)) / q;
+}
 
 // ------------------------------------------------------------------------------ cp.async and shared loads
 // copy16: 16 bytes global -> shared, asynchronously (zero-filled when !full: nothing is read). copy8: 8 bytes.
@@ -344,7 +357,7 @@ struct Stage {
 #endif
 
 // BITS: 2, 3, 4, 8; T: __half / __nv_bfloat16; MT: 8-row tiles of x (1, 2, 4, 8); TPG: k-tiles (16 rows) per
-// group: 2, 4, or 8 (group_rows a multiple of 128). Grid: one block per stripe of a.per units.
+// group: 2, 4, or 8 (group_rows a multiple of 128). Grid: one block per stripe (stripe()).
 template <int BITS, typename T, int MT, int TPG>
 __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qgemm_kernel(const Args a) {
   using C = Cfg<BITS, MT>;
@@ -357,15 +370,8 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
   float* ep = reinterpret_cast<float*>(smem + kStages * S::bytes);  // [ROWS][EP]
   __shared__ int s_last;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
-  const int kblocks = a.kblocks, u0 = blockIdx.x * a.per, u1 = min(u0 + a.per, a.units);
-
-  // Rows >= R of x are never copied: zero them in every stage once (16-byte stores).
-  constexpr int XV = kXPitch / 8;  // 16-byte pieces per x row
-#pragma unroll 1
-  for (int i = tid; i < kStages * (C::ROWS - a.R) * XV; i += THREADS) {
-    const int s = i / ((C::ROWS - a.R) * XV), e = i % ((C::ROWS - a.R) * XV) + a.R * XV;
-    reinterpret_cast<uint4*>(smem + s * S::bytes + S::x)[e] = make_uint4(0, 0, 0, 0);
-  }
+  const int kblocks = a.kblocks, grid = int(gridDim.x);
+  const int u0 = stripe(blockIdx.x, a.units, grid), u1 = stripe(blockIdx.x + 1, a.units, grid);
 
   // ---- loader: unit lu = (column block lc, k-block lkb), first group lg (TPG 8: lr = lkb % kb_per_group). Each
   // thread copies the same pieces of every unit: its source pointers advance by a constant per unit (per group for
@@ -446,6 +452,11 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
   float acc[NTW][MT][4] = {}, cg[NTW][MT][4] = {};  // total, and the current group's sum (scale not applied)
   float sc[NTW][2] = {};                            // the current group's scales (columns g, g + 8)
   D dq[NTW];
+  // B fragment row of x for each 8-row tile: row 8 mt + g, or R - 1 for rows that do not exist (never copied into
+  // the stage; a copy of a real row instead only feeds C fragment rows >= R, which are never stored)
+  int xrow[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) xrow[mt] = min(mt * 8 + g, a.R - 1) * (kXPitch / 2);
   auto flush = [&] {
 #pragma unroll
     for (int jj = 0; jj < NTW; ++jj)
@@ -470,7 +481,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
         w[jj][W - 2] = v.x, w[jj][W - 1] = v.y;
       }
     }
-    const uint32_t* xr = st + S::x / 4 + g * (kXPitch / 2) + t;  // row g of x, word t (k 2t, 2t + 1)
+    const uint32_t* xs = st + S::x / 4 + t;  // word t of a row of x (k 2t, 2t + 1)
     static_for<0, 8>([&](auto tc) {
       constexpr int kt = decltype(tc)::value;
       if constexpr (kt % TPG == 0) {  // a group starts at this k-tile (TPG 8: if the k-block starts one)
@@ -488,7 +499,7 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
       uint32_t bx[MT][2];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        bx[mt][0] = lds32(xr + mt * 8 * (kXPitch / 2) + kt * 8), bx[mt][1] = lds32(xr + mt * 8 * (kXPitch / 2) + kt * 8 + 4);
+        bx[mt][0] = lds32(xs + xrow[mt] + kt * 8), bx[mt][1] = lds32(xs + xrow[mt] + kt * 8 + 4);
 #pragma unroll
       for (int jj = 0; jj < NTW; ++jj) {
         const uint32_t af[4] = {dq[jj].template pair<4 * kt>(w[jj]), dq[jj].template pair<4 * kt + 1>(w[jj]),
@@ -499,17 +510,32 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
     });
   };
 
-  // ---- end of a segment (column block c, k-blocks [kb0, kb1]): output, or the K-split reduction
+  // ---- end of a segment (column block c, k-blocks [kb0, kb1]): output, or the K-split reduction. Every loop moves
+  // 4 columns (16 bytes of fp32) per thread and step.
+  constexpr int Q = COLS / 4;  // 4-column pieces per row
+  auto ep4 = [&](int e) -> float4& { return *reinterpret_cast<float4*>(ep + (e / Q) * EP + (e % Q) * 4); };
   auto store_out = [&](int col0) {  // ep rows -> out, the parts of a row added in order; coalesced along n
 #pragma unroll 1
-    for (int e = tid; e < a.M * COLS; e += THREADS) {
-      const int m = e / COLS, n = e % COLS;
-      if (col0 + n >= a.N) continue;
-      float v = ep[m * EP + n];
-      for (int p = 1; p < a.parts; ++p) v += ep[(p * a.M + m) * EP + n];
-      const int64_t o = int64_t(m) * a.N + col0 + n;
-      if (a.out_f32) static_cast<float*>(a.out)[o] = v;
-      else static_cast<T*>(a.out)[o] = from_float<T>(v);
+    for (int e = tid; e < a.M * Q; e += THREADS) {
+      const int m = e / Q, n = col0 + (e % Q) * 4;
+      if (n >= a.N) continue;
+      float4 v = ep4(e);
+      for (int p = 1; p < a.parts; ++p) {
+        const float4 w = ep4(e + p * a.M * Q);
+        v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
+      }
+      const int64_t o = int64_t(m) * a.N + n;
+      if (a.vec_out && n + 4 <= a.N) {  // N % 4 == 0 and out 16-byte aligned: one 16- or 8-byte store
+        if (a.out_f32) *reinterpret_cast<float4*>(static_cast<float*>(a.out) + o) = v;
+        else *reinterpret_cast<uint2*>(static_cast<T*>(a.out) + o) = make_uint2(
+                 pack2(from_float<T>(v.x), from_float<T>(v.y)), pack2(from_float<T>(v.z), from_float<T>(v.w)));
+      } else {
+        const float f[4] = {v.x, v.y, v.z, v.w};
+        for (int i = 0; i < 4 && n + i < a.N; ++i) {
+          if (a.out_f32) static_cast<float*>(a.out)[o + i] = f[i];
+          else static_cast<T*>(a.out)[o + i] = from_float<T>(f[i]);
+        }
+      }
     }
   };
   auto segment_end = [&](int c, int kb0, int kb1) {
@@ -528,12 +554,12 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
       store_out(c * COLS);
     } else {  // a piece: slot 2 i (the stripe's first segment) or 2 i + 1 (its last)
       const int64_t piece = int64_t(a.R) * COLS;
-      float* mine = a.ws + (2 * int64_t(blockIdx.x) + (c * kblocks + kb0 != u0)) * piece;
+      float4* mine = reinterpret_cast<float4*>(a.ws + (2 * int64_t(blockIdx.x) + (c * kblocks + kb0 != u0)) * piece);
 #pragma unroll 1
-      for (int e = tid; e < a.R * COLS; e += THREADS) mine[e] = ep[(e / COLS) * EP + e % COLS];
+      for (int e = tid; e < a.R * Q; e += THREADS) mine[e] = ep4(e);
       __threadfence();  // this block's piece is visible device-wide before its ticket is taken
       __syncthreads();
-      const int bf = c * kblocks / a.per, bl = ((c + 1) * kblocks - 1) / a.per;  // the blocks of column block c
+      const int bf = owner(c * kblocks, a.units, grid), bl = owner((c + 1) * kblocks - 1, a.units, grid);
       if (tid == 0) {
         const int ticket = atomicAdd(a.counters + bf, 1);
         s_last = ticket == bl - bf;
@@ -543,12 +569,15 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
       if (s_last) {  // uniform: s_last is shared
         __threadfence();  // the other pieces are read after their tickets
 #pragma unroll 1
-        for (int e = tid; e < a.R * COLS; e += THREADS) {
-          float v = 0.f;
+        for (int e = tid; e < a.R * Q; e += THREADS) {
+          float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 1
-          for (int b = bf; b <= bl; ++b)  // K order: deterministic
-            v += __ldcg(a.ws + (2 * int64_t(b) + (int64_t(b) * a.per < int64_t(c) * kblocks)) * piece + e);
-          ep[(e / COLS) * EP + e % COLS] = v;
+          for (int b = bf; b <= bl; ++b) {  // K order: deterministic
+            const int64_t slot_b = 2 * int64_t(b) + (stripe(b, a.units, grid) < c * kblocks);  // b's last segment?
+            const float4 w = __ldcg(reinterpret_cast<const float4*>(a.ws + slot_b * piece) + e);
+            v.x += w.x, v.y += w.y, v.z += w.z, v.w += w.w;
+          }
+          ep4(e) = v;
         }
         __syncthreads();
         store_out(c * COLS);
@@ -557,19 +586,17 @@ __global__ void __launch_bounds__(Cfg<BITS, MT>::THREADS, Cfg<BITS, MT>::BPS) qg
     __syncthreads();  // ep is reused by the next segment
   };
 
-  // ---- the pipeline: kStages - 1 loads ahead (the first kStages - 1 iterations only load: one copy of the loader)
+  // ---- the pipeline: kStages - 1 units loaded ahead, then per unit: wait for it, load unit + kStages - 1 into the
+  // stage the previous unit used, compute
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) load(s);
   int cc = u0 / kblocks, ckb = u0 % kblocks, kbfirst = ckb, cr = TPG == 8 ? ckb % a.kb_per_group : 0;
-  int slot = 1;  // the stage of unit cu: (cu - u0) mod kStages
-  for (int cu = u0 - (kStages - 1); cu < u1; ++cu) {
-    if (cu >= u0) {
-      wait<kStages - 2>();  // this thread's copies of unit cu have landed
-      __syncthreads();      // everyone's have; and every warp is done with the stage loaded next
-    }
-    load(slot == 0 ? kStages - 1 : slot - 1);  // unit cu + kStages - 1 (prologue: slots 0 .. kStages - 2)
-    if (cu < u0) {
-      slot = slot == kStages - 1 ? 0 : slot + 1;
-      continue;
-    }
+  int slot = 0;  // the stage of unit cu: (cu - u0) mod kStages
+#pragma unroll 1
+  for (int cu = u0; cu < u1; ++cu) {
+    wait<kStages - 2>();  // this thread's copies of unit cu have landed
+    __syncthreads();      // everyone's have; and every warp is done with the stage loaded next
+    load(slot == 0 ? kStages - 1 : slot - 1);
     compute(slot, ckb == kbfirst || cr == 0);
     slot = slot == kStages - 1 ? 0 : slot + 1;
     if (ckb == kblocks - 1 || cu == u1 - 1) {
@@ -759,7 +786,7 @@ int resident_blocks(const Variant& v) {
 // One qgemm call: the variant, the striped grid, and the workspace it needs.
 struct Plan {
   Variant v;
-  int parts, R, mt, units, per, grid;
+  int parts, R, mt, units, grid;
   int64_t ws_floats, counters;
 };
 
@@ -779,10 +806,10 @@ Plan plan(const CudaWeight& w, int64_t M, DType dtype, int sms) {
   if (units >= (int64_t(1) << 31)) throw std::invalid_argument("layer too large for the fused kernel");
   // About one wave: every resident block slot gets an equal stripe (sms < 0: exactly -sms blocks, for tests).
   const int64_t slots = sms < 0 ? -int64_t(sms) : std::max<int64_t>(1, int64_t(sms) * resident_blocks(p.v));
-  const int64_t per = (units + std::min(units, slots) - 1) / std::min(units, slots);
-  p.units = int(units), p.per = int(per), p.grid = int((units + per - 1) / per);
-  if (p.grid > 1 && per % kblocks != 0)  // some column block is split over blocks: pieces and counters
-    p.ws_floats = 2 * int64_t(p.grid) * p.R * p.v.cols, p.counters = p.grid;
+  p.units = int(units), p.grid = int(std::min(units, slots));
+  bool split = false;  // some column block is split over blocks: pieces and counters
+  for (int i = 1; i < p.grid && !split; ++i) split = stripe(i, p.units, p.grid) % kblocks != 0;
+  if (split) p.ws_floats = 2 * int64_t(p.grid) * p.R * p.v.cols, p.counters = p.grid;
   return p;
 }
 
@@ -841,7 +868,8 @@ void qgemm(const CudaWeight& w, const void* x, DType dtype, int64_t M, void* out
   a.out = out, a.M = int(M), a.R = p.R, a.parts = p.parts, a.N = int(w.N), a.out_f32 = dtype == DType::F32;
   a.qweight = w.qweight, a.scales = w.scales, a.zeros = w.zeros, a.scale_bf16 = w.scale_bf16;
   a.ntiles = int((w.N + 15) / 16), a.kblocks = int(w.Kp / kKB), a.kb_per_group = std::max(1, int(w.group_rows / kKB));
-  a.units = p.units, a.per = p.per, a.ws = ws.ws, a.counters = ws.counter_ptr;
+  a.units = p.units, a.ws = ws.ws, a.counters = ws.counter_ptr;
+  a.vec_out = w.N % 4 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
   if (direct) {
     a.x = x, a.ldx = w.K, a.kvalid = int(w.K);
   } else {  // one gather pass: perm applied, padding zeroed, fp32 split into bf16 parts
