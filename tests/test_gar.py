@@ -22,7 +22,7 @@ import minigptq
 from minigptq import gptq as gptq_module
 from minigptq.gptaq import AsymHessian
 from minigptq.gptq import Hessian, group_aware_order, gptq
-from minigptq.quantize import quantize_model
+from minigptq.quantize import DEFAULT_QCFG, config_from_args, parser, quantize_model
 from minigptq.quantizer import QuantConfig, find_params, quantize
 
 from conftest import WIKI_VALID
@@ -158,6 +158,23 @@ def test_bad_settings_raise():
             QuantConfig(gptaq_alpha=a)
     with pytest.raises(minigptq.Error, match="'gptq', 'gptaq' or 'rtn'"):
         quantize_model("/nonexistent", None, method="gptaqq", log=lambda m: None)
+
+
+def test_defaults_are_gar_and_paper_restores_the_paper():
+    """The command line and quantize_model default to GAR at damp 0.01 (measured better, README); --paper, --act-order
+    and --no-act-group-aware turn it off; QuantConfig() itself stays the paper's Algorithm 1."""
+    def cfg(*flags):
+        return config_from_args(parser().parse_args(["--model", "m", *flags]))
+    assert cfg().act_group_aware and cfg().percdamp == 0.01 and not cfg().act_order
+    assert cfg() == DEFAULT_QCFG and not QuantConfig().act_group_aware
+    assert not cfg("--paper").act_group_aware and not cfg("--no-act-group-aware").act_group_aware
+    assert cfg("--act-order").act_order and not cfg("--act-order").act_group_aware
+    assert cfg("--bits", "3", "--act-group-aware").act_group_aware
+    for bad in (["--paper", "--act-group-aware"], ["--paper", "--act-order"]):
+        with pytest.raises(minigptq.Error, match="--paper"):
+            cfg(*bad)
+    with pytest.raises(minigptq.Error, match="exclude each other"):
+        cfg("--act-order", "--act-group-aware")
 
 
 def test_gptaq_gar_end_to_end(hf_checkpoints, tmp_path):

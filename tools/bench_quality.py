@@ -10,8 +10,8 @@ wall time and peak memory (the quantizing process's own VmHWM) are measured per 
 A cell is METHOD:BITS:GROUP[:DAMP], run in the order given; the JSON is rewritten after every cell, so an
 interrupted run keeps what finished. Methods:
   rtn                 round to nearest (minigptq)
-  gptq                the paper's settings: damp 0.01, columns in order (bit-exact with the reference)
-  gptq-gar            + group-aware act-order (GAR; g_idx trivial, vLLM serves it)
+  gptq                the paper's settings (--paper): damp 0.01, columns in order (bit-exact with the reference)
+  gptq-gar            + group-aware act-order (GAR; g_idx trivial, vLLM serves it): minigptq's default
   gptq-actorder       + act-order (desc_act: g_idx permuted, vLLM's fast path refuses it)
   gptq-gar-mse        GAR + the grid range searched for the least error per group (--mse)
   gptaq               GPTAQ (asymmetric target, alpha 0.25) + GAR
@@ -44,7 +44,7 @@ from minigptq import load_model, load_tokenizer  # noqa: E402
 from minigptq.data import calibration_windows, eval_windows, preset_text, tokenize_file  # noqa: E402
 from minigptq.eval import perplexity  # noqa: E402
 
-MINIGPTQ_FLAGS = {"rtn": ["--method", "rtn"], "gptq": [], "gptq-gar": ["--act-group-aware"],
+MINIGPTQ_FLAGS = {"rtn": ["--method", "rtn"], "gptq": ["--paper"], "gptq-gar": ["--act-group-aware"],
                   "gptq-actorder": ["--act-order"], "gptaq": ["--method", "gptaq", "--act-group-aware"],
                   "gptq-gar-mse": ["--act-group-aware", "--mse"]}
 PEER = ("gptqmodel-default", "gptqmodel-paper")

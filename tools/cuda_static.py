@@ -14,9 +14,10 @@ and reads, for the fused kernels qgemm_kernel<BITS, T, MT, TPG> (MT 8-row tiles 
   a block with an FFMA (the fp32 scale flush: a unit that starts a group, every unit at group size 128);
   segment end = the longest path minus group.
 - Prologue: the instructions before the loop head, its inner loop (the loader's first kStages - 1 units) counted
-  kStages - 1 times; epilogue: after the loop's back edge. Inner loops of the main loop count their body: the x
-  copies (on the common path) ceil(M x 16 / threads) times, the store and K-split loops (off it, 4 columns per step)
-  ceil(M x columns / 4 / threads) times.
+  as its shortest path (the must blocks there: the copies and the commit) kStages - 1 times; epilogue: after the
+  loop's back edge. Inner loops of the main loop count their shortest path (the scalar tails of the 4-column loops
+  left out): the x copies (on the common path) ceil(M x 16 / threads) times, the store and K-split loops (off it,
+  4 columns per step) ceil(M x columns / 4 / threads) times, nested loops (the K-order sum over pieces) as often.
 - Instructions of one block = prologue + units x group (at group size 128 every unit starts a group) + segments x
   segment end (the longest path: conservative) + epilogue; whole-kernel instructions per weight = the sum over
   the blocks / (units x weights per thread per unit), weights per thread per unit = HMMA on the common path / MT x 8
@@ -163,15 +164,10 @@ def inner_loops(ins: list, lo: int, hi: int) -> list[tuple[int, int]]:
     return out
 
 
-def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
-    """Per-region instruction counts of one fused kernel (see the module docstring)."""
+def loop_paths(ins: list, lo: int, hi: int) -> tuple[list, list, dict]:
+    """The loop ins[lo..hi] (hi: its back edge) as a DAG of basic blocks -> (blocks as index ranges relative to lo,
+    opcodes of each block, {"common", "group", "all"}: the blocks on each path; see the module docstring)."""
     idx = {a: i for i, (a, _, _) in enumerate(ins)}
-    loops = []
-    for i, (a, op, text) in enumerate(ins):
-        t = branch_target(text) if op == "BRA" else None
-        if t is not None and t <= a and t in idx:
-            loops.append((sum(o.startswith("HMMA") for _, o, _ in ins[idx[t]:i + 1]), idx[t], i))
-    _, lo, hi = max(loops)
     body = ins[lo:hi + 1]
     leaders = {0}
     for k, (a, op, text) in enumerate(body):
@@ -206,10 +202,9 @@ def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
     cost = [e - s for s, e in blocks]
     ops_of = [[op for _, op, _ in body[s:e]] for s, e in blocks]
     nldgsts = [sum(o.startswith("LDGSTS") for o in ops) for ops in ops_of]
-    must = [any(o.startswith(("HMMA", "DEPBAR", "LDGDEPBAR")) for o in ops) or n == max(nldgsts)
+    must = [any(o.startswith(("HMMA", "DEPBAR", "LDGDEPBAR")) for o in ops) or 0 < n == max(nldgsts)
             for ops, n in zip(ops_of, nldgsts)]
     ffma = [any(o.startswith("FFMA") for o in ops) for ops in ops_of]
-
     def best(longest: bool, need_ffma: bool) -> list[int]:
         """Shortest (longest) path head -> back edge through every must block (and an FFMA block if asked),
         over states (block, FFMA block seen)."""
@@ -233,20 +228,43 @@ def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
             seq.append(k[0])
         return seq[::-1]
 
-    paths = {"common": best(False, False), "group": best(False, True), "all": best(True, False)}
+    common = best(False, False)
+    paths = {"common": common, "group": best(False, True) if any(ffma) else common, "all": best(True, False)}
+    return blocks, ops_of, paths
+
+
+def analyse_kernel(ins: list, trip: int, trip_x: int) -> dict:
+    """Per-region instruction counts of one fused kernel (see the module docstring)."""
+    idx = {a: i for i, (a, _, _) in enumerate(ins)}
+    loops = []
+    for i, (a, op, text) in enumerate(ins):
+        t = branch_target(text) if op == "BRA" else None
+        if t is not None and t <= a and t in idx:
+            loops.append((sum(o.startswith("HMMA") for _, o, _ in ins[idx[t]:i + 1]), idx[t], i))
+    _, lo, hi = max(loops)
+    body = ins[lo:hi + 1]
+    blocks, ops_of, paths = loop_paths(ins, lo, hi)
+
     res = {n: Counter(op.split(".")[0] for j in p for op in ops_of[j]) for n, p in paths.items()}
-    on_common = set()
-    for j in paths["common"]:
-        on_common.update(range(lo + blocks[j][0], lo + blocks[j][1]))
-    # inner loops: on the common path (the x copies) trip_x times, off it (the store and K-split loops) trip
-    # times; before the loop (the loader's first STAGES - 1 units) STAGES - 1 times
+    on_path = {n: set() for n in paths}
+    for n, p in paths.items():
+        for j in p:
+            on_path[n].update(range(lo + blocks[j][0], lo + blocks[j][1]))
+    # inner loops count their shortest path (the scalar tails of the 4-column loops are left out): on the common
+    # path (the x copies) trip_x times, off it (the store and K-split loops) trip times, in place of the part of
+    # their body that the outer path already holds
     extra_common = extra_seg = 0
     for s, e in inner_loops(ins, lo + 1, hi + 1):
-        if on_common & set(range(s, e)):
-            extra_common += (e - s) * (trip_x - 1)
+        _, lops, lp = loop_paths(ins, s, e - 1)
+        once = sum(len(lops[j]) for j in lp["common"])
+        if on_path["common"] & set(range(s, e)):
+            extra_common += once * trip_x - len(on_path["common"] & set(range(s, e)))
         else:
-            extra_seg += (e - s) * (trip - 1)
-    extra_pro = sum((e - s) * (STAGES - 2) for s, e in inner_loops(ins, 0, lo))
+            extra_seg += once * trip - len(on_path["all"] & set(range(s, e)))
+    extra_pro = 0
+    for s, e in inner_loops(ins, 0, lo):  # the loader's first STAGES - 1 units: its shortest path, STAGES - 1 times
+        pb, pops, pp = loop_paths(ins, s, e - 1)
+        extra_pro += sum(len(pops[j]) for j in pp["common"]) * (STAGES - 1) - (e - s)
     common, group = sum(res["common"].values()) + extra_common, sum(res["group"].values()) + extra_common
     return dict(range=(hex(body[0][0]), hex(body[-1][0])), loop_instructions_all=len(body), hmma=max(loops)[0],
                 prologue=lo + extra_pro, epilogue=len(ins) - hi - 1, common=common, group=group,
