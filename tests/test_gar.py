@@ -161,13 +161,14 @@ def test_bad_settings_raise():
 
 
 def test_defaults_are_gar_and_paper_restores_the_paper():
-    """The command line and quantize_model default to GAR at damp 0.01 (measured better, README); --paper, --act-order
+    """The command line and quantize_model default to GAR at damp 0.05 (measured better, README); --paper, --act-order
     and --no-act-group-aware turn it off; QuantConfig() itself stays the paper's Algorithm 1."""
     def cfg(*flags):
         return config_from_args(parser().parse_args(["--model", "m", *flags]))
-    assert cfg().act_group_aware and cfg().percdamp == 0.01 and not cfg().act_order
-    assert cfg() == DEFAULT_QCFG and not QuantConfig().act_group_aware
-    assert not cfg("--paper").act_group_aware and not cfg("--no-act-group-aware").act_group_aware
+    assert cfg().act_group_aware and cfg().percdamp == 0.05 and not cfg().act_order
+    assert cfg() == DEFAULT_QCFG and not QuantConfig().act_group_aware and QuantConfig().percdamp == 0.01
+    assert cfg("--paper") == QuantConfig() and cfg("--paper", "--percdamp", "0.1").percdamp == 0.1
+    assert not cfg("--no-act-group-aware").act_group_aware and cfg("--percdamp", "0.01").percdamp == 0.01
     assert cfg("--act-order").act_order and not cfg("--act-order").act_group_aware
     assert cfg("--bits", "3", "--act-group-aware").act_group_aware
     for bad in (["--paper", "--act-group-aware"], ["--paper", "--act-order"]):
