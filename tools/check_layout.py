@@ -143,7 +143,8 @@ def cited_text(path: Path) -> str:
 def check_citations(root: Path) -> list[str]:
     out = []
     files = [p for pat in SOURCES for p in root.rglob(pat)
-             if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])]
+             if not SKIP_DIRS & set(p.relative_to(root).parts[:-1])
+             and not any(d.startswith(".venv") for d in p.relative_to(root).parts[:-1])]  # any local venv
     for path in sorted(set(files)):
         for m in CITED.finditer(cited_text(path)):
             cited = m.group(1).rstrip(".,")
